@@ -1,0 +1,1 @@
+"""TriAttention KV-cache compression for Llama / Qwen decoders in JAX."""

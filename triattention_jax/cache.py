@@ -1,0 +1,76 @@
+"""The fixed-size KV buffer: an explicit pytree that every step takes and returns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from triattention_jax.config import ModelConfig
+
+EMPTY_POSITION = -1
+
+# Logical axis names, for sharding rules: batch and KV heads are the axes a mesh splits.
+CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "slots", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """K, V and the true position of every slot, per (layer, batch row, KV head).
+
+    k, v:   (layers, batch, kv_heads, slots, head_dim), post-RoPE keys and values.
+    pos:    (layers, batch, kv_heads, slots) int32; EMPTY_POSITION marks an empty slot.
+            Attention masks come from these positions, never from slot order, so an
+            eviction policy may keep any subset of slots per head.
+    cursor: () int32, the next slot written; the same for every row and head, rows whose
+            prompts are shorter simply hold empty slots.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    cursor: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the allocated buffer (K, V and positions)."""
+        return int(self.k.nbytes + self.v.nbytes + self.pos.nbytes)
+
+    def append(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "KVCache":
+        """Writes T new entries at slots [cursor, cursor + T).
+
+        k, v: (layers, batch, kv_heads, T, head_dim); pos: (batch, T), broadcast to every
+        layer and head.
+        """
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, zero, self.cursor, zero)
+        pos = jnp.broadcast_to(pos[None, :, None, :], k.shape[:-1]).astype(jnp.int32)
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
+            pos=jax.lax.dynamic_update_slice(self.pos, pos, start[:-1]),
+            cursor=self.cursor + k.shape[3],
+        )
+
+
+def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype) -> KVCache:
+    """An empty cache with `num_slots` slots per (layer, row, KV head)."""
+    shape = (config.num_layers, batch, config.num_kv_heads, num_slots, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.full(shape[:-1], EMPTY_POSITION, jnp.int32),
+        cursor=jnp.zeros((), jnp.int32),
+    )
+
+
+def cache_nbytes(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype) -> int:
+    """What `init_cache(...).nbytes` would be, without allocating."""
+    entries = config.num_layers * batch * config.num_kv_heads * num_slots
+    return entries * (2 * config.head_dim * jnp.dtype(dtype).itemsize + 4)

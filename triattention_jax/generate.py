@@ -1,0 +1,223 @@
+"""Prefill and round-based decoding over the fixed KV buffer, all inside `jax.jit`.
+
+Decoding runs in rounds of `divide_length` steps, each a `lax.scan` of the same step
+function; the policy's `before_round` (eviction) runs at the start of each round inside the
+same jitted function, so the loop compiles once per (batch, buffer) shape. Between rounds
+the host streams text and stops once every row has emitted EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from triattention_jax.cache import KVCache, init_cache
+from triattention_jax.errors import UserError
+from triattention_jax.model import Transformer
+from triattention_jax.policies import FullAttention, KVPolicy
+from triattention_jax.sampling import Sampler
+
+DEFAULT_DIVIDE_LENGTH = 128
+MIN_PROMPT_BUCKET = 64
+
+
+def prompt_bucket(length: int) -> int:
+    """Prompt lengths are padded to a power of two (at least 64) to bound recompiles."""
+    return max(MIN_PROMPT_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What carries from one decode step to the next besides the cache (pytree).
+
+    token: (batch,) the sampled token not yet fed; position: (batch,) its position;
+    done: (batch,) rows that have emitted EOS; step: () tokens emitted so far.
+    """
+
+    token: jax.Array
+    position: jax.Array
+    done: jax.Array
+    step: jax.Array
+
+
+jax.tree_util.register_dataclass(DecodeState, data_fields=["token", "position", "done", "step"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    """Per prompt: generated ids (EOS included when emitted, nothing after it)."""
+
+    token_ids: list[list[int]]
+    num_prompt_tokens: list[int]
+    kv_cache_bytes: int
+    wall_seconds: float
+
+    @property
+    def num_generated_tokens(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
+
+
+def _step_logits(transformer: Transformer, cache: KVCache, token: jax.Array, position: jax.Array):
+    tokens, positions = token[:, None], position[:, None]
+    logits, k, v = transformer.extend(cache, tokens, positions, logits_at=jnp.zeros_like(token))
+    return logits, cache.append(k, v, positions)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"))
+def _prefill(graphdef, state, cache: KVCache, tokens: jax.Array, lengths: jax.Array, all_logits: bool = False):
+    """Runs the (right-padded) prompts into an empty cache; logits at the last token, or all."""
+    transformer = nnx.merge(graphdef, state)
+    index = jnp.arange(tokens.shape[1])[None]
+    positions = jnp.where(index < lengths[:, None], index, -1)
+    logits, k, v = transformer.extend(None, tokens, positions, logits_at=None if all_logits else lengths - 1)
+    return logits, cache.append(k, v, positions)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "sampler", "divide_length"), donate_argnames=("cache",))
+def _generation_round(
+    graphdef, state, cache: KVCache, decode: DecodeState, key: jax.Array, eos_ids: jax.Array, *,
+    policy: KVPolicy, sampler: Sampler, divide_length: int,
+):
+    transformer = nnx.merge(graphdef, state)
+    cache = policy.before_round(cache, divide_length)
+
+    def step(carry, _):
+        cache, d = carry
+        emitted = jnp.where(d.done, -1, d.token)
+        done = d.done | jnp.isin(d.token, eos_ids)
+        logits, cache = _step_logits(transformer, cache, d.token, d.position)
+        token = sampler(logits, jax.random.fold_in(key, d.step))
+        return (cache, DecodeState(token, d.position + 1, done, d.step + 1)), emitted
+
+    (cache, decode), emitted = jax.lax.scan(step, (cache, decode), length=divide_length)
+    return cache, decode, emitted.T
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "divide_length"), donate_argnames=("cache",))
+def _teacher_forced_round(graphdef, state, cache: KVCache, tokens: jax.Array, positions: jax.Array, *, policy: KVPolicy, divide_length: int):
+    transformer = nnx.merge(graphdef, state)
+    cache = policy.before_round(cache, divide_length)
+
+    def step(cache, xs):
+        logits, cache = _step_logits(transformer, cache, *xs)
+        return cache, jax.nn.log_softmax(logits, axis=-1)
+
+    cache, logprobs = jax.lax.scan(step, cache, (tokens.T, positions.T))
+    return cache, logprobs.transpose(1, 0, 2)
+
+
+def generate(
+    transformer: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] = (),
+    sampler: Sampler = Sampler(),
+    policy: KVPolicy = FullAttention(),
+    divide_length: int = DEFAULT_DIVIDE_LENGTH,
+    seed: int = 0,
+    on_round: Callable[[list[list[int]]], None] | None = None,
+) -> GenerationResult:
+    """Generates up to `max_new_tokens` per prompt (token id lists of any lengths).
+
+    Rows stop at their first EOS (pass no eos_ids to never stop); `on_round` receives the
+    tokens generated so far after every round, for streaming.
+    """
+    config = transformer.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if divide_length < 1:
+        raise UserError(f"divide_length must be at least 1, got {divide_length}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lengths.max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise UserError(
+            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{config.max_position_embeddings} tokens: shorten the prompt or lower --max_new_tokens"
+        )
+    start = time.perf_counter()
+    bucket = prompt_bucket(longest)
+    tokens = np.zeros((len(prompts), bucket), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    cache = init_cache(config, len(prompts), policy.num_slots(bucket, max_new_tokens, divide_length), transformer.dtype)
+    kv_cache_bytes = cache.nbytes
+    graphdef, state = nnx.split(transformer)
+    key = jax.random.key(seed)
+    logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths))
+    decode = DecodeState(
+        token=sampler(logits, jax.random.fold_in(key, 2**31 - 1)),
+        position=jnp.asarray(lengths),
+        done=jnp.zeros(len(prompts), bool),
+        step=jnp.zeros((), jnp.int32),
+    )
+    eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
+    generated: list[list[int]] = [[] for _ in prompts]
+    finished = np.zeros(len(prompts), bool)
+    while min(len(g) for g in generated) < max_new_tokens and not finished.all():
+        cache, decode, emitted = _generation_round(
+            graphdef, state, cache, decode, key, eos, policy=policy, sampler=sampler, divide_length=divide_length
+        )
+        for row, row_tokens in enumerate(np.asarray(emitted)):
+            kept = [int(t) for t in row_tokens if t >= 0]
+            generated[row].extend(kept[: max_new_tokens - len(generated[row])])
+        finished = np.asarray(decode.done) | np.array([len(g) >= max_new_tokens for g in generated])
+        if on_round is not None:
+            on_round(generated)
+    return GenerationResult(
+        token_ids=generated,
+        num_prompt_tokens=lengths.tolist(),
+        kv_cache_bytes=kv_cache_bytes,
+        wall_seconds=time.perf_counter() - start,
+    )
+
+
+def teacher_force(
+    transformer: Transformer,
+    tokens: np.ndarray,
+    *,
+    prefill_length: int,
+    policy: KVPolicy = FullAttention(),
+    divide_length: int = DEFAULT_DIVIDE_LENGTH,
+) -> np.ndarray:
+    """Log-probabilities of the next token at every position of `tokens` (batch, T).
+
+    The first `prefill_length` tokens are prefilled; the rest are fed one at a time through
+    the same decode step, cache and eviction as generation. Returns float32 (batch, T, vocab):
+    row t is the distribution predicting token t + 1.
+    """
+    config = transformer.config
+    tokens = np.asarray(tokens, np.int32)
+    batch, total = tokens.shape
+    if not 1 <= prefill_length <= total:
+        raise UserError(f"prefill_length must be in [1, {total}], got {prefill_length}")
+    if total > config.max_position_embeddings:
+        raise UserError(f"sequence of {total} tokens exceeds the model's context of {config.max_position_embeddings}")
+    graphdef, state = nnx.split(transformer)
+    bucket = prompt_bucket(prefill_length)
+    padded = np.zeros((batch, bucket), np.int32)
+    padded[:, :prefill_length] = tokens[:, :prefill_length]
+    cache = init_cache(config, batch, policy.num_slots(bucket, total - prefill_length, divide_length), transformer.dtype)
+    logits, cache = _prefill(
+        graphdef, state, cache, jnp.asarray(padded), jnp.full((batch,), prefill_length, jnp.int32), all_logits=True
+    )
+    pieces = [np.asarray(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1))]
+    for begin in range(prefill_length, total, divide_length):
+        chunk = np.zeros((batch, divide_length), np.int32)
+        width = min(divide_length, total - begin)
+        chunk[:, :width] = tokens[:, begin : begin + width]
+        positions = np.broadcast_to(np.arange(begin, begin + divide_length, dtype=np.int32), (batch, divide_length))
+        cache, logprobs = _teacher_forced_round(
+            graphdef, state, cache, jnp.asarray(chunk), jnp.asarray(positions), policy=policy, divide_length=divide_length
+        )
+        pieces.append(np.asarray(logprobs)[:, :width])
+    return np.concatenate(pieces, axis=1)

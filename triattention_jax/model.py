@@ -1,0 +1,206 @@
+"""The Llama / Qwen2 / Qwen3 decoder as an NNX module over layer-stacked weights.
+
+The module only holds weights. `Transformer.extend` is a pure function of the weights, a
+`KVCache` and new tokens: split the module once with `nnx.split`, and jit a function of
+(graphdef, state, cache). Layers are stacked on a leading axis and run with `lax.scan`,
+so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from triattention_jax.cache import KVCache
+from triattention_jax.config import ModelConfig
+from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+# Masked attention logits use a finite value so rows with no valid key (padding) stay finite.
+MASK_VALUE = -1e30
+
+
+def weight_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Every weight's shape and logical axis names, keyed by our weight name."""
+    L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    specs = {
+        "embed": ((V, D), ("vocab", "embed")),
+        "final_norm": ((D,), ("embed",)),
+        "attn_norm": ((L, D), ("layers", "embed")),
+        "wq": ((L, D, H, hd), ("layers", "embed", "q_heads", "head_dim")),
+        "wk": ((L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "wv": ((L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "wo": ((L, H, hd, D), ("layers", "q_heads", "head_dim", "embed")),
+        "mlp_norm": ((L, D), ("layers", "embed")),
+        "w_gate": ((L, D, F), ("layers", "embed", "mlp")),
+        "w_up": ((L, D, F), ("layers", "embed", "mlp")),
+        "w_down": ((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if not config.tie_word_embeddings:
+        specs["lm_head"] = ((D, V), ("embed", "vocab"))
+    if config.qkv_bias:
+        specs["bq"] = ((L, H, hd), ("layers", "q_heads", "head_dim"))
+        specs["bk"] = ((L, K, hd), ("layers", "kv_heads", "head_dim"))
+        specs["bv"] = ((L, K, hd), ("layers", "kv_heads", "head_dim"))
+    if config.o_bias:
+        specs["bo"] = ((L, D), ("layers", "embed"))
+    if config.qk_norm:
+        specs["q_norm"] = ((L, hd), ("layers", "head_dim"))
+        specs["k_norm"] = ((L, hd), ("layers", "head_dim"))
+    return specs
+
+
+LAYER_WEIGHTS = frozenset(
+    ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv", "bo", "q_norm", "k_norm"]
+)
+
+
+class Transformer(nnx.Module):
+    """Weights of a decoder; every weight is an `nnx.Param` carrying its `logical_axes`."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, jax.Array | np.ndarray], *, dtype: jnp.dtype):
+        specs = weight_specs(config)
+        missing, extra = specs.keys() - weights.keys(), weights.keys() - specs.keys()
+        if missing or extra:
+            raise ValueError(f"weights do not match the config: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        for name, (shape, axes) in specs.items():
+            value = weights[name]
+            if tuple(value.shape) != shape:
+                raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {shape}")
+            setattr(self, name, nnx.Param(jnp.asarray(value, self.dtype), logical_axes=axes))
+        inv_freq, self.attention_scaling = inverse_frequencies(config.rope, config.head_dim)
+        self.inv_freq = nnx.Variable(jnp.asarray(inv_freq))
+
+    def _weight(self, name: str) -> jax.Array:
+        return getattr(self, name).value
+
+    def _layer_weights(self) -> dict[str, jax.Array]:
+        return {name: self._weight(name) for name in LAYER_WEIGHTS if hasattr(self, name)}
+
+    def extend(
+        self,
+        cache: KVCache | None,
+        tokens: jax.Array,
+        positions: jax.Array,
+        *,
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Runs T new tokens per row against the cache (None: an empty one) and themselves.
+
+        tokens, positions: (batch, T) int32; a negative position marks padding, which no
+        query attends to. logits_at: (batch,) index into T of the one position per row whose
+        logits are wanted; None returns logits for all T positions.
+        Returns (logits float32 of (batch, V) or (batch, T, V), new_k, new_v) where new_k and
+        new_v are (layers, batch, kv_heads, T, head_dim), ready for `KVCache.append`.
+        """
+        cfg = self.config
+        x = jnp.take(self._weight("embed"), tokens, axis=0)
+        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq.value, self.attention_scaling)
+        if cache is None:
+            cached = None
+        else:
+            cached = (cache.k, cache.v, cache.pos)
+
+        def layer(x, xs):
+            w, layer_cache = xs
+            h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = _project_qkv(cfg, w, h, cos, sin)
+            attn = _attention(q, k, v, positions, layer_cache, self.attention_scale)
+            out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
+            if "bo" in w:
+                out = out + w["bo"]
+            x = x + out
+            h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+            x = x + _mlp(w, h)
+            return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+
+        x, (new_k, new_v) = jax.lax.scan(layer, x, (self._layer_weights(), cached))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
+        x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
+        head = self._weight("embed").T if cfg.tie_word_embeddings else self._weight("lm_head")
+        logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+        return logits, new_k, new_v
+
+    @property
+    def attention_scale(self) -> float:
+        return self.config.head_dim**-0.5
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, scaled by the weight in the input dtype (as transformers)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def _project_qkv(cfg: ModelConfig, w: Mapping[str, jax.Array], h: jax.Array, cos: jax.Array, sin: jax.Array):
+    """Post-RoPE q (B,T,H,hd), k and v (B,T,K,hd)."""
+    q = jnp.einsum("btd,dhk->bthk", h, w["wq"])
+    k = jnp.einsum("btd,dhk->bthk", h, w["wk"])
+    v = jnp.einsum("btd,dhk->bthk", h, w["wv"])
+    q, k = pre_rope_qk(cfg, w, q, k)
+    if "bv" in w:
+        v = v + w["bv"]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Everything between the projection and the rotation: Qwen2's bias, Qwen3's q/k norm."""
+    if "bq" in w:
+        q, k = q + w["bq"], k + w["bk"]
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    return q, k
+
+
+def _attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    layer_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+    scale: float,
+) -> jax.Array:
+    """Attention of q (B,T,H,hd) over the cached slots and the T new keys, one softmax.
+
+    Masks come from positions: a key is visible when its position is valid and not after
+    the query's. The cache block and the new block are scored separately so the cache is
+    never copied to append the new keys.
+    """
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, hd)
+    query_pos = positions[:, None, None, :, None]  # (B,1,1,T,1) against keys (B,K,G,T,S)
+    new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    new_pos = positions[:, None, None, None, :]
+    new_visible = (new_pos >= 0) & (new_pos <= query_pos) & (query_pos >= 0)
+    blocks = [(jnp.where(new_visible, new_scores, MASK_VALUE), v, "bkgts,bskd->btkgd")]
+    if layer_cache is not None:
+        cache_k, cache_v, cache_pos = layer_cache
+        cache_scores = jnp.einsum("btkgd,bksd->bkgts", qg, cache_k, preferred_element_type=jnp.float32) * scale
+        key_pos = cache_pos[:, :, None, None, :]
+        cache_visible = (key_pos >= 0) & (key_pos <= query_pos)
+        blocks.append((jnp.where(cache_visible, cache_scores, MASK_VALUE), cache_v, "bkgts,bksd->btkgd"))
+    row_max = jnp.max(jnp.stack([jnp.max(s, axis=-1) for s, _, _ in blocks]), axis=0)[..., None]
+    weights = [jnp.exp(s - row_max) for s, _, _ in blocks]
+    denominator = sum(jnp.sum(wt, axis=-1, keepdims=True) for wt in weights)
+    out = sum(
+        jnp.einsum(spec, (wt / denominator).astype(values.dtype), values, preferred_element_type=jnp.float32)
+        for wt, (_, values, spec) in zip(weights, blocks)
+    )
+    return out.reshape(B, T, H, hd).astype(q.dtype)
+
+
+def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
+    up = jnp.einsum("btd,df->btf", h, w["w_up"])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"])
