@@ -205,13 +205,17 @@ class LoadedModel:
     path: Path
 
 
-def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16") -> LoadedModel:
-    """Loads a checkpoint folder, a models/ folder name, or a hub id, in `dtype`."""
-    model_dir = resolve_model_dir(model)
+def load_transformer(model_dir: Path, *, dtype: str | jnp.dtype = "bfloat16") -> Transformer:
+    """The weights of a checkpoint folder as a `Transformer`, converted and shape-checked."""
     config, _ = read_hf_config(model_dir)
-    weights = convert_hf_weights(config, read_hf_tensors(model_dir))
-    transformer = Transformer(config, weights, dtype=_dtype(dtype))
-    return LoadedModel(config=config, transformer=transformer, tokenizer=load_tokenizer(model_dir), path=model_dir)
+    return Transformer(config, convert_hf_weights(config, read_hf_tensors(model_dir)), dtype=_dtype(dtype))
+
+
+def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16") -> LoadedModel:
+    """Loads a checkpoint folder, a models/ folder name, or a hub id, in `dtype`, with its tokenizer."""
+    model_dir = resolve_model_dir(model)
+    transformer = load_transformer(model_dir, dtype=dtype)
+    return LoadedModel(config=transformer.config, transformer=transformer, tokenizer=load_tokenizer(model_dir), path=model_dir)
 
 
 def load_tokenizer(model_dir: Path) -> Any:

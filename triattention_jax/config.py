@@ -140,5 +140,5 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     kwargs = {k: params[k] for k in fields & params.keys() if params[k] is not None}
     if rope_type in ("yarn", "llama3") and "original_max_position_embeddings" not in kwargs:
         kwargs["original_max_position_embeddings"] = int(hf.get("max_position_embeddings", 4096))
-    kwargs.pop("theta", None)
+    kwargs.pop("rope_type", None)
     return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)

@@ -78,7 +78,7 @@ class Transformer(nnx.Module):
         self.inv_freq = nnx.Variable(jnp.asarray(inv_freq))
 
     def _weight(self, name: str) -> jax.Array:
-        return getattr(self, name).value
+        return getattr(self, name)[...]
 
     def _layer_weights(self) -> dict[str, jax.Array]:
         return {name: self._weight(name) for name in LAYER_WEIGHTS if hasattr(self, name)}
@@ -101,7 +101,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         x = jnp.take(self._weight("embed"), tokens, axis=0)
-        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq.value, self.attention_scaling)
+        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
         if cache is None:
             cached = None
         else:

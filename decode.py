@@ -1,0 +1,86 @@
+"""Generate text with full attention or a KV-cache eviction method.
+
+  python decode.py --prompt "What is the capital of France?"
+  python decode.py --model Qwen/Qwen3-0.6B --prompt_file prompts.txt --output_json out.json
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from triattention_jax import embedded
+from triattention_jax.errors import UserError
+from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH
+from triattention_jax.policies import policy_names
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
+flags.DEFINE_string("prompt", None, "The prompt text.")
+flags.DEFINE_string("prompt_file", None, "A text file with one prompt per line (decoded as one batch).")
+flags.DEFINE_bool("chat", None, "Wrap each prompt in the tokenizer's chat template (default: when it has one).")
+flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate per prompt.")
+flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS (benchmarks, tests).")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 disables.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 disables.")
+flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and KV cache dtype.")
+flags.DEFINE_enum("method", "full", policy_names(), "KV-cache policy.")
+flags.DEFINE_integer("budget", 2048, "KV entries kept per (layer, KV head) by eviction methods.")
+flags.DEFINE_integer("divide_length", DEFAULT_DIVIDE_LENGTH, "Decode steps per round (eviction runs between rounds).")
+flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and measurements here.")
+
+
+def main(argv: list[str]) -> None:
+    try:
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments {argv[1:]}: pass the prompt with --prompt")
+        from triattention_jax.decode_cli import decode_prompts
+
+        values = {name: FLAGS[name].value for name in _DECODE_FLAGS}
+        stream = StreamPrinter()
+        payload = decode_prompts(**values, on_text=stream)
+        stream.finish(payload["texts"])
+        print(
+            f"[{payload['method']}] {sum(payload['num_generated_tokens'])} tokens in {payload['wall_seconds']:.2f}s "
+            f"({payload['tokens_per_second']:.1f} tok/s), KV buffer {payload['kv_cache_bytes'] / 2**20:.2f} MiB",
+            file=sys.stderr,
+        )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class StreamPrinter:
+    """Prints text as rounds complete: a single prompt streams, a batch prints per row at the end."""
+
+    def __init__(self):
+        self.printed = 0
+        self.batch = 0
+
+    def __call__(self, texts: list[str]) -> None:
+        self.batch = len(texts)
+        if self.batch == 1:
+            sys.stdout.write(texts[0][self.printed :])
+            sys.stdout.flush()
+            self.printed = len(texts[0])
+
+    def finish(self, texts: list[str]) -> None:
+        if len(texts) == 1:
+            self(texts)
+            print()
+            return
+        for row, text in enumerate(texts):
+            print(f"--- [{row}]\n{text}")
+
+
+_DECODE_FLAGS = (
+    "model", "prompt", "prompt_file", "chat", "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p",
+    "seed", "dtype", "method", "budget", "divide_length", "output_json",
+)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints, written with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (model_type, extra config); covers llama3 RoPE scaling, Qwen2 biases, Qwen3 qk-norm,
+# tied and untied embeddings.
+TINY_MODELS = {
+    "llama3-untied": ("llama", dict(tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=256))),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+}
+
+
+def save_tiny_model(directory: Path, name: str, seed: int = 0) -> Path:
+    import torch
+    import transformers
+
+    model_type, extra = TINY_MODELS[name]
+    config_class = transformers.AutoConfig.for_model(model_type).__class__
+    config = config_class(**TINY_COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if model_type == "qwen2":
+        # Random init leaves biases at zero; give them values so they are really tested.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    if model_type == "qwen3":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    path = directory / name
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: save_tiny_model(root, name) for name in TINY_MODELS}

@@ -1,0 +1,81 @@
+"""What `decode.py` does, as a library function: load, encode, generate, report."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from triattention_jax.checkpoint import load_model
+from triattention_jax.errors import UserError
+from triattention_jax.generate import generate
+from triattention_jax.policies import policy_class
+from triattention_jax.prompts import check_writable, encode_prompts, has_chat_template, read_prompt_file, write_json_atomic
+from triattention_jax.sampling import Sampler
+
+
+def decode_prompts(
+    *,
+    model: str,
+    prompt: str | None,
+    prompt_file: str | None,
+    chat: bool | None,
+    max_new_tokens: int,
+    ignore_eos: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    dtype: str,
+    method: str,
+    budget: int,
+    divide_length: int,
+    output_json: str | None,
+    on_text: Callable[[list[str]], None] | None = None,
+) -> dict[str, Any]:
+    """Generates for one prompt or a file of prompts; returns (and optionally writes) the report."""
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give exactly one of --prompt or --prompt_file")
+    texts = [prompt] if prompt is not None else read_prompt_file(prompt_file)
+    if output_json:
+        check_writable(output_json)
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    policy = policy_class(method)()
+    loaded = load_model(model, dtype=dtype)
+    tokenizer = loaded.tokenizer
+    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)
+
+    def stream(token_ids: list[list[int]]) -> None:
+        if on_text is not None:
+            on_text([tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids])
+
+    result = generate(
+        loaded.transformer,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        eos_ids=() if ignore_eos else loaded.config.eos_token_ids,
+        sampler=sampler,
+        policy=policy,
+        divide_length=divide_length,
+        seed=seed,
+        on_round=stream,
+    )
+    generated = sum(result.num_generated_tokens)
+    payload = {
+        "model": str(loaded.path),
+        "method": method,
+        "dtype": dtype,
+        "budget": budget if method != "full" else None,
+        "divide_length": divide_length,
+        "chat": use_chat,
+        "prompts": texts,
+        "generated_token_ids": result.token_ids,
+        "texts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.token_ids],
+        "num_prompt_tokens": result.num_prompt_tokens,
+        "num_generated_tokens": result.num_generated_tokens,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "wall_seconds": result.wall_seconds,
+        "tokens_per_second": generated / result.wall_seconds,
+    }
+    if output_json:
+        write_json_atomic(output_json, payload)
+    return payload
