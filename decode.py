@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from triattention_jax import embedded
-from triattention_jax.errors import UserError
+from triattention_jax.cli import run_cli
 from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.policies import policy_names
 
@@ -34,23 +34,16 @@ flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and me
 
 
 def main(argv: list[str]) -> None:
-    try:
-        if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}: pass the prompt with --prompt")
-        from triattention_jax.decode_cli import decode_prompts
+    from triattention_jax.decode_cli import decode_prompts
 
-        values = {name: FLAGS[name].value for name in _DECODE_FLAGS}
-        stream = StreamPrinter()
-        payload = decode_prompts(**values, on_text=stream)
-        stream.finish(payload["texts"])
-        print(
-            f"[{payload['method']}] {sum(payload['num_generated_tokens'])} tokens in {payload['wall_seconds']:.2f}s "
-            f"({payload['tokens_per_second']:.1f} tok/s), KV buffer {payload['kv_cache_bytes'] / 2**20:.2f} MiB",
-            file=sys.stderr,
-        )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    stream = StreamPrinter()
+    payload = decode_prompts(**{name: FLAGS[name].value for name in _DECODE_FLAGS}, on_text=stream)
+    stream.finish(payload["texts"])
+    print(
+        f"[{payload['method']}] {sum(payload['num_generated_tokens'])} tokens in {payload['wall_seconds']:.2f}s "
+        f"({payload['tokens_per_second']:.1f} tok/s), KV buffer {payload['kv_cache_bytes'] / 2**20:.2f} MiB",
+        file=sys.stderr,
+    )
 
 
 class StreamPrinter:
@@ -83,4 +76,4 @@ _DECODE_FLAGS = (
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_cli(main)

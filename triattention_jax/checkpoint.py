@@ -95,12 +95,12 @@ def convert_hf_weights(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -
                 raise UserError(f"checkpoint tensor {hf_name} is not part of a {config.model_type} model we support")
             name, transform = _LAYER_RULES[rest]
             slots = per_layer.setdefault(name, [None] * config.num_layers)
-            slots[index] = _checked(hf_name, transform(np.asarray(tensor), config), specs, name, per_layer=True)
+            slots[index] = _converted(hf_name, tensor, transform, config, specs, name, per_layer=True)
         elif hf_name in _GLOBAL_RULES:
             name, transform = _GLOBAL_RULES[hf_name]
             if name == "lm_head" and config.tie_word_embeddings:
                 continue
-            weights[name] = _checked(hf_name, transform(np.asarray(tensor), config), specs, name, per_layer=False)
+            weights[name] = _converted(hf_name, tensor, transform, config, specs, name, per_layer=False)
         elif not hf_name.endswith("rotary_emb.inv_freq"):
             raise UserError(f"checkpoint tensor {hf_name} is not part of a {config.model_type} model we support")
     for name, slots in per_layer.items():
@@ -114,12 +114,20 @@ def convert_hf_weights(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -
     return weights
 
 
-def _checked(hf_name: str, array: np.ndarray, specs: Mapping, name: str, *, per_layer: bool) -> np.ndarray:
+def _converted(hf_name: str, tensor: np.ndarray, transform, config: ModelConfig, specs: Mapping, name: str, *, per_layer: bool) -> np.ndarray:
     if name not in specs:
         raise UserError(f"checkpoint has {hf_name}, which the config does not call for")
-    expected = specs[name][0][1:] if per_layer else specs[name][0]
-    if array.shape != tuple(expected):
-        raise UserError(f"checkpoint tensor {hf_name} has shape {array.shape} after conversion, expected {tuple(expected)}")
+    expected = tuple(specs[name][0][1:] if per_layer else specs[name][0])
+    mismatch = UserError(
+        f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, which does not fit the config "
+        f"(expected {expected} after conversion): config.json and the weights disagree"
+    )
+    try:
+        array = transform(np.asarray(tensor), config)
+    except ValueError as e:
+        raise mismatch from e
+    if array.shape != expected:
+        raise mismatch
     return array
 
 

@@ -1,0 +1,98 @@
+"""Decoding behaviour on tiny random checkpoints: batching, EOS, sampling, compilation."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from triattention_jax.checkpoint import load_transformer
+from triattention_jax.generate import generate
+from triattention_jax.sampling import Sampler
+
+
+@pytest.fixture(scope="module")
+def transformer(tiny_model_dirs):
+    return load_transformer(tiny_model_dirs["qwen3-tied"], dtype="float32")
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 512, size=n).tolist() for n in lengths]
+
+
+def test_batch_of_different_lengths_equals_single_prompts(transformer):
+    prompts = _prompts([5, 40, 17])
+    batched = generate(transformer, prompts, max_new_tokens=40, divide_length=16).token_ids
+    for prompt, tokens in zip(prompts, batched):
+        assert generate(transformer, [prompt], max_new_tokens=40, divide_length=16).token_ids[0] == tokens
+
+
+def test_stops_at_eos_and_emits_nothing_after(transformer):
+    prompts = _prompts([9, 30], seed=3)
+    free = generate(transformer, prompts, max_new_tokens=64, divide_length=8).token_ids
+    eos = free[0][5]
+    rounds = []
+    result = generate(transformer, prompts, max_new_tokens=64, divide_length=8, eos_ids=[eos], on_round=rounds.append)
+    first = free[0].index(eos)
+    assert result.token_ids[0] == free[0][: first + 1]
+    if eos in free[1]:
+        assert result.token_ids[1] == free[1][: free[1].index(eos) + 1]
+        assert len(rounds) == -(-max(len(t) for t in result.token_ids) // 8)
+    else:
+        assert result.token_ids[1] == free[1]
+
+
+def test_max_new_tokens_not_a_multiple_of_divide_length(transformer):
+    result = generate(transformer, _prompts([7]), max_new_tokens=37, divide_length=16)
+    assert result.num_generated_tokens == [37]
+
+
+def test_same_seed_same_tokens_different_seed_different(transformer):
+    prompts = _prompts([11, 4], seed=5)
+    sampler = Sampler(temperature=1.0, top_k=50, top_p=0.95)
+    first = generate(transformer, prompts, max_new_tokens=48, sampler=sampler, seed=7, divide_length=16).token_ids
+    again = generate(transformer, prompts, max_new_tokens=48, sampler=sampler, seed=7, divide_length=16).token_ids
+    other = generate(transformer, prompts, max_new_tokens=48, sampler=sampler, seed=8, divide_length=16).token_ids
+    greedy = generate(transformer, prompts, max_new_tokens=48, divide_length=16).token_ids
+    assert first == again
+    assert first != other
+    assert first != greedy
+
+
+def test_top_k_one_is_greedy(transformer):
+    prompts = _prompts([13])
+    sampled = generate(transformer, prompts, max_new_tokens=24, sampler=Sampler(temperature=1.0, top_k=1), seed=3)
+    assert sampled.token_ids == generate(transformer, prompts, max_new_tokens=24).token_ids
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    keys = jax.random.split(jax.random.key(0), 400)
+    draws = {int(Sampler(temperature=1.0, top_p=0.75)(logits, k)[0]) for k in keys}
+    assert draws == {0, 1}
+
+
+def test_many_rounds_compile_nothing_new(transformer):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        prompts = _prompts([10, 12])
+        after_each_round = []
+        long_run = generate(transformer, prompts, max_new_tokens=200, divide_length=8,
+                            on_round=lambda _: after_each_round.append(len(compiles)))
+        assert long_run.num_generated_tokens == [200, 200]
+        assert len(after_each_round) == 25
+        assert after_each_round[0] > 0
+        # Everything compiles before the first round ends; the other 24 rounds compile nothing.
+        assert after_each_round[-1] == after_each_round[0]
+        compiles.clear()
+        generate(transformer, prompts, max_new_tokens=200, divide_length=8)
+        assert compiles == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
