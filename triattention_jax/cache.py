@@ -58,6 +58,31 @@ class KVCache:
             cursor=self.cursor + k.shape[3],
         )
 
+    def resized(self, num_slots: int) -> "KVCache":
+        """The same entries in a buffer of `num_slots` slots (padding with empty slots)."""
+        extra = num_slots - self.num_slots
+        if extra < 0:
+            raise ValueError(f"cannot shrink a cache of {self.num_slots} slots to {num_slots}; compact it first")
+        pad = [(0, 0)] * 3 + [(0, extra)]
+        return KVCache(
+            k=jnp.pad(self.k, pad + [(0, 0)]),
+            v=jnp.pad(self.v, pad + [(0, 0)]),
+            pos=jnp.pad(self.pos, pad, constant_values=EMPTY_POSITION),
+            cursor=self.cursor,
+        )
+
+    def gather(self, slots: jax.Array) -> "KVCache":
+        """Keeps the given slots, in the given order: slots is (layers, batch, kv_heads, keep).
+
+        The result has `keep` slots and its cursor at the end.
+        """
+        return KVCache(
+            k=jnp.take_along_axis(self.k, slots[..., None], axis=3),
+            v=jnp.take_along_axis(self.v, slots[..., None], axis=3),
+            pos=jnp.take_along_axis(self.pos, slots, axis=3),
+            cursor=jnp.asarray(slots.shape[-1], jnp.int32),
+        )
+
 
 def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype) -> KVCache:
     """An empty cache with `num_slots` slots per (layer, row, KV head)."""

@@ -22,6 +22,7 @@ from triattention_jax.cache import KVCache, init_cache
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
 from triattention_jax.policies import FullAttention, KVPolicy
+from triattention_jax.policies.base import RoundContext
 from triattention_jax.sampling import Sampler
 
 DEFAULT_DIVIDE_LENGTH = 128
@@ -70,23 +71,28 @@ def _step_logits(transformer: Transformer, cache: KVCache, token: jax.Array, pos
     return logits, cache.append(k, v, positions)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"))
-def _prefill(graphdef, state, cache: KVCache, tokens: jax.Array, lengths: jax.Array, all_logits: bool = False):
-    """Runs the (right-padded) prompts into an empty cache; logits at the last token, or all."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "all_logits"))
+def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.Array, *, num_slots: int, all_logits: bool = False):
+    """Runs the right-padded prompts (batch, bucket) and hands their cache to the policy.
+
+    Returns logits at each row's last prompt token (or at every position) and the buffer.
+    """
     transformer = nnx.merge(graphdef, state)
-    index = jnp.arange(tokens.shape[1])[None]
+    batch, bucket = tokens.shape
+    index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
     logits, k, v = transformer.extend(None, tokens, positions, logits_at=None if all_logits else lengths - 1)
-    return logits, cache.append(k, v, positions)
+    cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(k, v, positions)
+    return logits, policy.fit_prefill(cache, num_slots, RoundContext(prompt_lengths=lengths, position=lengths))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "sampler", "divide_length"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "divide_length"), donate_argnames=("cache",))
 def _generation_round(
-    graphdef, state, cache: KVCache, decode: DecodeState, key: jax.Array, eos_ids: jax.Array, *,
-    policy: KVPolicy, sampler: Sampler, divide_length: int,
+    graphdef, state, policy: KVPolicy, cache: KVCache, decode: DecodeState, prompt_lengths: jax.Array, key: jax.Array,
+    eos_ids: jax.Array, *, sampler: Sampler, divide_length: int,
 ):
     transformer = nnx.merge(graphdef, state)
-    cache = policy.before_round(cache, divide_length)
+    cache = policy.before_round(cache, divide_length, RoundContext(prompt_lengths=prompt_lengths, position=decode.position))
 
     def step(carry, _):
         cache, d = carry
@@ -100,10 +106,13 @@ def _generation_round(
     return cache, decode, emitted.T
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "divide_length"), donate_argnames=("cache",))
-def _teacher_forced_round(graphdef, state, cache: KVCache, tokens: jax.Array, positions: jax.Array, *, policy: KVPolicy, divide_length: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "divide_length"), donate_argnames=("cache",))
+def _teacher_forced_round(
+    graphdef, state, policy: KVPolicy, cache: KVCache, tokens: jax.Array, positions: jax.Array, prompt_lengths: jax.Array,
+    *, divide_length: int,
+):
     transformer = nnx.merge(graphdef, state)
-    cache = policy.before_round(cache, divide_length)
+    cache = policy.before_round(cache, divide_length, RoundContext(prompt_lengths=prompt_lengths, position=positions[:, 0]))
 
     def step(cache, xs):
         logits, cache = _step_logits(transformer, cache, *xs)
@@ -149,14 +158,16 @@ def generate(
     tokens = np.zeros((len(prompts), bucket), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    cache = init_cache(config, len(prompts), policy.num_slots(bucket, max_new_tokens, divide_length), transformer.dtype)
-    kv_cache_bytes = cache.nbytes
+    policy.check(lengths.tolist(), divide_length)
+    num_slots = policy.num_slots(bucket, max_new_tokens, divide_length)
     graphdef, state = nnx.split(transformer)
     key = jax.random.key(seed)
-    logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths))
+    prompt_lengths = jnp.asarray(lengths)
+    logits, cache = _prefill(graphdef, state, policy, jnp.asarray(tokens), prompt_lengths, num_slots=num_slots)
+    kv_cache_bytes = cache.nbytes
     decode = DecodeState(
         token=sampler(logits, jax.random.fold_in(key, 2**31 - 1)),
-        position=jnp.asarray(lengths),
+        position=prompt_lengths,
         done=jnp.zeros(len(prompts), bool),
         step=jnp.zeros((), jnp.int32),
     )
@@ -165,7 +176,7 @@ def generate(
     finished = np.zeros(len(prompts), bool)
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
         cache, decode, emitted = _generation_round(
-            graphdef, state, cache, decode, key, eos, policy=policy, sampler=sampler, divide_length=divide_length
+            graphdef, state, policy, cache, decode, prompt_lengths, key, eos, sampler=sampler, divide_length=divide_length
         )
         for row, row_tokens in enumerate(np.asarray(emitted)):
             kept = [int(t) for t in row_tokens if t >= 0]
@@ -206,10 +217,10 @@ def teacher_force(
     bucket = prompt_bucket(prefill_length)
     padded = np.zeros((batch, bucket), np.int32)
     padded[:, :prefill_length] = tokens[:, :prefill_length]
-    cache = init_cache(config, batch, policy.num_slots(bucket, total - prefill_length, divide_length), transformer.dtype)
-    logits, cache = _prefill(
-        graphdef, state, cache, jnp.asarray(padded), jnp.full((batch,), prefill_length, jnp.int32), all_logits=True
-    )
+    prompt_lengths = jnp.full((batch,), prefill_length, jnp.int32)
+    policy.check([prefill_length] * batch, divide_length)
+    num_slots = policy.num_slots(bucket, total - prefill_length, divide_length)
+    logits, cache = _prefill(graphdef, state, policy, jnp.asarray(padded), prompt_lengths, num_slots=num_slots, all_logits=True)
     pieces = [np.asarray(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1))]
     for begin in range(prefill_length, total, divide_length):
         chunk = np.zeros((batch, divide_length), np.int32)
@@ -217,7 +228,7 @@ def teacher_force(
         chunk[:, :width] = tokens[:, begin : begin + width]
         positions = np.broadcast_to(np.arange(begin, begin + divide_length, dtype=np.int32), (batch, divide_length))
         cache, logprobs = _teacher_forced_round(
-            graphdef, state, cache, jnp.asarray(chunk), jnp.asarray(positions), policy=policy, divide_length=divide_length
+            graphdef, state, policy, cache, jnp.asarray(chunk), jnp.asarray(positions), prompt_lengths, divide_length=divide_length
         )
         pieces.append(np.asarray(logprobs)[:, :width])
     return np.concatenate(pieces, axis=1)

@@ -125,12 +125,23 @@ class Transformer(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
         head = self._weight("embed").T if cfg.tie_word_embeddings else self._weight("lm_head")
-        logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+        logits = einsum_f32("...d,dv->...v", x, head)
         return logits, new_k, new_v
 
     @property
     def attention_scale(self) -> float:
         return self.config.head_dim**-0.5
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """An einsum accumulated in float32.
+
+    XLA:CPU has no bf16 x bf16 -> f32 kernel for some batched dots, so on CPU the operands
+    are upcast first; accelerators accumulate in f32 natively without the extra copies.
+    """
+    if jax.default_backend() == "cpu":
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -180,13 +191,13 @@ def _attention(
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, hd)
     query_pos = positions[:, None, None, :, None]  # (B,1,1,T,1) against keys (B,K,G,T,S)
-    new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    new_scores = einsum_f32("btkgd,bskd->bkgts", qg, k) * scale
     new_pos = positions[:, None, None, None, :]
     new_visible = (new_pos >= 0) & (new_pos <= query_pos) & (query_pos >= 0)
     blocks = [(jnp.where(new_visible, new_scores, MASK_VALUE), v, "bkgts,bskd->btkgd")]
     if layer_cache is not None:
         cache_k, cache_v, cache_pos = layer_cache
-        cache_scores = jnp.einsum("btkgd,bksd->bkgts", qg, cache_k, preferred_element_type=jnp.float32) * scale
+        cache_scores = einsum_f32("btkgd,bksd->bkgts", qg, cache_k) * scale
         key_pos = cache_pos[:, :, None, None, :]
         cache_visible = (key_pos >= 0) & (key_pos <= query_pos)
         blocks.append((jnp.where(cache_visible, cache_scores, MASK_VALUE), cache_v, "bkgts,bksd->btkgd"))
@@ -194,7 +205,7 @@ def _attention(
     weights = [jnp.exp(s - row_max) for s, _, _ in blocks]
     denominator = sum(jnp.sum(wt, axis=-1, keepdims=True) for wt in weights)
     out = sum(
-        jnp.einsum(spec, (wt / denominator).astype(values.dtype), values, preferred_element_type=jnp.float32)
+        einsum_f32(spec, (wt / denominator).astype(values.dtype), values)
         for wt, (_, values, spec) in zip(weights, blocks)
     )
     return out.reshape(B, T, H, hd).astype(q.dtype)

@@ -1,31 +1,133 @@
-"""The interface every KV-cache policy implements.
+"""The interface every KV-cache policy implements, and the shared eviction mechanics.
 
-A policy decides how many slots the buffer has and, between decode rounds inside the jitted
-loop, which entries to keep. A new eviction policy is a new file defining a subclass and a
-`register` call; nothing else changes.
+A policy decides how many slots the buffer has and, inside the jitted loop, which entries to
+keep. Policies are frozen dataclasses registered as pytrees: arrays (calibration statistics)
+are traced data, everything else is static and part of the compiled function's identity.
+A new eviction policy is a new file: an `EvictionPolicy` subclass that implements `scores`,
+decorated with `@policy_dataclass` and passed to `register`.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Any, Sequence
 
-from triattention_jax.cache import KVCache
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from triattention_jax.cache import EMPTY_POSITION, KVCache
+from triattention_jax.errors import UserError
 
 _REGISTRY: dict[str, type["KVPolicy"]] = {}
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+def array_field(**kwargs: Any) -> Any:
+    """A dataclass field holding arrays: traced by jit rather than hashed."""
+    return dataclasses.field(metadata={"array": True}, **kwargs)
+
+
+def policy_dataclass(cls: type) -> type:
+    """Frozen keyword-only dataclass, registered as a pytree (array fields are its data)."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    fields = dataclasses.fields(cls)
+    data = [f.name for f in fields if f.metadata.get("array")]
+    meta = [f.name for f in fields if not f.metadata.get("array")]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundContext:
+    """What a policy may look at besides the cache.
+
+    prompt_lengths: (batch,) prompt tokens per row (positions below are prompt tokens).
+    position: (batch,) t0, the number of tokens processed so far (the next token's position).
+    """
+
+    prompt_lengths: jax.Array
+    position: jax.Array
+
+
 class KVPolicy(abc.ABC):
-    """Frozen and hashable: a policy is a static argument of the jitted decode round."""
+    """What the decode loop calls; see `FullAttention` and `EvictionPolicy`."""
 
     @abc.abstractmethod
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         """Slots per (layer, row, KV head) for a prompt bucket and a generation length."""
 
+    def check(self, prompt_lengths: Sequence[int], divide_length: int) -> None:
+        """Raises `UserError` when the settings cannot be met for these prompts."""
+
     @abc.abstractmethod
-    def before_round(self, cache: KVCache, divide_length: int) -> KVCache:
+    def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
+        """Turns the prefilled prompt cache (one slot per prompt-bucket token) into the buffer."""
+
+    @abc.abstractmethod
+    def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
         """Runs inside jit before every round of `divide_length` steps; must leave room for it."""
+
+
+class EvictionPolicy(KVPolicy):
+    """A buffer of budget + divide_length slots, cut back to `budget` whenever it fills.
+
+    Subclasses score the slots; this class protects the prompt (when `protect_prompt`) and the
+    last `window` positions, keeps the top-`budget` per (layer, row, KV head) with
+    `lax.top_k`, and stores the kept slots sorted by position. Expected fields: budget,
+    protect_prompt, window.
+    """
+
+    budget: int
+    protect_prompt: bool
+    window: int
+
+    @abc.abstractmethod
+    def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
+        """Importance of every slot, float32 (layers, batch, kv_heads, slots); invalid slots are ignored."""
+
+    def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
+        return self.budget + divide_length
+
+    def check(self, prompt_lengths: Sequence[int], divide_length: int) -> None:
+        if self.budget < 1:
+            raise UserError(f"budget must be at least 1, got {self.budget}")
+        if not 0 <= self.window < self.budget:
+            raise UserError(f"window must be in [0, budget={self.budget}), got {self.window}")
+        longest = max(prompt_lengths)
+        if self.protect_prompt and longest + self.window > self.budget:
+            raise UserError(
+                f"a prompt of {longest} tokens (plus window {self.window}) does not fit budget {self.budget} with the "
+                "prompt protected: raise --budget or pass --protect_prompt=false to compress the prompt"
+            )
+
+    def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
+        if cache.num_slots > self.budget:
+            cache = self.compact(cache, context)
+        return cache.resized(num_slots)
+
+    def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
+        full = cache.cursor + divide_length > cache.num_slots
+        return jax.lax.cond(full, lambda c: self.compact(c, context).resized(c.num_slots), lambda c: c, cache)
+
+    def selection_scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
+        """`scores` with protection applied: +inf for protected slots, −inf for empty ones."""
+        valid = cache.pos != EMPTY_POSITION
+        scores = self.scores(cache, context).astype(jnp.float32)
+        protected = jnp.zeros_like(valid)
+        if self.protect_prompt:
+            protected |= cache.pos < context.prompt_lengths[None, :, None, None]
+        if self.window:
+            protected |= cache.pos >= (context.position - self.window)[None, :, None, None]
+        scores = jnp.where(protected, jnp.inf, scores)
+        return jnp.where(valid, scores, -jnp.inf)
+
+    def compact(self, cache: KVCache, context: RoundContext) -> KVCache:
+        """Keeps the top-`budget` slots per (layer, row, KV head), sorted by position."""
+        _, kept = jax.lax.top_k(self.selection_scores(cache, context), self.budget)
+        kept_pos = jnp.take_along_axis(cache.pos, kept, axis=3)
+        order = jnp.argsort(jnp.where(kept_pos == EMPTY_POSITION, np.iinfo(np.int32).max, kept_pos), axis=3)
+        return cache.gather(jnp.take_along_axis(kept, order, axis=3))
 
 
 def register(name: str, policy_class: type[KVPolicy]) -> None:
@@ -37,8 +139,6 @@ def policy_names() -> list[str]:
 
 
 def policy_class(name: str) -> type[KVPolicy]:
-    from triattention_jax.errors import UserError
-
     if name not in _REGISTRY:
         raise UserError(f"unknown method {name!r}: choose one of {', '.join(policy_names())}")
     return _REGISTRY[name]

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from triattention_jax.cache import KVCache
-from triattention_jax.policies.base import KVPolicy, register
+from triattention_jax.policies.base import KVPolicy, RoundContext, policy_dataclass, register
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@policy_dataclass
 class FullAttention(KVPolicy):
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         rounds = -(-max_new_tokens // divide_length)
         return prompt_slots + rounds * divide_length
 
-    def before_round(self, cache: KVCache, divide_length: int) -> KVCache:
+    def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
+        return cache.resized(num_slots)
+
+    def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
         return cache
 
 

@@ -1,0 +1,73 @@
+"""TriAttention: keys ranked by the trigonometric series of calibrated query centres (SPEC 4)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from triattention_jax.cache import EMPTY_POSITION, KVCache
+from triattention_jax.errors import UserError
+from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.scoring import (
+    AGGREGATIONS,
+    DEFAULT_OFFSETS,
+    FrequencyStats,
+    aggregate,
+    key_scores,
+    normalized_scores,
+    offset_phasors,
+)
+
+
+@policy_dataclass
+class TriAttention(EvictionPolicy):
+    """Build with `TriAttention.create(transformer, stats, budget=...)`.
+
+    aggregation: per_head (default; one token set per KV-head index, shared by all layers),
+    per_layer_per_head, or per_layer. trigonometric / norm_weighting switch off parts of the
+    score for the paper's ablations.
+    """
+
+    stats: FrequencyStats = array_field()
+    inv_freq: jax.Array = array_field()
+    phasors: jax.Array = array_field()
+    budget: int = 2048
+    protect_prompt: bool = True
+    window: int = 0
+    aggregation: str = "per_head"
+    offsets: tuple[int, ...] = DEFAULT_OFFSETS
+    attention_scaling: float = 1.0
+    trigonometric: bool = True
+    norm_weighting: bool = True
+
+    @classmethod
+    def create(cls, transformer, stats: FrequencyStats, *, offsets: tuple[int, ...] = DEFAULT_OFFSETS, **options) -> "TriAttention":
+        config = transformer.config
+        expected = (config.num_layers, config.num_heads, config.head_dim // 2)
+        if tuple(stats.q_mean_real.shape) != expected:
+            raise UserError(f"statistics have shape {tuple(stats.q_mean_real.shape)}, the model needs {expected}: recalibrate")
+        if options.get("aggregation", "per_head") not in AGGREGATIONS:
+            raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
+        if not offsets or min(offsets) < 0:
+            raise UserError(f"offsets must be a non-empty list of non-negative distances, got {offsets}")
+        inv_freq = np.asarray(transformer.inv_freq[...])
+        return cls(
+            stats=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats),
+            inv_freq=jnp.asarray(inv_freq),
+            phasors=jnp.asarray(offset_phasors(inv_freq, tuple(offsets))),
+            offsets=tuple(int(o) for o in offsets),
+            attention_scaling=float(transformer.attention_scaling),
+            **options,
+        )
+
+    def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
+        raw = key_scores(
+            cache.k, self.stats, self.inv_freq, self.phasors, context.position,
+            attention_scaling=self.attention_scaling, trigonometric=self.trigonometric, norm_weighting=self.norm_weighting,
+        )
+        valid = cache.pos != EMPTY_POSITION
+        return aggregate(normalized_scores(raw, valid, cache.k.shape[2]), valid, self.aggregation)
+
+
+register("triattention", TriAttention)
