@@ -36,7 +36,7 @@ def test_logits_match_hf(tiny_model_dirs, name):
     import jax.numpy as jnp
 
     positions = jnp.broadcast_to(jnp.arange(SEQ_LEN), tokens.shape)
-    logits, _, _ = transformer.extend(None, jnp.asarray(tokens), positions)
+    logits = transformer.extend(None, jnp.asarray(tokens), positions).logits
     relative = np.abs(np.asarray(logits) - reference).max() / np.abs(reference).max()
     assert relative < 1e-4, f"{name}: relative logit error {relative:.2e}"
 

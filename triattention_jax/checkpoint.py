@@ -211,6 +211,12 @@ class LoadedModel:
     transformer: Transformer
     tokenizer: Any
     path: Path
+    name: str
+
+    @property
+    def store_dir(self) -> Path:
+        """This model's folder in the local model store (for calibration statistics)."""
+        return models_dir() / self.name
 
 
 def load_transformer(model_dir: Path, *, dtype: str | jnp.dtype = "bfloat16") -> Transformer:
@@ -223,7 +229,19 @@ def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16") -> LoadedMode
     """Loads a checkpoint folder, a models/ folder name, or a hub id, in `dtype`, with its tokenizer."""
     model_dir = resolve_model_dir(model)
     transformer = load_transformer(model_dir, dtype=dtype)
-    return LoadedModel(config=transformer.config, transformer=transformer, tokenizer=load_tokenizer(model_dir), path=model_dir)
+    return LoadedModel(
+        config=transformer.config, transformer=transformer, tokenizer=load_tokenizer(model_dir), path=model_dir,
+        name=store_name(model, model_dir),
+    )
+
+
+def store_name(model: str, model_dir: Path) -> str:
+    """The models/ folder name for a model argument: itself, a hub id with '/' as '--', or the folder's name."""
+    if model_dir.resolve().parent == models_dir().resolve():
+        return model_dir.name
+    if not Path(model).expanduser().is_dir() and model.count("/") == 1:
+        return model.replace("/", "--")
+    return model_dir.resolve().name
 
 
 def load_tokenizer(model_dir: Path) -> Any:

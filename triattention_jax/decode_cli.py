@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from triattention_jax.checkpoint import load_model
 from triattention_jax.errors import UserError
 from triattention_jax.generate import generate
-from triattention_jax.policies import policy_class
+from triattention_jax.policies import PolicySettings, policy_class
 from triattention_jax.prompts import check_writable, encode_prompts, has_chat_template, read_prompt_file, write_json_atomic
 from triattention_jax.sampling import Sampler
 
@@ -27,6 +28,10 @@ def decode_prompts(
     dtype: str,
     method: str,
     budget: int,
+    protect_prompt: bool,
+    window: int,
+    stats: str | None,
+    aggregation: str,
     divide_length: int,
     output_json: str | None,
     on_text: Callable[[list[str]], None] | None = None,
@@ -38,8 +43,9 @@ def decode_prompts(
     if output_json:
         check_writable(output_json)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
-    policy = policy_class(method)()
     loaded = load_model(model, dtype=dtype)
+    settings = PolicySettings(budget=budget, protect_prompt=protect_prompt, window=window, stats=stats, aggregation=aggregation)
+    policy = policy_class(method).from_settings(loaded, settings)
     tokenizer = loaded.tokenizer
     use_chat = has_chat_template(tokenizer) if chat is None else chat
     prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)
@@ -64,7 +70,7 @@ def decode_prompts(
         "model": str(loaded.path),
         "method": method,
         "dtype": dtype,
-        "budget": budget if method != "full" else None,
+        "policy_settings": dataclasses.asdict(settings) if method != "full" else None,
         "divide_length": divide_length,
         "chat": use_chat,
         "prompts": texts,
@@ -79,3 +85,4 @@ def decode_prompts(
     if output_json:
         write_json_atomic(output_json, payload)
     return payload
+

@@ -67,8 +67,8 @@ class GenerationResult:
 
 def _step_logits(transformer: Transformer, cache: KVCache, token: jax.Array, position: jax.Array):
     tokens, positions = token[:, None], position[:, None]
-    logits, k, v = transformer.extend(cache, tokens, positions, logits_at=jnp.zeros_like(token))
-    return logits, cache.append(k, v, positions)
+    out = transformer.extend(cache, tokens, positions, logits_at=jnp.zeros_like(token))
+    return out.logits, cache.append(out.k, out.v, positions)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "all_logits"))
@@ -81,9 +81,9 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     batch, bucket = tokens.shape
     index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
-    logits, k, v = transformer.extend(None, tokens, positions, logits_at=None if all_logits else lengths - 1)
-    cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(k, v, positions)
-    return logits, policy.fit_prefill(cache, num_slots, RoundContext(prompt_lengths=lengths, position=lengths))
+    out = transformer.extend(None, tokens, positions, logits_at=None if all_logits else lengths - 1)
+    cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(out.k, out.v, positions)
+    return out.logits, policy.fit_prefill(cache, num_slots, RoundContext(prompt_lengths=lengths, position=lengths))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "divide_length"), donate_argnames=("cache",))

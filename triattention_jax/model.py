@@ -8,6 +8,7 @@ so compile time does not grow with depth.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
@@ -59,6 +60,20 @@ LAYER_WEIGHTS = frozenset(
 )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExtendOutput:
+    """logits: float32 (batch, V) or (batch, T, V); k, v: (layers, batch, kv_heads, T, head_dim),
+    post-RoPE, ready for `KVCache.append`; queries (layers, batch, T, heads, head_dim) and keys
+    (layers, batch, T, kv_heads, head_dim): float32 pre-RoPE, when collected, else None."""
+
+    logits: jax.Array
+    k: jax.Array
+    v: jax.Array
+    queries: jax.Array | None = None
+    keys: jax.Array | None = None
+
+
 class Transformer(nnx.Module):
     """Weights of a decoder; every weight is an `nnx.Param` carrying its `logical_axes`."""
 
@@ -90,27 +105,26 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         *,
         logits_at: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        collect_pre_rope: bool = False,
+    ) -> "ExtendOutput":
         """Runs T new tokens per row against the cache (None: an empty one) and themselves.
 
         tokens, positions: (batch, T) int32; a negative position marks padding, which no
         query attends to. logits_at: (batch,) index into T of the one position per row whose
-        logits are wanted; None returns logits for all T positions.
-        Returns (logits float32 of (batch, V) or (batch, T, V), new_k, new_v) where new_k and
-        new_v are (layers, batch, kv_heads, T, head_dim), ready for `KVCache.append`.
+        logits are wanted; None returns logits for all T positions. collect_pre_rope also
+        returns every layer's pre-RoPE queries and keys (for calibration).
         """
         cfg = self.config
         x = jnp.take(self._weight("embed"), tokens, axis=0)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
-        if cache is None:
-            cached = None
-        else:
-            cached = (cache.k, cache.v, cache.pos)
+        cached = None if cache is None else (cache.k, cache.v, cache.pos)
 
         def layer(x, xs):
             w, layer_cache = xs
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _project_qkv(cfg, w, h, cos, sin)
+            q_pre, k_pre, v = project_qkv(cfg, w, h)
+            q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
+            k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
             attn = _attention(q, k, v, positions, layer_cache, self.attention_scale)
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
@@ -118,15 +132,15 @@ class Transformer(nnx.Module):
             x = x + out
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
             x = x + _mlp(w, h)
-            return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+            collected = (q_pre.astype(jnp.float32), k_pre.astype(jnp.float32)) if collect_pre_rope else (None, None)
+            return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), *collected)
 
-        x, (new_k, new_v) = jax.lax.scan(layer, x, (self._layer_weights(), cached))
+        x, (new_k, new_v, queries, keys) = jax.lax.scan(layer, x, (self._layer_weights(), cached))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
         head = self._weight("embed").T if cfg.tie_word_embeddings else self._weight("lm_head")
-        logits = einsum_f32("...d,dv->...v", x, head)
-        return logits, new_k, new_v
+        return ExtendOutput(logits=einsum_f32("...d,dv->...v", x, head), k=new_k, v=new_v, queries=queries, keys=keys)
 
     @property
     def attention_scale(self) -> float:
@@ -151,16 +165,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def _project_qkv(cfg: ModelConfig, w: Mapping[str, jax.Array], h: jax.Array, cos: jax.Array, sin: jax.Array):
-    """Post-RoPE q (B,T,H,hd), k and v (B,T,K,hd)."""
+def project_qkv(cfg: ModelConfig, w: Mapping[str, jax.Array], h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pre-RoPE q (B,T,H,hd) and k, v (B,T,K,hd) of one layer from its normed input."""
     q = jnp.einsum("btd,dhk->bthk", h, w["wq"])
     k = jnp.einsum("btd,dhk->bthk", h, w["wk"])
     v = jnp.einsum("btd,dhk->bthk", h, w["wv"])
     q, k = pre_rope_qk(cfg, w, q, k)
     if "bv" in w:
         v = v + w["bv"]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return q, k, v
 
 
 def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:

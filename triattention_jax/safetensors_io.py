@@ -33,16 +33,25 @@ _DTYPES = {
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one file, memory-mapped (little-endian, as the format stores them)."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict, int]:
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            return json.loads(f.read(header_len)), 8 + header_len
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read safetensors file {path}: {e}; re-download or re-convert the checkpoint") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's free-form `__metadata__` strings."""
+    return _read_header(Path(path))[0].get("__metadata__", {})
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one file, memory-mapped (little-endian, as the format stores them)."""
+    path = Path(path)
+    header, data_start = _read_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -50,8 +50,24 @@ class RoundContext:
     position: jax.Array
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicySettings:
+    """What the command line says about a policy; each policy takes what applies to it."""
+
+    budget: int = 2048
+    protect_prompt: bool = True
+    window: int = 0
+    stats: str | None = None
+    aggregation: str = "per_head"
+
+
 class KVPolicy(abc.ABC):
     """What the decode loop calls; see `FullAttention` and `EvictionPolicy`."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, model: Any, settings: PolicySettings) -> "KVPolicy":
+        """Builds the policy for a `LoadedModel` (loading whatever it needs, e.g. statistics)."""
 
     @abc.abstractmethod
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from triattention_jax.cache import KVCache
-from triattention_jax.policies.base import KVPolicy, RoundContext, policy_dataclass, register
+from triattention_jax.policies.base import KVPolicy, PolicySettings, RoundContext, policy_dataclass, register
 
 
 @policy_dataclass
 class FullAttention(KVPolicy):
+    @classmethod
+    def from_settings(cls, model: Any, settings: PolicySettings) -> "FullAttention":
+        return cls()
+
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         rounds = -(-max_new_tokens // divide_length)
         return prompt_slots + rounds * divide_length

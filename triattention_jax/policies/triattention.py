@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, KVCache
 from triattention_jax.errors import UserError
-from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.base import EvictionPolicy, PolicySettings, RoundContext, array_field, policy_dataclass, register
 from triattention_jax.scoring import (
     AGGREGATIONS,
     DEFAULT_OFFSETS,
@@ -59,6 +61,16 @@ class TriAttention(EvictionPolicy):
             offsets=tuple(int(o) for o in offsets),
             attention_scaling=float(transformer.attention_scaling),
             **options,
+        )
+
+    @classmethod
+    def from_settings(cls, model: Any, settings: PolicySettings) -> "TriAttention":
+        from triattention_jax.calibration import stats_for_model
+
+        stats = stats_for_model(model, settings.stats)
+        return cls.create(
+            model.transformer, stats.stats, budget=settings.budget, protect_prompt=settings.protect_prompt,
+            window=settings.window, aggregation=settings.aggregation,
         )
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:

@@ -1,0 +1,131 @@
+"""How concentrated each head's pre-RoPE queries are, and how well the trigonometric series
+built from the query and key centres reconstructs real attention logits against distance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from triattention_jax.calibration import QueryMoments
+from triattention_jax.model import Transformer
+from triattention_jax.rope import apply_rope, rope_cos_sin
+
+
+def log_spaced_distances(max_distance: int, count: int = 48) -> np.ndarray:
+    return np.unique(np.geomspace(1, max_distance, count).astype(int))
+
+
+def measured_logits_by_distance(transformer: Transformer, tokens: Sequence[int], distances: np.ndarray) -> np.ndarray:
+    """Mean attention logit q_t·k_{t−Δ} per (layer, head, Δ) over one sequence, float64."""
+    config = transformer.config
+    tokens = jnp.asarray([list(tokens)], jnp.int32)
+    positions = jnp.arange(tokens.shape[1])[None]
+    out = transformer.extend(None, tokens, positions, logits_at=jnp.zeros(1, jnp.int32), collect_pre_rope=True)
+    cos, sin = rope_cos_sin(positions, transformer.inv_freq[...], transformer.attention_scaling)
+    queries = np.asarray(apply_rope(out.queries[:, 0], cos[0, :, None], sin[0, :, None]), np.float64)  # (L,T,H,hd)
+    keys = np.asarray(out.k[:, 0], np.float64)  # (L,K,T,hd)
+    group = config.num_heads // config.num_kv_heads
+    result = np.zeros((config.num_layers, config.num_heads, len(distances)))
+    for layer in range(config.num_layers):
+        for head in range(config.num_heads):
+            logits = queries[layer, :, head] @ keys[layer, head // group].T  # (T query, T key)
+            result[layer, head] = [np.diagonal(logits, offset=-int(d)).mean() for d in distances]
+    return result
+
+
+def predicted_logits_by_distance(moments: QueryMoments, inv_freq: np.ndarray, group: int, distances: np.ndarray) -> np.ndarray:
+    """Σ_f |qm_f||km_f| cos(ω_f Δ + arg qm_f − arg km_f) per (layer, head, Δ)."""
+    q_mean = moments.q_sum / moments.count
+    k_mean = np.repeat(moments.key_means(), group, axis=1)
+    phase = np.exp(1j * np.asarray(inv_freq, np.float64)[None, :] * distances[:, None])  # (D, F)
+    return np.einsum("lhf,df->lhd", q_mean * np.conj(k_mean), phase).real
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Correlation along the last axis."""
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    return (a * b).sum(-1) / np.maximum(np.sqrt((a * a).sum(-1) * (b * b).sum(-1)), 1e-30)
+
+
+def concentration_report(transformer: Transformer, moments: QueryMoments, sequence: Sequence[int]) -> dict[str, Any]:
+    """Numbers of the report: R per head, R_f distribution, reconstruction correlations."""
+    config = transformer.config
+    r_head, r_band = moments.resultant_lengths()
+    distances = log_spaced_distances(len(sequence) - 1)
+    measured = measured_logits_by_distance(transformer, sequence, distances)
+    predicted = predicted_logits_by_distance(moments, np.asarray(transformer.inv_freq[...]), config.num_heads // config.num_kv_heads, distances)
+    correlation = pearson(predicted, measured)
+    return {
+        "num_tokens": moments.count,
+        "heads": int(r_head.size),
+        "R_per_head": r_head.round(4).tolist(),
+        "fraction_R_above_0.95": float((r_head > 0.95).mean()),
+        "fraction_R_above_0.90": float((r_head > 0.90).mean()),
+        "R_median": float(np.median(r_head)),
+        "R_f_quantiles": {str(q): float(np.quantile(r_band, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+        "R_f_mean_per_band": r_band.mean((0, 1)).round(4).tolist(),
+        "reconstruction": {
+            "sequence_tokens": len(sequence),
+            "distances": distances.tolist(),
+            "pearson_per_head": correlation.round(4).tolist(),
+            "pearson_mean": float(correlation.mean()),
+            "pearson_median": float(np.median(correlation)),
+            "fraction_pearson_above_0.5": float((correlation > 0.5).mean()),
+        },
+        "_curves": {"measured": measured, "predicted": predicted},
+    }
+
+
+def write_report(report: dict[str, Any], folder: Path) -> list[Path]:
+    """report.json, r_histogram.png and reconstruction.png (a few heads, predicted vs measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = report.pop("_curves")
+    paths = [folder / "report.json", folder / "r_histogram.png", folder / "reconstruction.png"]
+    tmp = paths[0].with_name(".report.json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(paths[0])
+
+    r_head = np.asarray(report["R_per_head"]).ravel()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(r_head, bins=40, range=(0, 1))
+    ax.set_xlabel("mean resultant length R of pre-RoPE queries")
+    ax.set_ylabel("heads")
+    ax.set_title(f"{report['fraction_R_above_0.95']:.1%} of heads have R > 0.95")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    correlation = np.asarray(report["reconstruction"]["pearson_per_head"])
+    distances = np.asarray(report["reconstruction"]["distances"])
+    order = np.argsort(correlation.ravel())
+    picks = [order[-1], order[len(order) // 2], order[len(order) // 4], order[0]]
+    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.4))
+    for ax, flat in zip(axes, picks):
+        layer, head = np.unravel_index(flat, correlation.shape)
+        measured, predicted = curves["measured"][layer, head], curves["predicted"][layer, head]
+        ax.plot(distances, _standardized(measured), label="measured")
+        ax.plot(distances, _standardized(predicted), label="predicted", linestyle="--")
+        ax.set_xscale("log")
+        ax.set_title(f"layer {layer} head {head}: r = {correlation[layer, head]:.2f}")
+        ax.set_xlabel("distance")
+    axes[0].set_ylabel("attention logit (standardized)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _standardized(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit spread: the plots compare curve shapes, which is what Pearson measures."""
+    return (x - x.mean()) / max(x.std(), 1e-12)

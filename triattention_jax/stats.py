@@ -1,0 +1,167 @@
+"""Calibration statistics on disk: our safetensors format with metadata, and the reference
+implementation's torch `.pt` format. Loading checks the metadata against the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from triattention_jax.errors import UserError
+from triattention_jax.model import Transformer
+from triattention_jax.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
+from triattention_jax.scoring import FrequencyStats
+
+STATS_FILE = "triattention_stats.safetensors"
+FORMAT_VERSION = 1
+# Every FINGERPRINT_STRIDE-th element of the q/k weights, rounded to bfloat16, identifies a
+# checkpoint whichever dtype it was loaded in, at a small fraction of the hashing cost.
+FINGERPRINT_STRIDE = 61
+
+
+def model_fingerprint(transformer: Transformer) -> str:
+    digest = hashlib.sha256()
+    for name in ("wq", "wk", "bq", "bk", "q_norm", "k_norm"):
+        if hasattr(transformer, name):
+            values = np.asarray(getattr(transformer, name)[...]).reshape(-1)[::FINGERPRINT_STRIDE]
+            digest.update(name.encode())
+            digest.update(values.astype(ml_dtypes.bfloat16).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_metadata(transformer: Transformer) -> dict[str, Any]:
+    """What a statistics file must agree with to be used on this model."""
+    config = transformer.config
+    return {
+        "architecture": config.model_type,
+        "num_layers": config.num_layers,
+        "num_heads": config.num_heads,
+        "num_kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rope": dataclasses.asdict(config.rope),
+        "fingerprint": model_fingerprint(transformer),
+    }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationResult:
+    """Statistics plus where they came from: num_tokens counted and a description of the source."""
+
+    stats: FrequencyStats
+    metadata: dict[str, Any]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.metadata.get("num_tokens", 0))
+
+
+def check_compatible(metadata: dict[str, Any], transformer: Transformer, source: str | os.PathLike) -> None:
+    """Refuses statistics computed on another model, naming the first field that differs."""
+    expected = model_metadata(transformer)
+    for key, value in expected.items():
+        if key not in metadata:
+            continue
+        if json.loads(json.dumps(metadata[key])) != json.loads(json.dumps(value)):
+            raise UserError(
+                f"statistics {source} were computed for another model ({key}: {metadata[key]} != {value}): "
+                "run calibrate.py for this model or pass the right --stats"
+            )
+
+
+def save_stats(path: str | os.PathLike, result: CalibrationResult) -> None:
+    """Writes our format (safetensors + JSON metadata) or, for a `.pt` path, the reference format."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        _save_reference_pt(path, result)
+        return
+    arrays = {name: np.asarray(getattr(result.stats, name), np.float32) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
+    write_safetensors(path, arrays, metadata={"triattention": json.dumps({**result.metadata, "format_version": FORMAT_VERSION})})
+
+
+def load_stats(path: str | os.PathLike, transformer: Transformer) -> CalibrationResult:
+    """Reads either format and checks it against the model."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"statistics file {path} does not exist: run calibrate.py --out {path}")
+    if path.suffix == ".pt":
+        result = _load_reference_pt(path, transformer)
+    else:
+        result = _load_safetensors_stats(path)
+    check_compatible(result.metadata, transformer, path)
+    expected = (transformer.config.num_layers, transformer.config.num_heads, transformer.config.head_dim // 2)
+    if tuple(result.stats.q_mean_real.shape) != expected:
+        raise UserError(f"statistics {path} have shape {tuple(result.stats.q_mean_real.shape)}, the model needs {expected}")
+    return result
+
+
+def _load_safetensors_stats(path: Path) -> CalibrationResult:
+    tensors = read_safetensors(path)
+    raw = read_safetensors_metadata(path).get("triattention")
+    if raw is None or not {"q_mean_real", "q_mean_imag", "q_abs_mean"} <= tensors.keys():
+        raise UserError(f"{path} is not a TriAttention statistics file: run calibrate.py to create one")
+    stats = FrequencyStats(**{name: np.array(tensors[name]) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")})
+    return CalibrationResult(stats=stats, metadata=json.loads(raw))
+
+
+def _save_reference_pt(path: Path, result: CalibrationResult) -> None:
+    torch = _torch()
+    layers, heads, _ = np.shape(result.stats.q_mean_real)
+    stats = {}
+    for layer in range(layers):
+        for head in range(heads):
+            stats[f"layer{layer:02d}_head{head:02d}"] = {
+                name: torch.from_numpy(np.asarray(getattr(result.stats, name)[layer, head], np.float32).copy())
+                for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")
+            }
+    metadata = {
+        "rope_style": "half",
+        "head_dim": int(result.metadata["head_dim"]),
+        "sampled_heads": [[layer, head] for layer in range(layers) for head in range(heads)],
+        "triattention_jax": json.dumps(result.metadata),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"metadata": metadata, "stats": stats}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResult:
+    torch = _torch()
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta, entries = payload["metadata"], payload["stats"]
+    except Exception as e:
+        raise UserError(f"cannot read reference statistics {path} ({type(e).__name__}: {e})") from e
+    config = transformer.config
+    if meta.get("rope_style", "half") != "half":
+        raise UserError(f"{path} uses rope_style {meta['rope_style']!r}; only the split-half (HF) layout is supported")
+    if int(meta.get("head_dim", config.head_dim)) != config.head_dim:
+        raise UserError(f"statistics {path} were computed for another model (head_dim: {meta['head_dim']} != {config.head_dim})")
+    half = config.head_dim // 2
+    arrays = {name: np.zeros((config.num_layers, config.num_heads, half), np.float32) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
+    seen = np.zeros((config.num_layers, config.num_heads), bool)
+    for key, values in entries.items():
+        layer, head = (int(part[len(prefix):]) for part, prefix in zip(key.split("_"), ("layer", "head")))
+        if layer >= config.num_layers or head >= config.num_heads:
+            raise UserError(f"statistics {path} name {key}, which this model does not have")
+        for name in arrays:
+            arrays[name][layer, head] = np.asarray(values[name], np.float32)
+        seen[layer, head] = True
+    if not seen.all():
+        missing = np.argwhere(~seen)[:4].tolist()
+        raise UserError(f"statistics {path} lack {int((~seen).sum())} (layer, head) entries, e.g. {missing}: recalibrate")
+    metadata = json.loads(meta["triattention_jax"]) if "triattention_jax" in meta else {"head_dim": config.head_dim, "source": str(path)}
+    return CalibrationResult(stats=FrequencyStats(**arrays), metadata=metadata)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise UserError("reading or writing .pt statistics needs torch: pip install torch") from e
+    return torch
