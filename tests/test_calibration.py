@@ -1,0 +1,136 @@
+"""Calibration statistics: what enters the means, the two file formats, model checks, the CLIs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import REPO_ROOT
+from triattention_jax.calibration import accumulate
+from triattention_jax.checkpoint import load_transformer
+from triattention_jax.errors import UserError
+from triattention_jax.stats import CalibrationResult, load_stats, model_metadata, save_stats
+
+
+def _sequences(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 512, size=n).tolist() for n in lengths]
+
+
+def test_padding_never_enters_the_means(tiny_model_dirs):
+    transformer = load_transformer(tiny_model_dirs["qwen2-untied"], dtype="float32")
+    sequences = _sequences([50, 300, 7])
+    batched = accumulate(transformer, sequences, batch_size=3, progress=False)
+    separate = [accumulate(transformer, [s], batch_size=1, progress=False) for s in sequences]
+    assert batched.count == 357
+    np.testing.assert_allclose(batched.q_sum, sum(m.q_sum for m in separate), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(batched.q_abs_sum, sum(m.q_abs_sum for m in separate), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, module", [("qwen3-tied", "q_norm"), ("qwen2-untied", "q_proj")])
+def test_queries_are_taken_after_every_pre_rope_transform(tiny_model_dirs, name, module):
+    """HF's own q after the bias (Qwen2) or q_norm (Qwen3), captured by a hook, gives the same means."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dirs[name], dtype=torch.float32).eval()
+    captured = []
+    for layer in hf.model.layers:
+        getattr(layer.self_attn, module).register_forward_hook(lambda mod, inp, out: captured.append(out.detach()))
+    tokens = _sequences([120], seed=2)[0]
+    with torch.no_grad():
+        hf(torch.tensor([tokens]))
+    config = hf.config
+    q = torch.stack(captured).reshape(config.num_hidden_layers, len(tokens), config.num_attention_heads, config.head_dim).numpy()
+    half = config.head_dim // 2
+    expected = (q[..., :half] + 1j * q[..., half:]).mean(1)
+    moments = accumulate(load_transformer(tiny_model_dirs[name], dtype="float32"), [tokens], progress=False)
+    stats = moments.stats()
+    np.testing.assert_allclose(stats.q_mean_real + 1j * stats.q_mean_imag, expected, atol=1e-5)
+    np.testing.assert_allclose(stats.q_abs_mean, np.abs(q[..., :half] + 1j * q[..., half:]).mean(1), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model_dirs):
+    transformer = load_transformer(tiny_model_dirs["llama3-untied"], dtype="float32")
+    moments = accumulate(transformer, _sequences([200, 90]), progress=False)
+    metadata = {**model_metadata(transformer), "num_tokens": moments.count, "source": "random tokens"}
+    return transformer, CalibrationResult(stats=moments.stats(), metadata=metadata)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_statistics_round_trip(tmp_path, calibrated, suffix):
+    transformer, result = calibrated
+    path = tmp_path / f"stats{suffix}"
+    save_stats(path, result)
+    back = load_stats(path, transformer)
+    for name in ("q_mean_real", "q_mean_imag", "q_abs_mean"):
+        np.testing.assert_array_equal(np.asarray(getattr(back.stats, name)), np.asarray(getattr(result.stats, name)))
+    assert back.metadata["num_tokens"] == 290
+    assert back.metadata["fingerprint"] == result.metadata["fingerprint"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_reference_pt_layout(tmp_path, calibrated):
+    transformer, result = calibrated
+    save_stats(tmp_path / "stats.pt", result)
+    payload = torch.load(tmp_path / "stats.pt", weights_only=True)
+    config = transformer.config
+    assert payload["metadata"]["head_dim"] == config.head_dim
+    assert len(payload["stats"]) == config.num_layers * config.num_heads
+    entry = payload["stats"]["layer01_head02"]
+    np.testing.assert_array_equal(entry["q_abs_mean"].numpy(), np.asarray(result.stats.q_abs_mean)[1, 2])
+    assert entry["q_mean_real"].dtype == torch.float32 and entry["q_mean_real"].shape == (config.head_dim // 2,)
+
+
+def test_statistics_of_another_model_are_refused(tmp_path, calibrated, tiny_model_dirs):
+    _, result = calibrated
+    save_stats(tmp_path / "stats.safetensors", result)
+    other = load_transformer(tiny_model_dirs["llama-tied"], dtype="float32")
+    with pytest.raises(UserError, match="were computed for another model"):
+        load_stats(tmp_path / "stats.safetensors", other)
+    # Same shapes, different weights: only the fingerprint tells them apart.
+    same_shapes = load_transformer(tiny_model_dirs["llama3-untied"], dtype="bfloat16")
+    assert model_metadata(same_shapes)["fingerprint"] == result.metadata["fingerprint"], "dtype must not matter"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+
+
+@pytest.mark.slow
+def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
+    source = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+    stats = tmp_path / "stats.safetensors"
+    report = tmp_path / "report"
+    result = _run("calibrate.py", "--calib_file", str(source), "--num_tokens", "2048", "--seq_len", "512", "--out", str(stats),
+                  "--report", "--report_dir", str(report))
+    assert result.returncode == 0, result.stderr
+    assert stats.exists()
+    numbers = json.loads((report / "report.json").read_text())
+    assert numbers["num_tokens"] == 2048 and numbers["heads"] == 30 * 9
+    assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
+    assert (report / "r_histogram.png").stat().st_size > 0 and (report / "reconstruction.png").stat().st_size > 0
+
+    out = tmp_path / "out.json"
+    result = _run("decode.py", "--prompt", "Count from one to fifty in words.", "--method", "triattention", "--stats", str(stats),
+                  "--budget", "96", "--divide_length", "32", "--max_new_tokens", "160", "--ignore_eos", "--dtype", "float32",
+                  "--output_json", str(out))
+    assert result.returncode == 0, result.stderr
+    decoded = json.loads(out.read_text())
+    assert decoded["num_generated_tokens"] == [160]
+    # 30 layers x 3 KV heads x (96 + 32) slots x (2 x 64 float32 values + an int32 position)
+    assert decoded["kv_cache_bytes"] == 30 * 3 * 128 * (2 * 64 * 4 + 4)
+
+
+def test_decode_refuses_statistics_of_another_model(tmp_path, calibrated):
+    _, result = calibrated
+    save_stats(tmp_path / "tiny.safetensors", result)
+    decoded = _run("decode.py", "--prompt", "hi", "--method", "triattention", "--stats", str(tmp_path / "tiny.safetensors"))
+    assert decoded.returncode == 2
+    assert "were computed for another model" in decoded.stderr.strip().splitlines()[-1]
