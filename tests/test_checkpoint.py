@@ -30,6 +30,13 @@ def test_bf16_and_sharded_safetensors_read_without_torch(tmp_path, tiny_model_di
     assert load_transformer(tmp_path / "bf16", dtype="bfloat16").wq[...].dtype == np.dtype("bfloat16")
 
 
+def test_other_safetensors_files_beside_the_weights_are_ignored(tmp_path, tiny_model_dirs):
+    folder = tmp_path / "with_stats"
+    shutil.copytree(tiny_model_dirs["llama-tied"], folder)
+    write_safetensors(folder / "triattention_stats.safetensors", {"q_mean_real": np.zeros((3, 4, 8), np.float32)})
+    assert set(read_hf_tensors(folder)) == set(read_hf_tensors(tiny_model_dirs["llama-tied"]))
+
+
 def test_safetensors_round_trip(tmp_path):
     import ml_dtypes
 

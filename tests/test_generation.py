@@ -73,6 +73,14 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     assert draws == {0, 1}
 
 
+def test_top_k_draws_only_the_k_largest():
+    logits = np.random.default_rng(0).normal(size=(2, 300)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(1), 300)
+    draws = np.stack([np.asarray(Sampler(temperature=3.0, top_k=5)(logits, k)) for k in keys])
+    for row in range(2):
+        assert set(draws[:, row]) == set(np.argsort(logits[row])[-5:])
+
+
 def test_many_rounds_compile_nothing_new(transformer):
     compiles = []
 

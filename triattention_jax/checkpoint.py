@@ -136,10 +136,12 @@ def read_hf_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").exists():
+        shards = ["model.safetensors"]
     else:
-        shards = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
+        shards = [p.name for p in sorted(model_dir.glob("model*.safetensors"))]
     if not shards:
-        raise UserError(f"no *.safetensors weights in {model_dir}: convert the checkpoint to safetensors first")
+        raise UserError(f"no model*.safetensors weights in {model_dir}: convert the checkpoint to safetensors first")
     tensors: dict[str, np.ndarray] = {}
     for shard in shards:
         if not (model_dir / shard).exists():

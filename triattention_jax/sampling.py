@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,29 @@ class Sampler:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits / self.temperature
         if self.top_k:
-            kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
+            logits = _keep_top(logits, lambda kept: jnp.sum(kept, axis=-1) >= self.top_k)
         if self.top_p < 1:
-            sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-            probs = jax.nn.softmax(sorted_logits, axis=-1)
-            # Keep the smallest prefix whose mass reaches top_p: a token stays when the mass
-            # before it is still below top_p.
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            cutoff = jnp.min(jnp.where(mass_before < self.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+            probs = jax.nn.softmax(logits, axis=-1)
+            logits = _keep_top(logits, lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), axis=-1) >= self.top_p)
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _keep_top(logits: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Masks all but the highest logits: keeps those >= τ for the largest τ where `enough` holds.
+
+    τ is found per row by bisection over the float32 values' order-preserving uint32 codes,
+    so it is exact after 32 halvings; unlike a sort or `lax.top_k` over the vocabulary, each
+    halving is one elementwise pass, which is much cheaper on CPU and GPU.
+    """
+    bits = jax.lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.uint32)
+    codes = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+    low, high = jnp.min(codes, axis=-1), jnp.max(codes, axis=-1)
+
+    def halve(_, bounds):
+        low, high = bounds
+        mid = low + (high - low + 1) // 2
+        ok = enough(codes >= mid[:, None])
+        return jnp.where(ok, mid, low), jnp.where(ok, high, mid - 1)
+
+    low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return jnp.where(codes >= low[:, None], logits, -jnp.inf)
