@@ -56,7 +56,9 @@ def concentration_report(transformer: Transformer, moments: QueryMoments, sequen
     """Numbers of the report: R per head, R_f distribution, reconstruction correlations."""
     config = transformer.config
     r_head, r_band = moments.resultant_lengths()
-    distances = log_spaced_distances(len(sequence) - 1)
+    # Up to half the sequence, so every distance averages at least T/2 query-key pairs and
+    # no single pair (such as the attention sink at position 0) dominates a point.
+    distances = log_spaced_distances(len(sequence) // 2)
     measured = measured_logits_by_distance(transformer, sequence, distances)
     predicted = predicted_logits_by_distance(moments, np.asarray(transformer.inv_freq[...]), config.num_heads // config.num_kv_heads, distances)
     correlation = pearson(predicted, measured)
