@@ -22,6 +22,8 @@ from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 # Masked attention logits use a finite value so rows with no valid key (padding) stay finite.
 MASK_VALUE = -1e30
+# Smallest chunk of the length-aware cache loop; full-attention buffers are multiples of it.
+MIN_ATTENTION_CHUNK = 256
 
 
 def weight_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -117,15 +119,14 @@ class Transformer(nnx.Module):
         cfg = self.config
         x = jnp.take(self._weight("embed"), tokens, axis=0)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
-        cached = None if cache is None else (cache.k, cache.v, cache.pos)
 
         def layer(x, xs):
-            w, layer_cache = xs
+            w, index = xs
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
             q_pre, k_pre, v = project_qkv(cfg, w, h)
             q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
             k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
-            attn = _attention(q, k, v, positions, layer_cache, self.attention_scale)
+            attn = _attention(q, k, v, positions, cache, index, self.attention_scale)
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
                 out = out + w["bo"]
@@ -135,7 +136,7 @@ class Transformer(nnx.Module):
             collected = (q_pre.astype(jnp.float32), k_pre.astype(jnp.float32)) if collect_pre_rope else (None, None)
             return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), *collected)
 
-        x, (new_k, new_v, queries, keys) = jax.lax.scan(layer, x, (self._layer_weights(), cached))
+        x, (new_k, new_v, queries, keys) = jax.lax.scan(layer, x, (self._layer_weights(), jnp.arange(cfg.num_layers)))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
@@ -186,42 +187,68 @@ def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: j
     return q, k
 
 
+def attention_chunk(num_slots: int) -> int:
+    """Slots read per step of the length-aware cache loop: a power of two dividing the buffer,
+    at least MIN_ATTENTION_CHUNK and about a sixteenth of it; the whole buffer when none fits."""
+    chunk = 1 << (max(MIN_ATTENTION_CHUNK, num_slots // 16).bit_length() - 1)
+    while chunk >= MIN_ATTENTION_CHUNK and num_slots % chunk:
+        chunk //= 2
+    return chunk if MIN_ATTENTION_CHUNK <= chunk < num_slots else num_slots
+
+
 def _attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     positions: jax.Array,
-    layer_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+    cache: KVCache | None,
+    layer: jax.Array,
     scale: float,
 ) -> jax.Array:
-    """Attention of q (B,T,H,hd) over the cached slots and the T new keys, one softmax.
+    """Attention of q (B,T,H,hd) over the T new keys and the cache's `layer`, one softmax.
 
     Masks come from positions: a key is visible when its position is valid and not after
-    the query's. The cache block and the new block are scored separately so the cache is
-    never copied to append the new keys.
+    the query's. The new block and the cache are scored separately (the cache is never
+    copied to append to it), with an online softmax over the cache in chunks, up to the
+    cursor only: a step reads the filled part of the buffer, not its capacity.
     """
     B, T, H, hd = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, hd)
     query_pos = positions[:, None, None, :, None]  # (B,1,1,T,1) against keys (B,K,G,T,S)
-    new_scores = einsum_f32("btkgd,bskd->bkgts", qg, k) * scale
-    new_pos = positions[:, None, None, None, :]
-    new_visible = (new_pos >= 0) & (new_pos <= query_pos) & (query_pos >= 0)
-    blocks = [(jnp.where(new_visible, new_scores, MASK_VALUE), v, "bkgts,bskd->btkgd")]
-    if layer_cache is not None:
-        cache_k, cache_v, cache_pos = layer_cache
-        cache_scores = einsum_f32("btkgd,bksd->bkgts", qg, cache_k) * scale
-        key_pos = cache_pos[:, :, None, None, :]
-        cache_visible = (key_pos >= 0) & (key_pos <= query_pos)
-        blocks.append((jnp.where(cache_visible, cache_scores, MASK_VALUE), cache_v, "bkgts,bksd->btkgd"))
-    row_max = jnp.max(jnp.stack([jnp.max(s, axis=-1) for s, _, _ in blocks]), axis=0)[..., None]
-    weights = [jnp.exp(s - row_max) for s, _, _ in blocks]
-    denominator = sum(jnp.sum(wt, axis=-1, keepdims=True) for wt in weights)
-    out = sum(
-        einsum_f32(spec, (wt / denominator).astype(values.dtype), values)
-        for wt, (_, values, spec) in zip(weights, blocks)
-    )
-    return out.reshape(B, T, H, hd).astype(q.dtype)
+
+    def masked_scores(keys: jax.Array, key_pos: jax.Array) -> jax.Array:
+        """keys (B,K,S,hd), key_pos (B,K,S) -> (B,K,G,T,S) float32."""
+        scores = einsum_f32("btkgd,bksd->bkgts", qg, keys) * scale
+        key_pos = key_pos[:, :, None, None, :]
+        return jnp.where((key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0), scores, MASK_VALUE)
+
+    def weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
+        return einsum_f32("bkgts,bksd->bkgtd", weights.astype(values.dtype), values)
+
+    new_pos = jnp.broadcast_to(positions[:, None, :], (B, K, T))
+    scores = masked_scores(k.transpose(0, 2, 1, 3), new_pos)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - row_max)
+    state = (row_max, jnp.sum(weights, axis=-1, keepdims=True), weighted_values(weights, v.transpose(0, 2, 1, 3)))
+    if cache is not None:
+        chunk = attention_chunk(cache.num_slots)
+
+        def read_chunk(i: jax.Array, state):
+            row_max, total, acc = state
+            start = (layer, 0, 0, i * chunk)
+            keys = jax.lax.dynamic_slice(cache.k, (*start, 0), (1, B, K, chunk, hd))[0]
+            values = jax.lax.dynamic_slice(cache.v, (*start, 0), (1, B, K, chunk, hd))[0]
+            scores = masked_scores(keys, jax.lax.dynamic_slice(cache.pos, start, (1, B, K, chunk))[0])
+            new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
+            weights = jnp.exp(scores - new_max)
+            rescale = jnp.exp(row_max - new_max)
+            return new_max, total * rescale + jnp.sum(weights, axis=-1, keepdims=True), acc * rescale + weighted_values(weights, values)
+
+        filled_chunks = (cache.cursor + chunk - 1) // chunk
+        state = jax.lax.fori_loop(0, filled_chunks, read_chunk, state)
+    _, total, acc = state
+    return (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 
 def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:
