@@ -29,10 +29,14 @@ flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and KV cache dtype.")
 flags.DEFINE_enum("method", "full", policy_names(), "KV-cache policy.")
 flags.DEFINE_integer("budget", 2048, "KV entries kept per (layer, KV head) by eviction methods.")
-flags.DEFINE_bool("protect_prompt", True, "Never evict prompt tokens (they count toward the budget).")
-flags.DEFINE_integer("window", 0, "Also never evict the most recent N tokens.")
+flags.DEFINE_bool("protect_prompt", None, "Never evict prompt tokens (they count toward the budget); default: on for "
+                  "triattention, off for the baselines.")
+flags.DEFINE_integer("window", None, "Never evict the most recent N tokens; default: the method's (0 for triattention).")
 flags.DEFINE_string("stats", None, "TriAttention statistics (.safetensors or reference .pt); default: the model folder's, calibrated on first use.")
 flags.DEFINE_enum("aggregation", "per_head", ["per_head", "per_layer_per_head", "per_layer"], "How TriAttention shares token sets across layers and heads.")
+flags.DEFINE_list("offsets", None, "TriAttention future offsets; default: 1, 2, 4, ..., 65536.")
+flags.DEFINE_bool("trig_term", True, "TriAttention's trigonometric term (off: the paper's ablation).")
+flags.DEFINE_bool("norm_weighting", True, "Weight TriAttention's norm term by (1 - R_f) (off: the paper's ablation).")
 flags.DEFINE_integer("divide_length", DEFAULT_DIVIDE_LENGTH, "Decode steps per round (eviction runs between rounds).")
 flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and measurements here.")
 
@@ -75,7 +79,7 @@ class StreamPrinter:
 
 _DECODE_FLAGS = (
     "model", "prompt", "prompt_file", "chat", "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p",
-    "seed", "dtype", "method", "budget", "protect_prompt", "window", "stats", "aggregation", "divide_length", "output_json",
+    "seed", "dtype", "method", "budget", "protect_prompt", "window", "stats", "aggregation", "offsets", "trig_term", "norm_weighting", "divide_length", "output_json",
 )
 
 

@@ -6,11 +6,18 @@ from triattention_jax.config import ModelConfig, RopeConfig
 from triattention_jax.errors import UserError
 from triattention_jax.generate import GenerationResult, generate, teacher_force
 from triattention_jax.model import Transformer
-from triattention_jax.policies import FullAttention, KVPolicy
+from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy, TriAttention
 from triattention_jax.prompts import encode_prompts
 from triattention_jax.sampling import Sampler
+from triattention_jax.scoring import FrequencyStats
+from triattention_jax.stats import load_stats, save_stats
 
 __all__ = [
+    "EvictionPolicy",
+    "FrequencyStats",
+    "TriAttention",
+    "load_stats",
+    "save_stats",
     "FullAttention",
     "GenerationResult",
     "KVCache",

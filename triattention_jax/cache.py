@@ -26,12 +26,17 @@ class KVCache:
             eviction policy may keep any subset of slots per head.
     cursor: () int32, the next slot written; the same for every row and head, rows whose
             prompts are shorter simply hold empty slots.
+    slot_stats: per-slot float32 statistics a policy keeps, each (layers, batch, kv_heads,
+            slots); they move with their slots on compaction and start at 0 for new slots.
+    state:  any other arrays a policy carries from step to step (e.g. recent queries).
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     cursor: jax.Array
+    slot_stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    state: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
     @property
     def num_slots(self) -> int:
@@ -39,8 +44,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the allocated buffer (K, V and positions)."""
-        return int(self.k.nbytes + self.v.nbytes + self.pos.nbytes)
+        """Bytes of the allocated buffer: K, V, positions and whatever the policy keeps."""
+        return int(sum(leaf.nbytes for leaf in jax.tree.leaves(self)) - self.cursor.nbytes)
 
     def append(self, k: jax.Array, v: jax.Array, pos: jax.Array) -> "KVCache":
         """Writes T new entries at slots [cursor, cursor + T).
@@ -51,11 +56,14 @@ class KVCache:
         zero = jnp.zeros((), jnp.int32)
         start = (zero, zero, zero, self.cursor, zero)
         pos = jnp.broadcast_to(pos[None, :, None, :], k.shape[:-1]).astype(jnp.int32)
-        return KVCache(
+        fresh = jnp.zeros(k.shape[:-1], jnp.float32)
+        return dataclasses.replace(
+            self,
             k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
             v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
             pos=jax.lax.dynamic_update_slice(self.pos, pos, start[:-1]),
             cursor=self.cursor + k.shape[3],
+            slot_stats={name: jax.lax.dynamic_update_slice(x, fresh, start[:-1]) for name, x in self.slot_stats.items()},
         )
 
     def resized(self, num_slots: int) -> "KVCache":
@@ -64,11 +72,12 @@ class KVCache:
         if extra < 0:
             raise ValueError(f"cannot shrink a cache of {self.num_slots} slots to {num_slots}; compact it first")
         pad = [(0, 0)] * 3 + [(0, extra)]
-        return KVCache(
+        return dataclasses.replace(
+            self,
             k=jnp.pad(self.k, pad + [(0, 0)]),
             v=jnp.pad(self.v, pad + [(0, 0)]),
             pos=jnp.pad(self.pos, pad, constant_values=EMPTY_POSITION),
-            cursor=self.cursor,
+            slot_stats={name: jnp.pad(x, pad) for name, x in self.slot_stats.items()},
         )
 
     def gather(self, slots: jax.Array) -> "KVCache":
@@ -76,11 +85,13 @@ class KVCache:
 
         The result has `keep` slots and its cursor at the end.
         """
-        return KVCache(
+        return dataclasses.replace(
+            self,
             k=jnp.take_along_axis(self.k, slots[..., None], axis=3),
             v=jnp.take_along_axis(self.v, slots[..., None], axis=3),
             pos=jnp.take_along_axis(self.pos, slots, axis=3),
             cursor=jnp.asarray(slots.shape[-1], jnp.int32),
+            slot_stats={name: jnp.take_along_axis(x, slots, axis=3) for name, x in self.slot_stats.items()},
         )
 
 

@@ -32,6 +32,9 @@ def decode_prompts(
     window: int,
     stats: str | None,
     aggregation: str,
+    offsets: list[str] | None,
+    trig_term: bool,
+    norm_weighting: bool,
     divide_length: int,
     output_json: str | None,
     on_text: Callable[[list[str]], None] | None = None,
@@ -44,7 +47,10 @@ def decode_prompts(
         check_writable(output_json)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
     loaded = load_model(model, dtype=dtype)
-    settings = PolicySettings(budget=budget, protect_prompt=protect_prompt, window=window, stats=stats, aggregation=aggregation)
+    settings = PolicySettings(
+        budget=budget, protect_prompt=protect_prompt, window=window, stats=stats, aggregation=aggregation,
+        offsets=_offsets(offsets), trigonometric=trig_term, norm_weighting=norm_weighting,
+    )
     policy = policy_class(method).from_settings(loaded, settings)
     tokenizer = loaded.tokenizer
     use_chat = has_chat_template(tokenizer) if chat is None else chat
@@ -86,3 +92,12 @@ def decode_prompts(
         write_json_atomic(output_json, payload)
     return payload
 
+
+
+def _offsets(values: list[str] | None) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError as e:
+        raise UserError(f"--offsets takes comma-separated integers: {e}") from e

@@ -65,10 +65,18 @@ class GenerationResult:
         return [len(ids) for ids in self.token_ids]
 
 
-def _step_logits(transformer: Transformer, cache: KVCache, token: jax.Array, position: jax.Array):
+def _extend(transformer: Transformer, policy: KVPolicy, cache: KVCache | None, tokens, positions, logits_at):
+    """`Transformer.extend`, collecting what the policy observes."""
+    return transformer.extend(
+        cache, tokens, positions, logits_at=logits_at,
+        collect_rope_queries="rope_queries" in policy.observes, collect_attention="attention" in policy.observes,
+    )
+
+
+def _step_logits(transformer: Transformer, policy: KVPolicy, cache: KVCache, token: jax.Array, position: jax.Array):
     tokens, positions = token[:, None], position[:, None]
-    out = transformer.extend(cache, tokens, positions, logits_at=jnp.zeros_like(token))
-    return out.logits, cache.append(out.k, out.v, positions)
+    out = _extend(transformer, policy, cache, tokens, positions, jnp.zeros_like(token))
+    return out.logits, policy.observe(cache.append(out.k, out.v, positions), out, positions)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "all_logits"))
@@ -81,9 +89,10 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     batch, bucket = tokens.shape
     index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
-    out = transformer.extend(None, tokens, positions, logits_at=None if all_logits else lengths - 1)
+    out = _extend(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1)
     cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(out.k, out.v, positions)
-    return out.logits, policy.fit_prefill(cache, num_slots, RoundContext(prompt_lengths=lengths, position=lengths))
+    context = RoundContext(prompt_lengths=lengths, position=lengths)
+    return out.logits, policy.fit_prefill(policy.start(cache, out, positions), num_slots, context)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "divide_length"), donate_argnames=("cache",))
@@ -98,7 +107,7 @@ def _generation_round(
         cache, d = carry
         emitted = jnp.where(d.done, -1, d.token)
         done = d.done | jnp.isin(d.token, eos_ids)
-        logits, cache = _step_logits(transformer, cache, d.token, d.position)
+        logits, cache = _step_logits(transformer, policy, cache, d.token, d.position)
         token = sampler(logits, jax.random.fold_in(key, d.step))
         return (cache, DecodeState(token, d.position + 1, done, d.step + 1)), emitted
 
@@ -115,7 +124,7 @@ def _teacher_forced_round(
     cache = policy.before_round(cache, divide_length, RoundContext(prompt_lengths=prompt_lengths, position=positions[:, 0]))
 
     def step(cache, xs):
-        logits, cache = _step_logits(transformer, cache, *xs)
+        logits, cache = _step_logits(transformer, policy, cache, *xs)
         return cache, jax.nn.log_softmax(logits, axis=-1)
 
     cache, logprobs = jax.lax.scan(step, cache, (tokens.T, positions.T))

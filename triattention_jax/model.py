@@ -66,14 +66,20 @@ LAYER_WEIGHTS = frozenset(
 @dataclasses.dataclass(frozen=True)
 class ExtendOutput:
     """logits: float32 (batch, V) or (batch, T, V); k, v: (layers, batch, kv_heads, T, head_dim),
-    post-RoPE, ready for `KVCache.append`; queries (layers, batch, T, heads, head_dim) and keys
-    (layers, batch, T, kv_heads, head_dim): float32 pre-RoPE, when collected, else None."""
+    post-RoPE, ready for `KVCache.append`. When collected (else None): queries (layers, batch,
+    T, heads, head_dim) and keys (layers, batch, T, kv_heads, head_dim), float32 pre-RoPE;
+    rope_queries, the post-RoPE queries; attention_cache (layers, batch, kv_heads, slots) and
+    attention_new (layers, batch, kv_heads, T), the attention each cache slot and each new key
+    received, summed over the queries of its GQA group."""
 
     logits: jax.Array
     k: jax.Array
     v: jax.Array
     queries: jax.Array | None = None
     keys: jax.Array | None = None
+    rope_queries: jax.Array | None = None
+    attention_cache: jax.Array | None = None
+    attention_new: jax.Array | None = None
 
 
 class Transformer(nnx.Module):
@@ -108,13 +114,15 @@ class Transformer(nnx.Module):
         *,
         logits_at: jax.Array | None = None,
         collect_pre_rope: bool = False,
+        collect_rope_queries: bool = False,
+        collect_attention: bool = False,
     ) -> "ExtendOutput":
         """Runs T new tokens per row against the cache (None: an empty one) and themselves.
 
         tokens, positions: (batch, T) int32; a negative position marks padding, which no
         query attends to. logits_at: (batch,) index into T of the one position per row whose
-        logits are wanted; None returns logits for all T positions. collect_pre_rope also
-        returns every layer's pre-RoPE queries and keys (for calibration).
+        logits are wanted; None returns logits for all T positions. The collect_* switches
+        add per-layer extras to the output (see `ExtendOutput`); each costs only when on.
         """
         cfg = self.config
         x = jnp.take(self._weight("embed"), tokens, axis=0)
@@ -126,22 +134,30 @@ class Transformer(nnx.Module):
             q_pre, k_pre, v = project_qkv(cfg, w, h)
             q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
             k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
-            attn = _attention(q, k, v, positions, cache, index, self.attention_scale)
+            attn, received_cache, received_new = _attention(
+                q, k, v, positions, cache, index, self.attention_scale, collect_attention
+            )
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
                 out = out + w["bo"]
             x = x + out
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
             x = x + _mlp(w, h)
-            collected = (q_pre.astype(jnp.float32), k_pre.astype(jnp.float32)) if collect_pre_rope else (None, None)
-            return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), *collected)
+            extras = {
+                "queries": q_pre.astype(jnp.float32) if collect_pre_rope else None,
+                "keys": k_pre.astype(jnp.float32) if collect_pre_rope else None,
+                "rope_queries": q if collect_rope_queries else None,
+                "attention_cache": received_cache,
+                "attention_new": received_new,
+            }
+            return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
 
-        x, (new_k, new_v, queries, keys) = jax.lax.scan(layer, x, (self._layer_weights(), jnp.arange(cfg.num_layers)))
+        x, (new_k, new_v, extras) = jax.lax.scan(layer, x, (self._layer_weights(), jnp.arange(cfg.num_layers)))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
         head = self._weight("embed").T if cfg.tie_word_embeddings else self._weight("lm_head")
-        return ExtendOutput(logits=einsum_f32("...d,dv->...v", x, head), k=new_k, v=new_v, queries=queries, keys=keys)
+        return ExtendOutput(logits=einsum_f32("...d,dv->...v", x, head), k=new_k, v=new_v, **extras)
 
     @property
     def attention_scale(self) -> float:
@@ -204,8 +220,12 @@ def _attention(
     cache: KVCache | None,
     layer: jax.Array,
     scale: float,
-) -> jax.Array:
+    collect_attention: bool = False,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Attention of q (B,T,H,hd) over the T new keys and the cache's `layer`, one softmax.
+
+    Returns the output (B,T,H,hd) and, with collect_attention, the attention each cache slot
+    (B,K,S) and each new key (B,K,T) received, summed over the queries of its GQA group.
 
     Masks come from positions: a key is visible when its position is valid and not after
     the query's. The new block and the cache are scored separately (the cache is never
@@ -227,19 +247,22 @@ def _attention(
         return einsum_f32("bkgts,bksd->bkgtd", weights.astype(values.dtype), values)
 
     new_pos = jnp.broadcast_to(positions[:, None, :], (B, K, T))
-    scores = masked_scores(k.transpose(0, 2, 1, 3), new_pos)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp(scores - row_max)
+    new_scores = masked_scores(k.transpose(0, 2, 1, 3), new_pos)
+    row_max = jnp.max(new_scores, axis=-1, keepdims=True)
+    weights = jnp.exp(new_scores - row_max)
     state = (row_max, jnp.sum(weights, axis=-1, keepdims=True), weighted_values(weights, v.transpose(0, 2, 1, 3)))
     if cache is not None:
         chunk = attention_chunk(cache.num_slots)
 
-        def read_chunk(i: jax.Array, state):
-            row_max, total, acc = state
+        def chunk_scores(i: jax.Array) -> tuple[jax.Array, tuple]:
             start = (layer, 0, 0, i * chunk)
             keys = jax.lax.dynamic_slice(cache.k, (*start, 0), (1, B, K, chunk, hd))[0]
+            return masked_scores(keys, jax.lax.dynamic_slice(cache.pos, start, (1, B, K, chunk))[0]), start
+
+        def read_chunk(i: jax.Array, state):
+            row_max, total, acc = state
+            scores, start = chunk_scores(i)
             values = jax.lax.dynamic_slice(cache.v, (*start, 0), (1, B, K, chunk, hd))[0]
-            scores = masked_scores(keys, jax.lax.dynamic_slice(cache.pos, start, (1, B, K, chunk))[0])
             new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
             weights = jnp.exp(scores - new_max)
             rescale = jnp.exp(row_max - new_max)
@@ -247,8 +270,25 @@ def _attention(
 
         filled_chunks = (cache.cursor + chunk - 1) // chunk
         state = jax.lax.fori_loop(0, filled_chunks, read_chunk, state)
-    _, total, acc = state
-    return (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
+    row_max, total, acc = state
+    out = (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
+    if not collect_attention:
+        return out, None, None
+
+    query_valid = (positions >= 0)[:, None, None, :, None]
+
+    def received(scores: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(query_valid, jnp.exp(scores - row_max) / total, 0.0), axis=(2, 3))
+
+    received_cache = None
+    if cache is not None:
+        # A second pass over the filled chunks, now that the softmax normalizer is known;
+        # only policies that ask for attention pay for it.
+        def accumulate(i: jax.Array, into: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice(into, received(chunk_scores(i)[0]), (0, 0, i * chunk))
+
+        received_cache = jax.lax.fori_loop(0, filled_chunks, accumulate, jnp.zeros((B, K, cache.num_slots), jnp.float32))
+    return out, received_cache, received(new_scores)
 
 
 def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:

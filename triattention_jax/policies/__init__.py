@@ -2,14 +2,24 @@
 
 from triattention_jax.policies.base import EvictionPolicy, KVPolicy, PolicySettings, RoundContext, policy_class, policy_names
 from triattention_jax.policies.full import FullAttention
+from triattention_jax.policies.h2o import H2O
+from triattention_jax.policies.random_policy import RandomEviction
+from triattention_jax.policies.rkv import RKV
+from triattention_jax.policies.snapkv import SnapKV
+from triattention_jax.policies.streaming import StreamingLLM
 from triattention_jax.policies.triattention import TriAttention
 
 __all__ = [
     "EvictionPolicy",
     "FullAttention",
+    "H2O",
     "KVPolicy",
     "PolicySettings",
+    "RKV",
+    "RandomEviction",
     "RoundContext",
+    "SnapKV",
+    "StreamingLLM",
     "TriAttention",
     "policy_class",
     "policy_names",

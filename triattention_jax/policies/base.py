@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,14 +55,31 @@ class PolicySettings:
     """What the command line says about a policy; each policy takes what applies to it."""
 
     budget: int = 2048
-    protect_prompt: bool = True
-    window: int = 0
+    protect_prompt: bool | None = None
+    window: int | None = None
     stats: str | None = None
     aggregation: str = "per_head"
+    offsets: tuple[int, ...] | None = None
+    trigonometric: bool = True
+    norm_weighting: bool = True
+
+    def eviction_options(self, *, protect_prompt: bool, window: int) -> dict[str, Any]:
+        """budget, protect_prompt and window, with the policy's own defaults where unset."""
+        return {
+            "budget": self.budget,
+            "protect_prompt": protect_prompt if self.protect_prompt is None else self.protect_prompt,
+            "window": window if self.window is None else self.window,
+        }
 
 
 class KVPolicy(abc.ABC):
-    """What the decode loop calls; see `FullAttention` and `EvictionPolicy`."""
+    """What the decode loop calls; see `FullAttention` and `EvictionPolicy`.
+
+    `observes` names what a policy needs from each forward pass ("rope_queries",
+    "attention"); the model computes those only for policies that ask.
+    """
+
+    observes: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     @abc.abstractmethod
@@ -75,6 +92,14 @@ class KVPolicy(abc.ABC):
 
     def check(self, prompt_lengths: Sequence[int], divide_length: int) -> None:
         """Raises `UserError` when the settings cannot be met for these prompts."""
+
+    def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
+        """Sets up the policy's slot_stats/state after the prompt was appended (out: its `ExtendOutput`)."""
+        return cache
+
+    def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
+        """Updates slot_stats/state after a decode step appended its token."""
+        return cache
 
     @abc.abstractmethod
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
@@ -97,6 +122,12 @@ class EvictionPolicy(KVPolicy):
     budget: int
     protect_prompt: bool
     window: int
+
+    @classmethod
+    def from_settings(cls, model: Any, settings: PolicySettings) -> "EvictionPolicy":
+        """The policy with the settings given, and its own field defaults for those left unset."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**settings.eviction_options(protect_prompt=defaults["protect_prompt"], window=defaults["window"]))
 
     @abc.abstractmethod
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:

@@ -69,8 +69,9 @@ class TriAttention(EvictionPolicy):
 
         stats = stats_for_model(model, settings.stats)
         return cls.create(
-            model.transformer, stats.stats, budget=settings.budget, protect_prompt=settings.protect_prompt,
-            window=settings.window, aggregation=settings.aggregation,
+            model.transformer, stats.stats, aggregation=settings.aggregation, offsets=settings.offsets or DEFAULT_OFFSETS,
+            trigonometric=settings.trigonometric, norm_weighting=settings.norm_weighting,
+            **settings.eviction_options(protect_prompt=True, window=0),
         )
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:

@@ -1,0 +1,56 @@
+"""The evaluation suite: metrics, the eviction schedule, and a resumable run on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from triattention_jax.evaluation import divergence_metrics, evaluate, first_eviction_position, fidelity_metrics
+from triattention_jax.policies import FullAttention, StreamingLLM
+
+
+def test_fidelity_metrics():
+    full = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.25, 0.25]]))
+    method = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.3, 0.3], [0.5, 0.25, 0.25]]))
+    metrics = fidelity_metrics(full, method, np.array([0, 1, 2]), start=1)
+    expected_kl = np.sum(np.exp(full[1]) * (full[1] - method[1])) / 2
+    assert metrics["kl"] == pytest.approx(expected_kl)
+    assert metrics["top1_agreement"] == 0.5
+    assert metrics["delta_nll"] == pytest.approx((np.log(0.6) - np.log(0.3)) / 2)
+    assert metrics["positions"] == 2
+
+
+def test_divergence_metrics():
+    assert divergence_metrics([1, 2, 3, 4], [1, 2, 9, 4]) == {"tokens_to_divergence": 2, "agreement": 0.75, "positions": 4}
+
+
+def test_first_eviction_follows_the_schedule():
+    # Prefill of 64 tokens fills a 64-slot bucket; budget 256 + 128 slots: rounds start at
+    # cursor 64, 192, 320 (full: 320 + 128 > 384), so the third round compacts first.
+    assert first_eviction_position(StreamingLLM(budget=256), 64, 4096, 128) == 64 + 2 * 128
+    assert first_eviction_position(StreamingLLM(budget=32), 64, 4096, 128) == 64
+    assert first_eviction_position(FullAttention(), 64, 4096, 128) == 4096
+
+
+@pytest.mark.slow
+def test_fidelity_run_is_resumable(tmp_path):
+    from triattention_jax.checkpoint import load_model
+
+    model = load_model("smollm2-135m-instruct", dtype="float32")
+    out = tmp_path / "fidelity"
+    paths = evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out)
+    cells = json.loads((out / "results.json").read_text())
+    assert sorted(cells) == ["fidelity/streaming/256/0", "fidelity/streaming/64/0"]
+    small, large = cells["fidelity/streaming/64/0"], cells["fidelity/streaming/256/0"]
+    assert small["kl"] > 0 and large["kl"] > 0
+    assert 0 <= small["top1_agreement"] <= 1
+    # 448 tokens predict 447; the first compaction comes at position 192 (budget 64) and 320 (budget 256).
+    assert small["positions"] == 447 - 192 and large["positions"] == 447 - 320
+    assert all(p.exists() for p in paths)
+    assert "| streaming | 64 |" in (out / "fidelity.md").read_text()
+    recorded = []
+    evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
+             progress=recorded.append)
+    assert recorded == []

@@ -1,0 +1,68 @@
+"""SnapKV at decoding time (SPEC 6): keys ranked by the attention the last `window` queries
+pay them, max-pooled over neighbouring slots, max over the GQA group; the window is kept."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from triattention_jax.cache import EMPTY_POSITION, KVCache
+from triattention_jax.policies.base import EvictionPolicy, RoundContext, policy_dataclass, register
+
+
+@policy_dataclass
+class SnapKV(EvictionPolicy):
+    """Carries the last `window` post-RoPE queries in `cache.state`, updated every step."""
+
+    observes: ClassVar[frozenset[str]] = frozenset({"rope_queries"})
+
+    budget: int = 2048
+    protect_prompt: bool = False
+    window: int = 8
+    pool_kernel: int = 7
+
+
+    def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
+        # The last `window` real prompt tokens of each right-padded row.
+        lengths = jnp.sum(positions >= 0, axis=1)
+        index = lengths[:, None] - self.window + jnp.arange(self.window)[None]
+        gather = jnp.clip(index, 0, positions.shape[1] - 1)
+        queries = jnp.take_along_axis(out.rope_queries, gather[None, :, :, None, None], axis=2)
+        window_positions = jnp.where(index >= 0, jnp.take_along_axis(positions, gather, axis=1), EMPTY_POSITION)
+        return _with_state(cache, queries.astype(cache.k.dtype), window_positions)
+
+    def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
+        queries = jnp.concatenate([cache.state["window_queries"], out.rope_queries.astype(cache.k.dtype)], axis=2)
+        window_positions = jnp.concatenate([cache.state["window_positions"], positions], axis=1)
+        return _with_state(cache, queries[:, :, -self.window :], window_positions[:, -self.window :])
+
+    def window_attention(self, cache: KVCache) -> jax.Array:
+        """Mean attention of the window queries over the cache, max over the GQA group,
+        max-pooled over `pool_kernel` neighbouring slots: (layers, batch, kv_heads, slots)."""
+        L, B, W, H, hd = cache.state["window_queries"].shape
+        K = cache.k.shape[2]
+        queries = cache.state["window_queries"].reshape(L, B, W, K, H // K, hd).astype(jnp.float32)
+        logits = jnp.einsum("lbwkgd,lbksd->lbkgws", queries, cache.k.astype(jnp.float32)) * hd**-0.5
+        query_pos = cache.state["window_positions"][None, :, None, None, :, None]
+        key_pos = cache.pos[:, :, :, None, None, :]
+        visible = (key_pos != EMPTY_POSITION) & (key_pos <= query_pos) & (query_pos != EMPTY_POSITION)
+        weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+        weights = jnp.where(visible, weights, 0.0)
+        valid_queries = jnp.maximum(jnp.sum(cache.state["window_positions"] != EMPTY_POSITION, axis=1), 1)
+        importance = jnp.max(jnp.sum(weights, axis=4), axis=3) / valid_queries[None, :, None, None]
+        return jax.lax.reduce_window(
+            importance, -jnp.inf, jax.lax.max, (1, 1, 1, self.pool_kernel), (1, 1, 1, 1), "SAME"
+        )
+
+    def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
+        return self.window_attention(cache)
+
+
+def _with_state(cache: KVCache, queries: jax.Array, window_positions: jax.Array) -> KVCache:
+    return dataclasses.replace(cache, state={"window_queries": queries, "window_positions": window_positions.astype(jnp.int32)})
+
+
+register("snapkv", SnapKV)
