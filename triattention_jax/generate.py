@@ -65,7 +65,7 @@ class GenerationResult:
         return [len(ids) for ids in self.token_ids]
 
 
-def _extend(transformer: Transformer, policy: KVPolicy, cache: KVCache | None, tokens, positions, logits_at):
+def extend_for_policy(transformer: Transformer, policy: KVPolicy, cache: KVCache | None, tokens, positions, logits_at):
     """`Transformer.extend`, collecting what the policy observes."""
     return transformer.extend(
         cache, tokens, positions, logits_at=logits_at,
@@ -75,7 +75,7 @@ def _extend(transformer: Transformer, policy: KVPolicy, cache: KVCache | None, t
 
 def _step_logits(transformer: Transformer, policy: KVPolicy, cache: KVCache, token: jax.Array, position: jax.Array):
     tokens, positions = token[:, None], position[:, None]
-    out = _extend(transformer, policy, cache, tokens, positions, jnp.zeros_like(token))
+    out = extend_for_policy(transformer, policy, cache, tokens, positions, jnp.zeros_like(token))
     return out.logits, policy.observe(cache.append(out.k, out.v, positions), out, positions)
 
 
@@ -89,7 +89,7 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     batch, bucket = tokens.shape
     index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
-    out = _extend(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1)
+    out = extend_for_policy(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1)
     cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(out.k, out.v, positions)
     context = RoundContext(prompt_lengths=lengths, position=lengths)
     return out.logits, policy.fit_prefill(policy.start(cache, out, positions), num_slots, context)
