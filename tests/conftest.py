@@ -68,3 +68,19 @@ def save_tiny_model(directory: Path, name: str, seed: int = 0) -> Path:
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: save_tiny_model(root, name) for name in TINY_MODELS}
+
+
+@pytest.fixture()
+def compiles() -> list[str]:
+    """XLA backend compilations that happen while the test runs, in order."""
+    import jax
+
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)

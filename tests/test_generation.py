@@ -81,26 +81,16 @@ def test_top_k_draws_only_the_k_largest():
         assert set(draws[:, row]) == set(np.argsort(logits[row])[-5:])
 
 
-def test_many_rounds_compile_nothing_new(transformer):
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        prompts = _prompts([10, 12])
-        after_each_round = []
-        long_run = generate(transformer, prompts, max_new_tokens=200, divide_length=8,
-                            on_round=lambda _: after_each_round.append(len(compiles)))
-        assert long_run.num_generated_tokens == [200, 200]
-        assert len(after_each_round) == 25
-        assert after_each_round[0] > 0
-        # Everything compiles before the first round ends; the other 24 rounds compile nothing.
-        assert after_each_round[-1] == after_each_round[0]
-        compiles.clear()
-        generate(transformer, prompts, max_new_tokens=200, divide_length=8)
-        assert compiles == []
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+def test_many_rounds_compile_nothing_new(transformer, compiles):
+    prompts = _prompts([10, 12])
+    after_each_round = []
+    long_run = generate(transformer, prompts, max_new_tokens=200, divide_length=8,
+                        on_round=lambda _: after_each_round.append(len(compiles)))
+    assert long_run.num_generated_tokens == [200, 200]
+    assert len(after_each_round) == 25
+    assert after_each_round[0] > 0
+    # Everything compiles before the first round ends; the other 24 rounds compile nothing.
+    assert after_each_round[-1] == after_each_round[0]
+    compiles.clear()
+    generate(transformer, prompts, max_new_tokens=200, divide_length=8)
+    assert compiles == []

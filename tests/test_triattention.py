@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,25 +180,15 @@ def test_budget_covering_everything_equals_full_attention(tiny):
     assert compressed.kv_cache_bytes == cache_nbytes(transformer.config, 2, 128 + 32, jnp.float32)
 
 
-def test_constant_buffer_and_no_recompilation_over_four_budgets(tiny):
+def test_constant_buffer_and_no_recompilation_over_four_budgets(tiny, compiles):
     transformer, stats = tiny
     budget, divide = 48, 16
     policy = TriAttention.create(transformer, stats, budget=budget)
     prompts = np.random.default_rng(5).integers(3, 512, size=(2, 12)).tolist()
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        after_round = []
-        long_run = generate(transformer, prompts, max_new_tokens=4 * budget, divide_length=divide, policy=policy,
-                            on_round=lambda _: after_round.append(len(compiles)))
-        short_run = generate(transformer, prompts, max_new_tokens=divide, divide_length=divide, policy=policy)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    after_round = []
+    long_run = generate(transformer, prompts, max_new_tokens=4 * budget, divide_length=divide, policy=policy,
+                        on_round=lambda _: after_round.append(len(compiles)))
+    short_run = generate(transformer, prompts, max_new_tokens=divide, divide_length=divide, policy=policy)
     assert long_run.num_generated_tokens == [4 * budget] * 2
     assert after_round[-1] == after_round[0], "rounds after the first compiled something"
     assert long_run.kv_cache_bytes == short_run.kv_cache_bytes == cache_nbytes(transformer.config, 2, budget + divide, jnp.float32)

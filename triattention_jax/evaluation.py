@@ -107,59 +107,52 @@ class ResultStore:
     def key(task: str, method: str, budget: int, sample: int) -> str:
         return f"{task}/{method}/{budget}/{sample}"
 
-    def get_or_compute(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if key not in self.cells:
-            self.cells[key] = compute()
-            tmp = self.path.with_name(".results.json.tmp")
-            tmp.write_text(json.dumps(self.cells, indent=1))
-            os.replace(tmp, self.path)
-        return self.cells[key]
+    def put(self, key: str, cell: dict[str, Any]) -> None:
+        self.cells[key] = cell
+        tmp = self.path.with_name(".results.json.tmp")
+        tmp.write_text(json.dumps(self.cells, indent=1))
+        os.replace(tmp, self.path)
 
 
 def build_policy(model: LoadedModel, method: str, budget: int) -> KVPolicy:
     return policy_class(method).from_settings(model, PolicySettings(budget=budget))
 
 
+def _pending(store: ResultStore, task: str, methods: list[str], budgets: list[int], sample: int) -> list[tuple[str, int]]:
+    return [(m, b) for m in methods for b in budgets if store.key(task, m, b, sample) not in store.cells]
+
+
 def run_fidelity(model: LoadedModel, store: ResultStore, methods: list[str], budgets: list[int], samples: range, seq_len: int,
                  progress: Callable[[str], None]) -> None:
     for sample in samples:
+        pending = _pending(store, "fidelity", methods, budgets, sample)
+        if not pending:
+            continue
         tokens = fidelity_tokens(model, sample, seq_len)[None]
-        reference = None
-        for method in methods:
-            for budget in budgets:
-                key = store.key("fidelity", method, budget, sample)
-                if key in store.cells:
-                    continue
-                if reference is None:
-                    reference = teacher_force(model.transformer, tokens, prefill_length=PREFILL_TOKENS)[0]
-                policy = build_policy(model, method, budget)
-                start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
-
-                def compute():
-                    logprobs = teacher_force(model.transformer, tokens, prefill_length=PREFILL_TOKENS, policy=policy)[0]
-                    return fidelity_metrics(reference[:-1], logprobs[:-1], tokens[0, 1:], start)
-
-                progress(key)
-                store.get_or_compute(key, compute)
+        reference = teacher_force(model.transformer, tokens, prefill_length=PREFILL_TOKENS)[0]
+        for method, budget in pending:
+            key = store.key("fidelity", method, budget, sample)
+            progress(key)
+            policy = build_policy(model, method, budget)
+            start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
+            logprobs = teacher_force(model.transformer, tokens, prefill_length=PREFILL_TOKENS, policy=policy)[0]
+            store.put(key, fidelity_metrics(reference[:-1], logprobs[:-1], tokens[0, 1:], start))
 
 
 def run_divergence(model: LoadedModel, store: ResultStore, methods: list[str], budgets: list[int], samples: range,
                    seq_len: int, progress: Callable[[str], None]) -> None:
     chat = bool(getattr(model.tokenizer, "chat_template", None))
     for sample in samples:
+        pending = _pending(store, "divergence", methods, budgets, sample)
+        if not pending:
+            continue
         prompt = encode_prompts(model.tokenizer, [REASONING_PROMPTS[sample % len(REASONING_PROMPTS)]], chat=chat)
-        reference = None
-        for method in methods:
-            for budget in budgets:
-                key = store.key("divergence", method, budget, sample)
-                if key in store.cells:
-                    continue
-                if reference is None:
-                    reference = generate(model.transformer, prompt, max_new_tokens=seq_len).token_ids[0]
-                policy = build_policy(model, method, budget)
-                progress(key)
-                store.get_or_compute(key, lambda: divergence_metrics(
-                    reference, generate(model.transformer, prompt, max_new_tokens=seq_len, policy=policy).token_ids[0]))
+        reference = generate(model.transformer, prompt, max_new_tokens=seq_len).token_ids[0]
+        for method, budget in pending:
+            key = store.key("divergence", method, budget, sample)
+            progress(key)
+            policy = build_policy(model, method, budget)
+            store.put(key, divergence_metrics(reference, generate(model.transformer, prompt, max_new_tokens=seq_len, policy=policy).token_ids[0]))
 
 
 TASKS = {"fidelity": run_fidelity, "divergence": run_divergence}
