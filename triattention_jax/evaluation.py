@@ -115,7 +115,10 @@ class ResultStore:
 
 
 def build_policy(model: LoadedModel, method: str, budget: int) -> KVPolicy:
-    return policy_class(method).from_settings(model, PolicySettings(budget=budget))
+    """Every method with the same rule for the prefix: the teacher-forced text is one document,
+    not a user prompt, so no method protects its first tokens (TriAttention would otherwise
+    spend part of its budget on them while the baselines do not)."""
+    return policy_class(method).from_settings(model, PolicySettings(budget=budget, protect_prompt=False))
 
 
 def _pending(store: ResultStore, task: str, methods: list[str], budgets: list[int], sample: int) -> list[tuple[str, int]]:

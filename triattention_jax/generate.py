@@ -34,6 +34,7 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_PROMPT_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
     """What carries from one decode step to the next besides the cache (pytree).
@@ -47,8 +48,6 @@ class DecodeState:
     done: jax.Array
     step: jax.Array
 
-
-jax.tree_util.register_dataclass(DecodeState, data_fields=["token", "position", "done", "step"], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,7 +64,10 @@ class GenerationResult:
         return [len(ids) for ids in self.token_ids]
 
 
-def extend_for_policy(transformer: Transformer, policy: KVPolicy, cache: KVCache | None, tokens, positions, logits_at):
+def extend_for_policy(
+    transformer: Transformer, policy: KVPolicy, cache: KVCache | None, tokens: jax.Array, positions: jax.Array,
+    logits_at: jax.Array | None,
+):
     """`Transformer.extend`, collecting what the policy observes."""
     return transformer.extend(
         cache, tokens, positions, logits_at=logits_at,
