@@ -83,18 +83,6 @@ class Measurement:
         return None if self.eviction_seconds is None else self.eviction_seconds / self.seconds
 
 
-def _compactions(policy, prompt_bucket: int, new_tokens: int, divide_length: int) -> int:
-    """How many rounds start with a full buffer (the schedule is deterministic)."""
-    num_slots = policy.num_slots(prompt_bucket, new_tokens, divide_length)
-    cursor = min(prompt_bucket, policy.budget)
-    count = 0
-    for _ in range(-(-new_tokens // divide_length)):
-        if cursor + divide_length > num_slots:
-            cursor, count = policy.budget, count + 1
-        cursor += divide_length
-    return count
-
-
 def time_compaction(policy, transformer, batch: int, prompt_tokens: int, divide_length: int) -> float:
     """Seconds for one compaction of a full buffer, built by a real prefill of random tokens
     (so the policy's per-slot statistics and state are there too)."""
@@ -171,7 +159,7 @@ def time_ours(transformer, policy, method: str, dtype: str, batch: int, prompt_t
     seconds = (round_ends[-1] - round_ends[0]) * new_tokens / timed_tokens
     eviction = None
     if hasattr(policy, "compact"):
-        count = _compactions(policy, prompt_bucket(prompt_tokens), new_tokens, divide)
+        count = len(policy.compacting_rounds(prompt_bucket(prompt_tokens), -(-new_tokens // divide), divide))
         eviction = count * time_compaction(policy, transformer, batch, prompt_tokens, divide)
     return Measurement(engine="triattention-jax", method=method, dtype=dtype, batch=batch, prompt_tokens=prompt_tokens,
                        new_tokens=new_tokens, seconds=seconds, kv_cache_bytes=result.kv_cache_bytes, eviction_seconds=eviction)

@@ -11,9 +11,6 @@ from triattention_jax.config import ModelConfig
 
 EMPTY_POSITION = -1
 
-# Logical axis names, for sharding rules: batch and KV heads are the axes a mesh splits.
-CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "slots", "head_dim")
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from triattention_jax.checkpoint import LoadedModel
 from triattention_jax.errors import UserError
 from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH, generate, prompt_bucket, teacher_force
-from triattention_jax.policies import KVPolicy, PolicySettings, policy_class
+from triattention_jax.policies import EvictionPolicy, KVPolicy, PolicySettings, policy_class
 from triattention_jax.prompts import encode_prompts
 
 PREFILL_TOKENS = 64
@@ -61,19 +61,14 @@ def fidelity_tokens(model: LoadedModel, sample: int, seq_len: int) -> np.ndarray
 
 def first_eviction_position(policy: KVPolicy, prefill_length: int, total: int, divide_length: int) -> int:
     """The position from which on the method may have evicted something (total if never)."""
-    budget = getattr(policy, "budget", None)
-    if budget is None:
+    if not isinstance(policy, EvictionPolicy):
         return total
     bucket = prompt_bucket(prefill_length)
-    if bucket > budget:
+    if bucket > policy.budget:
         return prefill_length
-    cursor, position = bucket, prefill_length
-    while position < total:
-        if cursor + divide_length > budget + divide_length:
-            return position
-        cursor += divide_length
-        position += divide_length
-    return total
+    rounds = -(-(total - prefill_length) // divide_length)
+    compacting = policy.compacting_rounds(bucket, rounds, divide_length)
+    return prefill_length + compacting[0] * divide_length if compacting else total
 
 
 def fidelity_metrics(full: np.ndarray, method: np.ndarray, targets: np.ndarray, start: int) -> dict[str, float]:

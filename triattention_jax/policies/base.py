@@ -148,6 +148,18 @@ class EvictionPolicy(KVPolicy):
                 "prompt protected: raise --budget or pass --protect_prompt=false to compress the prompt"
             )
 
+    def compacting_rounds(self, prompt_slots: int, rounds: int, divide_length: int) -> list[int]:
+        """Which of `rounds` decode rounds start with a compaction, after a prefill of
+        `prompt_slots` slots: the same schedule as `fit_prefill` and `before_round`, on the host."""
+        cursor = min(prompt_slots, self.budget)
+        compacting = []
+        for index in range(rounds):
+            if cursor + divide_length > self.budget + divide_length:
+                compacting.append(index)
+                cursor = self.budget
+            cursor += divide_length
+        return compacting
+
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
         if cache.num_slots > self.budget:
             cache = self.compact(cache, context)
