@@ -40,7 +40,10 @@ def test_fidelity_run_is_resumable(tmp_path):
 
     model = load_model("smollm2-135m-instruct", dtype="float32")
     out = tmp_path / "fidelity"
-    paths = evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out)
+    events = []
+    paths = evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
+                     progress=lambda *event: events.append(event))
+    assert events == [(0, 2, "fidelity/streaming/64 (1 samples)"), (1, 2, "fidelity/streaming/256 (1 samples)"), (2, 2, "")]
     cells = json.loads((out / "results.json").read_text())
     assert sorted(cells) == ["fidelity/streaming/256/0", "fidelity/streaming/64/0"]
     small, large = cells["fidelity/streaming/64/0"], cells["fidelity/streaming/256/0"]
@@ -50,7 +53,7 @@ def test_fidelity_run_is_resumable(tmp_path):
     assert small["positions"] == 447 - 192 and large["positions"] == 447 - 320
     assert all(p.exists() for p in paths)
     assert "| streaming | 64 |" in (out / "fidelity.md").read_text()
-    recorded = []
+    events.clear()
     evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
-             progress=recorded.append)
-    assert recorded == []
+             progress=lambda *event: events.append(event))
+    assert events == []

@@ -2,13 +2,17 @@
 
   python -m triattention_jax.evaluate --task fidelity --methods triattention,streaming,h2o,snapkv,rkv,random \
       --budgets 128,256,512,1024 --num_samples 6 --seq_len 4096 --out results/fidelity
+  python -m triattention_jax.evaluate --task needle --budgets 64,128,256 --num_samples 8 --seq_len 1024 --out results/needle
+  python -m triattention_jax.evaluate --task dfs --budgets 128,256 --num_samples 15 --seq_len 2048 --out results/dfs
 
-Finished (task, method, budget, sample) cells in <out>/results.json are not recomputed.
+Tasks: fidelity and divergence compare each method with full attention; needle (pass-key
+retrieval across four budgets of filler) and dfs (the paper's recursive state query) score
+against the true answer, with full attention as a row. Finished (task, method, budget,
+sample) cells in <out>/results.json are not recomputed.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import flags
@@ -19,17 +23,20 @@ from triattention_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
-flags.DEFINE_enum("task", "fidelity", ["fidelity", "divergence"], "What to measure.")
+flags.DEFINE_enum("task", "fidelity", ["fidelity", "divergence", "needle", "dfs"], "What to measure.")
 flags.DEFINE_list("methods", ["triattention", "streaming", "h2o", "snapkv", "rkv", "random"], "Methods compared with full attention.")
 flags.DEFINE_list("budgets", ["128", "256", "512", "1024"], "KV budgets.")
 flags.DEFINE_integer("num_samples", 3, "Samples per (method, budget).")
-flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence (fidelity) or generated tokens (divergence).")
+flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence (fidelity; needle: at least, its filler covers four budgets) "
+                     "or generated tokens (divergence; dfs: at most).")
 flags.DEFINE_integer("seed", 0, "First sample index: another seed evaluates other texts and prompts.")
 flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Weights and cache dtype.")
 flags.DEFINE_string("out", None, "Output folder (results.json, a markdown table, PNG plots).")
 
 
 def main(argv: list[str]) -> None:
+    from tqdm import tqdm
+
     from triattention_jax.checkpoint import load_model
     from triattention_jax.evaluation import evaluate
 
@@ -40,8 +47,15 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise UserError(f"--budgets takes comma-separated integers: {e}") from e
     model = load_model(FLAGS.model, dtype=FLAGS.dtype)
-    paths = evaluate(model, task=FLAGS.task, methods=FLAGS.methods, budgets=budgets, num_samples=FLAGS.num_samples,
-                     seq_len=FLAGS.seq_len, out=Path(FLAGS.out), seed=FLAGS.seed, progress=lambda key: print(key, file=sys.stderr, flush=True))
+    with tqdm(unit="cell", dynamic_ncols=True) as bar:
+
+        def progress(done: int, total: int, running: str) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            bar.set_postfix_str(running)
+
+        paths = evaluate(model, task=FLAGS.task, methods=FLAGS.methods, budgets=budgets, num_samples=FLAGS.num_samples,
+                         seq_len=FLAGS.seq_len, out=Path(FLAGS.out), seed=FLAGS.seed, progress=progress)
     print(Path(paths[1]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 

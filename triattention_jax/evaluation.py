@@ -5,6 +5,13 @@ Tasks (each cell is one (task, method, budget, sample)):
   attention and ΔNLL, over the positions after the first eviction.
 - divergence: free-running greedy generation; tokens until the first divergence from full
   attention, and the share of positions that agree.
+- needle: a pass key near the start of a teacher-forced stream, at least four budgets of
+  filler, then a question; greedy accuracy on the key's tokens and exact match.
+- dfs: the paper's recursive state query; the greedy answer's DFS stack (also current node
+  and visited set) after k steps on a random graph, exact match against the true state.
+
+needle and dfs are scored against a known answer, so full attention is a row of their tables.
+Each (method, budget) runs its pending samples as one batch.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import numpy as np
 
 from triattention_jax.checkpoint import LoadedModel
 from triattention_jax.errors import UserError
+from triattention_jax.eval_tasks.dfs import dfs_metrics, dfs_problem, dfs_prompt, parse_dfs_answer
+from triattention_jax.eval_tasks.needle import needle_key, needle_length, needle_metrics, needle_stream
 from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH, generate, prompt_bucket, teacher_force
-from triattention_jax.policies import EvictionPolicy, KVPolicy, PolicySettings, policy_class
-from triattention_jax.prompts import encode_prompts
+from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy, PolicySettings, policy_class
+from triattention_jax.prompts import encode_prompts, has_chat_template
 
 PREFILL_TOKENS = 64
 REASONING_PROMPTS = (
@@ -35,7 +44,7 @@ SOURCES = ("python_source", "pydoc_prose", "self_generated")
 
 
 def source_text(source: str, sample: int) -> str:
-    """Long text for a fidelity sample: stdlib code, pydoc prose (self_generated is separate)."""
+    """Long text by index: a stdlib source file or all pydoc topics from a rotating start."""
     if source == "python_source":
         files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), key=lambda p: p.stat().st_size, reverse=True)
         return files[sample % len(files)].read_text(errors="replace")
@@ -44,19 +53,34 @@ def source_text(source: str, sample: int) -> str:
     return "\n\n".join(pydoc_data.topics.topics[t] for t in topics[start:] + topics[:start])
 
 
-def fidelity_tokens(model: LoadedModel, sample: int, seq_len: int) -> np.ndarray:
-    """seq_len tokens for one sample, the source chosen by sample index."""
-    source = SOURCES[sample % len(SOURCES)]
-    if source == "self_generated":
-        prompt = encode_prompts(model.tokenizer, [REASONING_PROMPTS[sample // 3 % len(REASONING_PROMPTS)]], chat=bool(
-            getattr(model.tokenizer, "chat_template", None)))[0]
-        answer = generate(model.transformer, [prompt], max_new_tokens=seq_len - len(prompt)).token_ids[0]
-        ids = prompt + answer
-    else:
-        ids = model.tokenizer(source_text(source, sample // len(SOURCES)))["input_ids"]
-    if len(ids) < seq_len:
-        raise UserError(f"sample {sample} ({source}) has only {len(ids)} tokens, fewer than --seq_len {seq_len}")
-    return np.asarray(ids[:seq_len], np.int32)
+def text_tokens(tokenizer: Any, text: str, count: int, **kwargs: Any) -> list[int]:
+    """The first `count` tokens of text (all of them if fewer), tokenizing only a prefix:
+    sources run to hundreds of kilobytes."""
+    chars = 8 * count
+    while True:
+        ids = tokenizer(text[:chars], **kwargs)["input_ids"]
+        # One token more than asked for, so the word cut at the prefix's end is not kept.
+        if len(ids) > count or chars >= len(text):
+            return list(ids[:count])
+        chars *= 2
+
+
+def fidelity_tokens(model: LoadedModel, samples: list[int], seq_len: int) -> np.ndarray:
+    """(len(samples), seq_len) tokens, each sample's source chosen by its index; the
+    self-generated ones come from one batched generation."""
+    generated = [s for s in samples if SOURCES[s % len(SOURCES)] == "self_generated"]
+    rows = {s: text_tokens(model.tokenizer, source_text(SOURCES[s % len(SOURCES)], s // len(SOURCES)), seq_len)
+            for s in samples if s not in generated}
+    if generated:
+        prompts = encode_prompts(model.tokenizer, [REASONING_PROMPTS[s // 3 % len(REASONING_PROMPTS)] for s in generated],
+                                 chat=has_chat_template(model.tokenizer))
+        answers = generate(model.transformer, prompts, max_new_tokens=seq_len - min(map(len, prompts))).token_ids
+        rows |= {s: (prompt + answer)[:seq_len] for s, prompt, answer in zip(generated, prompts, answers)}
+    for sample in samples:
+        if len(rows[sample]) < seq_len:
+            raise UserError(f"sample {sample} ({SOURCES[sample % len(SOURCES)]}) has only {len(rows[sample])} tokens, "
+                            f"fewer than --seq_len {seq_len}")
+    return np.asarray([rows[s] for s in samples], np.int32)
 
 
 def first_eviction_position(policy: KVPolicy, prefill_length: int, total: int, divide_length: int) -> int:
@@ -116,45 +140,129 @@ def build_policy(model: LoadedModel, method: str, budget: int) -> KVPolicy:
     return policy_class(method).from_settings(model, PolicySettings(budget=budget, protect_prompt=False))
 
 
-def _pending(store: ResultStore, task: str, methods: list[str], budgets: list[int], sample: int) -> list[tuple[str, int]]:
-    return [(m, b) for m in methods for b in budgets if store.key(task, m, b, sample) not in store.cells]
+Group = tuple[str, int, list[int]]  # method, budget, samples not stored yet
+Progress = Callable[[int, int, str], None]  # (cells done, cells to do, what runs now)
+
+
+def _pending_groups(store: ResultStore, task: str, methods: list[str], budgets: list[int], samples: range) -> list[Group]:
+    groups = [(m, b, [s for s in samples if store.key(task, m, b, s) not in store.cells]) for m in methods for b in budgets]
+    return [g for g in groups if g[2]]
+
+
+def _samples_in(groups: list[Group]) -> list[int]:
+    return sorted({s for _, _, samples in groups for s in samples})
+
+
+def _run_groups(store: ResultStore, task: str, groups: list[Group], run_group: Callable[[str, int, list[int]], list[dict]],
+                progress: Progress) -> None:
+    """run_group(method, budget, samples) computes a group's cells (one per sample, as one
+    batch); each is stored as it comes, so an interrupted run resumes from the groups left."""
+    total, done = sum(len(samples) for *_, samples in groups), 0
+    for method, budget, samples in groups:
+        progress(done, total, f"{task}/{method}/{budget} ({len(samples)} samples)")
+        for sample, cell in zip(samples, run_group(method, budget, samples), strict=True):
+            store.put(store.key(task, method, budget, sample), cell)
+        done += len(samples)
+    if groups:
+        progress(total, total, "")
 
 
 def run_fidelity(model: LoadedModel, store: ResultStore, methods: list[str], budgets: list[int], samples: range, seq_len: int,
-                 progress: Callable[[str], None]) -> None:
-    for sample in samples:
-        pending = _pending(store, "fidelity", methods, budgets, sample)
-        if not pending:
-            continue
-        tokens = fidelity_tokens(model, sample, seq_len)[None]
-        reference = teacher_force(model.transformer, tokens, prefill_length=PREFILL_TOKENS)[0]
-        for method, budget in pending:
-            key = store.key("fidelity", method, budget, sample)
-            progress(key)
-            policy = build_policy(model, method, budget)
-            start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
-            logprobs = teacher_force(model.transformer, tokens, prefill_length=PREFILL_TOKENS, policy=policy)[0]
-            store.put(key, fidelity_metrics(reference[:-1], logprobs[:-1], tokens[0, 1:], start))
+                 progress: Progress) -> None:
+    groups = _pending_groups(store, "fidelity", methods, budgets, samples)
+    needed = _samples_in(groups)
+    if not needed:
+        return
+    tokens = dict(zip(needed, fidelity_tokens(model, needed, seq_len)))
+    reference = dict(zip(needed, teacher_force(model.transformer, np.stack(list(tokens.values())), prefill_length=PREFILL_TOKENS)))
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        policy = build_policy(model, method, budget)
+        start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
+        logprobs = teacher_force(model.transformer, np.stack([tokens[s] for s in group]), prefill_length=PREFILL_TOKENS, policy=policy)
+        return [fidelity_metrics(reference[s][:-1], row[:-1], tokens[s][1:], start) for s, row in zip(group, logprobs)]
+
+    _run_groups(store, "fidelity", groups, run_group, progress)
 
 
 def run_divergence(model: LoadedModel, store: ResultStore, methods: list[str], budgets: list[int], samples: range,
-                   seq_len: int, progress: Callable[[str], None]) -> None:
-    chat = bool(getattr(model.tokenizer, "chat_template", None))
-    for sample in samples:
-        pending = _pending(store, "divergence", methods, budgets, sample)
-        if not pending:
-            continue
-        prompt = encode_prompts(model.tokenizer, [REASONING_PROMPTS[sample % len(REASONING_PROMPTS)]], chat=chat)
-        reference = generate(model.transformer, prompt, max_new_tokens=seq_len).token_ids[0]
-        for method, budget in pending:
-            key = store.key("divergence", method, budget, sample)
-            progress(key)
-            policy = build_policy(model, method, budget)
-            store.put(key, divergence_metrics(reference, generate(model.transformer, prompt, max_new_tokens=seq_len, policy=policy).token_ids[0]))
+                   seq_len: int, progress: Progress) -> None:
+    groups = _pending_groups(store, "divergence", methods, budgets, samples)
+    needed = _samples_in(groups)
+    if not needed:
+        return
+    texts = [REASONING_PROMPTS[s % len(REASONING_PROMPTS)] for s in needed]
+    prompts = dict(zip(needed, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
+    reference = dict(zip(needed, generate(model.transformer, list(prompts.values()), max_new_tokens=seq_len).token_ids))
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        policy = build_policy(model, method, budget)
+        answers = generate(model.transformer, [prompts[s] for s in group], max_new_tokens=seq_len, policy=policy).token_ids
+        return [divergence_metrics(reference[s], answer) for s, answer in zip(group, answers)]
+
+    _run_groups(store, "divergence", groups, run_group, progress)
 
 
-TASKS = {"fidelity": run_fidelity, "divergence": run_divergence}
-TASK_METRICS = {"fidelity": ("kl", "top1_agreement", "delta_nll"), "divergence": ("tokens_to_divergence", "agreement")}
+def run_needle(model: LoadedModel, store: ResultStore, methods: list[str], budgets: list[int], samples: range, seq_len: int,
+               progress: Progress) -> None:
+    context = model.config.max_position_embeddings
+    for budget in budgets:
+        if needle_length(seq_len, budget) > context:
+            raise UserError(f"the needle at budget {budget} needs {needle_length(seq_len, budget)} tokens (its filler covers "
+                            f"four budgets), more than the model's context of {context}: lower --budgets or --seq_len")
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        length = needle_length(seq_len, budget)
+        streams = [needle_stream(model.tokenizer, needle_key(s), text_tokens(
+            model.tokenizer, source_text("pydoc_prose", s), length, add_special_tokens=False), length) for s in group]
+        logprobs = teacher_force(model.transformer, np.stack([st.tokens for st in streams]), prefill_length=PREFILL_TOKENS,
+                                 policy=build_policy(model, method, budget))
+        return [needle_metrics(row, stream) for row, stream in zip(logprobs, streams)]
+
+    _run_groups(store, "needle", _pending_groups(store, "needle", methods, budgets, samples), run_group, progress)
+
+
+def run_dfs(model: LoadedModel, store: ResultStore, methods: list[str], budgets: list[int], samples: range, seq_len: int,
+            progress: Progress) -> None:
+    groups = _pending_groups(store, "dfs", methods, budgets, samples)
+    problems = {s: dfs_problem(s) for s in _samples_in(groups)}
+    texts = [dfs_prompt(p) for p in problems.values()]
+    prompts = dict(zip(problems, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
+    full_answers: dict[int, list[int]] = {}
+
+    def answers(policy: KVPolicy, group: list[int]) -> list[list[int]]:
+        return generate(model.transformer, [prompts[s] for s in group], max_new_tokens=seq_len,
+                        eos_ids=model.config.eos_token_ids, policy=policy).token_ids
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        if method == "full":  # the same answers at every budget: generated once
+            missing = [s for s in group if s not in full_answers]
+            if missing:
+                full_answers.update(zip(missing, answers(FullAttention(), missing)))
+            outputs = [full_answers[s] for s in group]
+        else:
+            outputs = answers(build_policy(model, method, budget), group)
+        cells = []
+        for sample, ids in zip(group, outputs):
+            parsed = parse_dfs_answer(model.tokenizer.decode(ids, skip_special_tokens=True))
+            cells.append({
+                **dfs_metrics(problems[sample].answer, parsed), "steps": problems[sample].steps, "answer_tokens": len(ids),
+                "answer": {"current": parsed.current, "stack": parsed.stack, "visited": parsed.visited and sorted(parsed.visited)},
+            })
+        return cells
+
+    _run_groups(store, "dfs", groups, run_group, progress)
+
+
+TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_needle, "dfs": run_dfs}
+TASK_METRICS = {
+    "fidelity": ("kl", "top1_agreement", "delta_nll"),
+    "divergence": ("tokens_to_divergence", "agreement"),
+    "needle": ("answer_accuracy", "exact_match"),
+    "dfs": ("stack_exact", "current_exact", "visited_exact"),
+}
+# Scored against a known answer rather than against full attention: full attention is a row.
+GROUND_TRUTH_TASKS = ("needle", "dfs")
 
 
 def summarize(store: ResultStore, task: str) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
@@ -207,18 +315,24 @@ def write_outputs(store: ResultStore, task: str, folder: Path) -> list[Path]:
 
 
 def evaluate(model: LoadedModel, *, task: str, methods: list[str], budgets: list[int], num_samples: int, seq_len: int,
-             out: Path, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[Path]:
+             out: Path, seed: int = 0, progress: Progress | None = None) -> list[Path]:
     """Runs the cells not in out/results.json yet; writes the table and plots; returns the files.
 
-    Samples are numbered from `seed`: sample i draws its text (or prompt) by index, so a seed
-    picks another set of samples and results of different seeds accumulate side by side.
+    Samples are numbered from `seed`: sample i draws its text (or prompt, key, graph) by index,
+    so a seed picks another set of samples and results of different seeds accumulate side by
+    side. seq_len: tokens per sequence (fidelity; the needle's least length) or generated
+    tokens (divergence; dfs at most). `progress(done, total, running)` is called before each
+    group of cells and once at the end.
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     for method in methods:
         policy_class(method)
+    if task in GROUND_TRUTH_TASKS and "full" not in methods:
+        methods = ["full", *methods]
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
-    TASKS[task](model, store, methods, budgets, range(seed, seed + num_samples), seq_len, progress or (lambda key: None))
+    TASKS[task](model, store, methods, budgets, range(seed, seed + num_samples), seq_len,
+                progress or (lambda done, total, running: None))
     return [store.path, *write_outputs(store, task, out)]
 
