@@ -38,9 +38,9 @@ def test_default_model_writes_the_report(tmp_path):
     assert "Paris" in report["texts"][0]
     assert report["num_generated_tokens"] == [len(ids) for ids in report["generated_token_ids"]]
     assert all(0 < n <= 24 for n in report["num_generated_tokens"])
-    # 30 layers x 2 rows x 3 KV heads x (64-token prompt bucket + one 128-step round, rounded up to the
-    # 256-slot attention chunk) slots x (2 x 64 float32 + position)
-    assert report["kv_cache_bytes"] == 30 * 2 * 3 * 256 * (2 * 64 * 4 + 4)
+    # 30 layers x 2 rows x 3 KV heads x (64-token prompt bucket + one 128-step round) slots
+    # x (2 x 64 float32 + position)
+    assert report["kv_cache_bytes"] == 30 * 2 * 3 * 192 * (2 * 64 * 4 + 4)
     assert "Paris" in result.stdout
 
 

@@ -52,7 +52,8 @@ class DecodeState:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerationResult:
-    """Per prompt: generated ids (EOS included when emitted, nothing after it)."""
+    """Per prompt: generated ids (EOS included when emitted, nothing after it); kv_cache_bytes:
+    the largest buffer held (policy statistics included)."""
 
     token_ids: list[list[int]]
     num_prompt_tokens: list[int]
@@ -95,6 +96,15 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(out.k, out.v, positions)
     context = RoundContext(prompt_lengths=lengths, position=lengths)
     return out.logits, policy.fit_prefill(policy.start(cache, out, positions), num_slots, context)
+
+
+_resized = jax.jit(KVCache.resized, static_argnums=1)
+
+
+def _sized_for_round(policy: KVPolicy, cache: KVCache, filled: int, divide_length: int, max_slots: int) -> KVCache:
+    """The cache in the buffer size the policy wants for the next round (a copy only when it grows)."""
+    slots = policy.round_slots(cache.num_slots, filled, divide_length, max_slots)
+    return cache if slots == cache.num_slots else _resized(cache, slots)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "divide_length"), donate_argnames=("cache",))
@@ -175,7 +185,7 @@ def generate(
     key = jax.random.key(seed)
     prompt_lengths = jnp.asarray(lengths)
     logits, cache = _prefill(graphdef, state, policy, jnp.asarray(tokens), prompt_lengths, num_slots=num_slots)
-    kv_cache_bytes = cache.nbytes
+    kv_cache_bytes = 0
     decode = DecodeState(
         token=sampler(logits, jax.random.fold_in(key, 2**31 - 1)),
         position=prompt_lengths,
@@ -185,7 +195,11 @@ def generate(
     eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
     generated: list[list[int]] = [[] for _ in prompts]
     finished = np.zeros(len(prompts), bool)
+    rounds = 0
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
+        cache = _sized_for_round(policy, cache, bucket + rounds * divide_length, divide_length, num_slots)
+        kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
+        rounds += 1
         cache, decode, emitted = _generation_round(
             graphdef, state, policy, cache, decode, prompt_lengths, key, eos, sampler=sampler, divide_length=divide_length
         )
@@ -234,6 +248,7 @@ def teacher_force(
     logits, cache = _prefill(graphdef, state, policy, jnp.asarray(padded), prompt_lengths, num_slots=num_slots, all_logits=True)
     pieces = [np.asarray(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1))]
     for begin in range(prefill_length, total, divide_length):
+        cache = _sized_for_round(policy, cache, bucket + begin - prefill_length, divide_length, num_slots)
         chunk = np.zeros((batch, divide_length), np.int32)
         width = min(divide_length, total - begin)
         chunk[:, :width] = tokens[:, begin : begin + width]

@@ -2,13 +2,14 @@
 
 The module only holds weights. `Transformer.extend` is a pure function of the weights, a
 `KVCache` and new tokens: split the module once with `nnx.split`, and jit a function of
-(graphdef, state, cache). Layers are stacked on a leading axis and run with `lax.scan`,
-so compile time does not grow with depth.
+(graphdef, state, cache). Layers are stacked on a leading axis (one array per weight, one
+sharding rule per weight) and run with `lax.scan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import jax
@@ -22,8 +23,6 @@ from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 # Masked attention logits use a finite value so rows with no valid key (padding) stay finite.
 MASK_VALUE = -1e30
-# Smallest chunk of the length-aware cache loop; full-attention buffers are multiples of it.
-MIN_ATTENTION_CHUNK = 256
 
 
 def weight_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -152,7 +151,12 @@ class Transformer(nnx.Module):
             }
             return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
 
-        x, (new_k, new_v, extras) = jax.lax.scan(layer, x, (self._layer_weights(), jnp.arange(cfg.num_layers)))
+        # Unrolled on accelerators: XLA copies every weight slice a rolled loop takes from the
+        # stacked arrays (measured on an H100: 18.8 ms against 10.2 ms per Qwen3-8B step), while
+        # the static slices of an unrolled loop are read in place. CPU keeps the loop rolled,
+        # for compile time.
+        unroll = cfg.num_layers if jax.default_backend() != "cpu" else 1
+        x, (new_k, new_v, extras) = jax.lax.scan(layer, x, (self._layer_weights(), jnp.arange(cfg.num_layers)), unroll=unroll)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
@@ -203,15 +207,6 @@ def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: j
     return q, k
 
 
-def attention_chunk(num_slots: int) -> int:
-    """Slots read per step of the length-aware cache loop: a power of two dividing the buffer,
-    at least MIN_ATTENTION_CHUNK and about a sixteenth of it; the whole buffer when none fits."""
-    chunk = 1 << (max(MIN_ATTENTION_CHUNK, num_slots // 16).bit_length() - 1)
-    while chunk >= MIN_ATTENTION_CHUNK and num_slots % chunk:
-        chunk //= 2
-    return chunk if MIN_ATTENTION_CHUNK <= chunk < num_slots else num_slots
-
-
 def _attention(
     q: jax.Array,
     k: jax.Array,
@@ -228,9 +223,10 @@ def _attention(
     (B,K,S) and each new key (B,K,T) received, summed over the queries of its GQA group.
 
     Masks come from positions: a key is visible when its position is valid and not after
-    the query's. The new block and the cache are scored separately (the cache is never
-    copied to append to it), with an online softmax over the cache in chunks, up to the
-    cursor only: a step reads the filled part of the buffer, not its capacity.
+    the query's. The new block and the cache are scored separately, so the cache is read in
+    place, never copied to append to it. The whole buffer is read: full attention keeps
+    its buffer sized to the filled length (it grows between rounds, see `FullAttention`),
+    because XLA copies any dynamically sliced part of the cache before a matrix product.
     """
     B, T, H, hd = q.shape
     K = k.shape[2]
@@ -243,52 +239,19 @@ def _attention(
         key_pos = key_pos[:, :, None, None, :]
         return jnp.where((key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0), scores, MASK_VALUE)
 
-    def weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
-        return einsum_f32("bkgts,bksd->bkgtd", weights.astype(values.dtype), values)
-
-    new_pos = jnp.broadcast_to(positions[:, None, :], (B, K, T))
-    new_scores = masked_scores(k.transpose(0, 2, 1, 3), new_pos)
-    row_max = jnp.max(new_scores, axis=-1, keepdims=True)
-    weights = jnp.exp(new_scores - row_max)
-    state = (row_max, jnp.sum(weights, axis=-1, keepdims=True), weighted_values(weights, v.transpose(0, 2, 1, 3)))
+    blocks = [(masked_scores(k.transpose(0, 2, 1, 3), jnp.broadcast_to(positions[:, None, :], (B, K, T))), v.transpose(0, 2, 1, 3))]
     if cache is not None:
-        chunk = attention_chunk(cache.num_slots)
-
-        def chunk_scores(i: jax.Array) -> tuple[jax.Array, tuple]:
-            start = (layer, 0, 0, i * chunk)
-            keys = jax.lax.dynamic_slice(cache.k, (*start, 0), (1, B, K, chunk, hd))[0]
-            return masked_scores(keys, jax.lax.dynamic_slice(cache.pos, start, (1, B, K, chunk))[0]), start
-
-        def read_chunk(i: jax.Array, state):
-            row_max, total, acc = state
-            scores, start = chunk_scores(i)
-            values = jax.lax.dynamic_slice(cache.v, (*start, 0), (1, B, K, chunk, hd))[0]
-            new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
-            weights = jnp.exp(scores - new_max)
-            rescale = jnp.exp(row_max - new_max)
-            return new_max, total * rescale + jnp.sum(weights, axis=-1, keepdims=True), acc * rescale + weighted_values(weights, values)
-
-        filled_chunks = (cache.cursor + chunk - 1) // chunk
-        state = jax.lax.fori_loop(0, filled_chunks, read_chunk, state)
-    row_max, total, acc = state
+        blocks.insert(0, (masked_scores(cache.k[layer], cache.pos[layer]), cache.v[layer]))
+    row_max = functools.reduce(jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in blocks])
+    weights = [jnp.exp(scores - row_max) for scores, _ in blocks]
+    total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
+    acc = sum(einsum_f32("bkgts,bksd->bkgtd", w.astype(values.dtype), values) for w, (_, values) in zip(weights, blocks))
     out = (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
     if not collect_attention:
         return out, None, None
-
     query_valid = (positions >= 0)[:, None, None, :, None]
-
-    def received(scores: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.where(query_valid, jnp.exp(scores - row_max) / total, 0.0), axis=(2, 3))
-
-    received_cache = None
-    if cache is not None:
-        # A second pass over the filled chunks, now that the softmax normalizer is known;
-        # only policies that ask for attention pay for it.
-        def accumulate(i: jax.Array, into: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_update_slice(into, received(chunk_scores(i)[0]), (0, 0, i * chunk))
-
-        received_cache = jax.lax.fori_loop(0, filled_chunks, accumulate, jnp.zeros((B, K, cache.num_slots), jnp.float32))
-    return out, received_cache, received(new_scores)
+    received = [jnp.sum(jnp.where(query_valid, w / total, 0.0), axis=(2, 3)) for w in weights]
+    return out, received[0] if cache is not None else None, received[-1]
 
 
 def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:

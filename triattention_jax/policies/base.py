@@ -105,6 +105,12 @@ class KVPolicy(abc.ABC):
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
         """Turns the prefilled prompt cache (one slot per prompt-bucket token) into the buffer."""
 
+    def round_slots(self, num_slots: int, filled: int, divide_length: int, max_slots: int) -> int:
+        """The buffer size for the next round (host side, between rounds): `num_slots` now,
+        `filled` slots a cache that never evicts would hold, `max_slots` from `num_slots()`.
+        Fixed-size buffers keep their size."""
+        return num_slots
+
     @abc.abstractmethod
     def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
         """Runs inside jit before every round of `divide_length` steps; must leave room for it."""

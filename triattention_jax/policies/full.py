@@ -1,27 +1,36 @@
-"""Full attention: every token keeps its slot; the buffer is sized for the whole sequence."""
+"""Full attention: every token keeps its slot; the buffer grows with the sequence."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from triattention_jax.cache import KVCache
-from triattention_jax.model import MIN_ATTENTION_CHUNK
 from triattention_jax.policies.base import KVPolicy, PolicySettings, RoundContext, policy_dataclass, register
+
+# Below this many slots a buffer is cheap to read whole, and one size saves recompiles.
+MIN_GROWN_SLOTS = 1024
 
 
 @policy_dataclass
 class FullAttention(KVPolicy):
+    """Attention reads the whole buffer, so the buffer follows the filled length: before each
+    round it grows to the next size of the form 2^e or 1.5 * 2^e that holds the round (at
+    most a third unused, two compiled sizes per doubling), capped at the whole sequence."""
+
     @classmethod
     def from_settings(cls, model: Any, settings: PolicySettings) -> "FullAttention":
         return cls()
 
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
-        rounds = -(-max_new_tokens // divide_length)
-        # A multiple of the attention chunk, so decoding reads only the filled chunks.
-        return -(-(prompt_slots + rounds * divide_length) // MIN_ATTENTION_CHUNK) * MIN_ATTENTION_CHUNK
+        return prompt_slots + -(-max_new_tokens // divide_length) * divide_length
 
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
-        return cache.resized(num_slots)
+        return cache
+
+    def round_slots(self, num_slots: int, filled: int, divide_length: int, max_slots: int) -> int:
+        needed = filled + divide_length
+        granule = max(1, 1 << ((needed - 1).bit_length() - 2))
+        return max(num_slots, min(max_slots, max(MIN_GROWN_SLOTS, -(-needed // granule) * granule)))
 
     def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
         return cache
