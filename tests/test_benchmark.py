@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -33,23 +34,36 @@ def test_tiny_preset_report_is_consistent(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "triattention_jax.benchmark", "--preset", "tiny", "--methods", "full,triattention,h2o",
-         "--budget", "64", "--new_tokens", "256", "--batch", "2", "--dtype", "float32", "--prompt_tokens", "32",
-         "--divide_length", "32", "--nohf", "--out", str(out)],
+         "--budget", "64", "--new_tokens", "1536", "--batch", "2", "--dtype", "float32", "--prompt_tokens", "32",
+         "--divide_length", "32", "--e2e_tokens", "256", "--nohf", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    rows = {row["method"]: row for row in report["results"]}
     config = ModelConfig.from_hf(PRESETS["tiny"])
-    # full: its buffer grows to the 64-slot prompt bucket + 256 generated.
-    assert rows["full"]["kv_cache_bytes"] == cache_nbytes(config, 2, 64 + 256, jnp.float32)
-    assert rows["triattention"]["kv_cache_bytes"] == cache_nbytes(config, 2, 64 + 32, jnp.float32)
-    # H2O also keeps one float32 attention sum per slot.
-    assert rows["h2o"]["kv_cache_bytes"] == cache_nbytes(config, 2, 64 + 32, jnp.float32) + 4 * 2 * 2 * 2 * 96
-    for row in rows.values():
-        assert row["batch"] == 2 and row["new_tokens"] == 256
-        assert row["tokens_per_second"] == pytest.approx(2 * 256 / row["seconds"], rel=1e-9)
-    assert rows["full"]["eviction_share"] is None
-    assert 0 < rows["triattention"]["eviction_share"] < 1
-    assert "triattention" in result.stdout and "tok/s" in result.stdout
-
+    runs = {row["method"]: row for row in report["runs"]}
+    # full: the buffer grows to the 64-slot prompt bucket + 1536 generated, while the previous
+    # size (1536 slots) is still held; the eviction methods keep budget + divide_length slots.
+    assert runs["full"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 1600 + 1536, jnp.float32)
+    assert runs["triattention"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 64 + 32, jnp.float32)
+    # H2O also keeps one float32 attention sum per slot (2 layers x 2 KV heads x 96 slots).
+    assert runs["h2o"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 96, jnp.float32) + 4 * 2 * 2 * 96
+    # The end-to-end run (256 tokens) used the buffers the schedule predicts.
+    assert runs["full"]["e2e"]["kv_cache_bytes"] == cache_nbytes(config, 2, 64 + 256, jnp.float32)
+    assert runs["triattention"]["e2e"]["kv_cache_bytes"] == 2 * runs["triattention"]["kv_bytes_per_sequence"]
+    for row in runs.values():
+        assert row["batch"] == 2 and row["new_tokens"] == 1536
+        assert row["tokens_per_second"] == pytest.approx(2 * 1536 / row["integrated_seconds"], rel=1e-9)
+        assert row["e2e"]["steady_rounds"] > 0
+    steps = report["steps"]
+    # Full attention is timed at the smallest, a middle and the largest buffer of its run.
+    assert sorted(s["slots"] for s in steps if s["method"] == "full") == [1024, 1536, 1600]
+    assert {s["slots"] for s in steps if s["method"] != "full"} == {96}
+    weights = report["weight_bytes"]
+    assert weights == sum(4 * int(np.prod(shape)) for shape, _ in weight_specs(config).values())
+    for step in steps:
+        assert step["bytes_per_step"] == weights + cache_nbytes(config, 2, step["slots"], jnp.float32)
+        assert step["tokens_per_second"] == pytest.approx(2 / step["step_seconds"], rel=1e-9)
+        assert step["roofline_fraction"] == pytest.approx(step["bytes_per_second"] / report["copy_bytes_per_second"], rel=1e-9)
+        assert (step["eviction_share"] is None) == (step["method"] == "full")
+    assert "tok/s" in result.stdout and "roofline" in result.stdout

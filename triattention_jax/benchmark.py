@@ -1,24 +1,33 @@
-"""Decode throughput and KV memory: our engine per method, next to transformers' generate.
+"""Decode speed and memory per KV method, with a roofline, next to transformers.
 
-  python -m triattention_jax.benchmark --batch 1,8 --dtype bfloat16,float32 --new_tokens 256
-  python -m triattention_jax.benchmark --methods full,triattention --budget 256 --new_tokens 1024,4096 --batch 1 --dtype float32 --nohf
+  python -m triattention_jax.benchmark --preset qwen3-8b --methods full,triattention --batch 1,16 \
+      --prompt_tokens 1024 --new_tokens 16384 --largest_batch --out results/h100_qwen3_8b.json
 
-Our engine: one run per configuration, timed from the end of its first round (which holds
-compilation and prefill) to the end, scaled to all new_tokens; EOS ignored. transformers: one
-warm-up call, then the whole generate call. For eviction methods, the eviction share is
-(compactions in the run × time of one compaction, measured alone on a full buffer) / decode time.
+What it measures (on whatever device JAX has; see `speed.py` for how):
+- steady per-step decode time against buffer size and batch, per method (`--cache_lengths`
+  for full attention; eviction methods have one fixed buffer), with bytes read per step, the
+  achieved bytes/s and its fraction of a device-to-device copy measured in the same run;
+- the share of eviction methods' decode time spent compacting;
+- tokens/s for generating --new_tokens after --prompt_tokens, integrated from the step
+  times over the buffer sizes the run passes through, and one real end-to-end `generate`
+  run of --e2e_tokens to confirm it;
+- KV bytes per sequence, peak device memory, and with --largest_batch the largest batch of
+  each method in the same memory, timed;
+- transformers (PyTorch, sdpa, static cache) at the same batch and cache length (--hf).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import platform
-import time
+import subprocess
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
 from triattention_jax import embedded
@@ -27,17 +36,22 @@ from triattention_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
-flags.DEFINE_enum("preset", None, ["qwen3-8b", "llama3.1-8b", "qwen3-1.7b", "llama2-7b", "tiny"],
-                  "Random weights at a real architecture's shape instead of --model (speed does not depend on values).")
-flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
-flags.DEFINE_list("dtype", ["bfloat16", "float32"], "Weight and cache dtypes.")
-flags.DEFINE_list("methods", ["full"], "KV policies to time.")
-flags.DEFINE_list("new_tokens", ["256"], "Generation lengths.")
-flags.DEFINE_integer("prompt_tokens", 64, "Prompt length (random token ids).")
+flags.DEFINE_string("preset", None, "Random weights at a real architecture's shape instead of --model: one of "
+                    "qwen3-8b, llama3.1-8b, qwen3-1.7b, llama2-7b, tiny, or a path to an HF config.json.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weight and cache dtype.")
+flags.DEFINE_list("batch", ["1", "16"], "Batch sizes for the step-time table and the integrated rates.")
+flags.DEFINE_list("methods", ["full", "triattention"], "KV policies to time.")
+flags.DEFINE_integer("prompt_tokens", 1024, "Prompt length of the integrated and end-to-end runs.")
+flags.DEFINE_integer("new_tokens", 16384, "Generated tokens of the integrated rate.")
+flags.DEFINE_list("cache_lengths", [], "Full attention's buffer sizes to time (default: the smallest and largest "
+                  "of its run, and one between).")
 flags.DEFINE_integer("budget", 2048, "Budget of the eviction methods.")
 flags.DEFINE_integer("divide_length", 128, "Decode steps per round.")
+flags.DEFINE_integer("e2e_tokens", 4096, "Tokens of the end-to-end confirmation run at the first batch (0: none).")
+flags.DEFINE_bool("largest_batch", False, "Also time each method at the largest batch that fits in the same memory.")
+flags.DEFINE_float("memory_reserve", 0.1, "Share of device memory left for activations and logits when sizing batches.")
 flags.DEFINE_string("stats", None, "TriAttention statistics; default: the model folder's (calibrated on first use).")
-flags.DEFINE_bool("hf", True, "Also time Hugging Face transformers' generate for full attention (needs torch).")
+flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
 
@@ -62,48 +76,12 @@ PRESETS = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Measurement:
-    engine: str
-    method: str
-    dtype: str
-    batch: int
-    prompt_tokens: int
-    new_tokens: int
-    seconds: float
-    kv_cache_bytes: int | None = None
-    eviction_seconds: float | None = None
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.batch * self.new_tokens / self.seconds
-
-    @property
-    def eviction_share(self) -> float | None:
-        return None if self.eviction_seconds is None else self.eviction_seconds / self.seconds
-
-
-def time_compaction(policy, transformer, batch: int, prompt_tokens: int, divide_length: int) -> float:
-    """Seconds for one compaction of a full buffer, built by a real prefill of random tokens
-    (so the policy's per-slot statistics and state are there too)."""
-    from triattention_jax.cache import init_cache
-    from triattention_jax.generate import extend_for_policy
-    from triattention_jax.policies import RoundContext
-
-    slots = policy.budget + divide_length
-    tokens = jax.random.randint(jax.random.key(0), (batch, slots), 0, transformer.config.vocab_size)
-    positions = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
-    out = extend_for_policy(transformer, policy, None, tokens, positions, jnp.zeros(batch, jnp.int32))
-    cache = init_cache(transformer.config, batch, slots, transformer.dtype).append(out.k, out.v, positions)
-    cache = policy.start(cache, out, positions)
-    context = RoundContext(prompt_lengths=jnp.full((batch,), prompt_tokens, jnp.int32), position=jnp.full((batch,), slots, jnp.int32))
-    compact = jax.jit(lambda p, c, ctx: p.compact(c, ctx).resized(slots))
-    jax.block_until_ready(compact(policy, cache, context))
-    repeats = 5
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(compact(policy, cache, context))
-    return (time.perf_counter() - start) / repeats
+def preset_config(preset: str) -> dict[str, Any]:
+    if preset in PRESETS:
+        return PRESETS[preset]
+    if os.path.isfile(preset):
+        return json.loads(open(preset).read())
+    raise UserError(f"--preset {preset!r} is neither one of {', '.join(PRESETS)} nor a config.json file")
 
 
 def random_transformer(preset: str, dtype: str, seed: int = 0):
@@ -111,7 +89,7 @@ def random_transformer(preset: str, dtype: str, seed: int = 0):
     from triattention_jax.config import ModelConfig
     from triattention_jax.model import Transformer, weight_specs
 
-    config = ModelConfig.from_hf(PRESETS[preset])
+    config = ModelConfig.from_hf(preset_config(preset))
     key = jax.random.key(seed)
     weights = {}
     for index, (name, (shape, _)) in enumerate(sorted(weight_specs(config).items())):
@@ -141,52 +119,6 @@ def build_policy(method: str, transformer, loaded):
     return policy_class(method).from_settings(loaded, PolicySettings(budget=FLAGS.budget, stats=FLAGS.stats))
 
 
-def time_ours(transformer, policy, method: str, dtype: str, batch: int, prompt_tokens: int, new_tokens: int) -> Measurement:
-    """One run, timed from the end of its first round (which includes compilation) to the end;
-    the later rounds compile nothing, so this is the steady decode rate."""
-    from triattention_jax.generate import generate, prompt_bucket
-
-    divide = FLAGS.divide_length
-    if new_tokens <= divide:
-        raise UserError(f"--new_tokens must exceed --divide_length ({divide}): the first round is not timed")
-    prompts = np.random.default_rng(0).integers(0, transformer.config.vocab_size, (batch, prompt_tokens)).tolist()
-    round_ends = []
-    result = generate(transformer, prompts, max_new_tokens=new_tokens, divide_length=divide, policy=policy,
-                      on_round=lambda _: round_ends.append(time.perf_counter()))
-    if result.num_generated_tokens != [new_tokens] * batch:
-        raise RuntimeError(f"expected {new_tokens} tokens per row, got {result.num_generated_tokens}")
-    timed_tokens = new_tokens - divide
-    seconds = (round_ends[-1] - round_ends[0]) * new_tokens / timed_tokens
-    eviction = None
-    if hasattr(policy, "compact"):
-        count = len(policy.compacting_rounds(prompt_bucket(prompt_tokens), -(-new_tokens // divide), divide))
-        eviction = count * time_compaction(policy, transformer, batch, prompt_tokens, divide)
-    return Measurement(engine="triattention-jax", method=method, dtype=dtype, batch=batch, prompt_tokens=prompt_tokens,
-                       new_tokens=new_tokens, seconds=seconds, kv_cache_bytes=result.kv_cache_bytes, eviction_seconds=eviction)
-
-
-def time_hf(model_dir, dtype: str, batch: int, prompt_tokens: int, new_tokens: int) -> Measurement:
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
-    ).eval()
-    model.generation_config.eos_token_id = None
-    prompts = torch.tensor(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_tokens)))
-    mask = torch.ones_like(prompts)
-
-    def run(n: int) -> None:
-        with torch.no_grad():
-            model.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    run(4)
-    start = time.perf_counter()
-    run(new_tokens)
-    return Measurement(engine="transformers", method="full", dtype=dtype, batch=batch, prompt_tokens=prompt_tokens,
-                       new_tokens=new_tokens, seconds=time.perf_counter() - start)
-
-
 def environment() -> dict[str, Any]:
     import flax
     import transformers
@@ -210,50 +142,128 @@ def _integers(values: list[str], flag: str) -> list[int]:
         raise UserError(f"--{flag} takes comma-separated integers: {e}") from e
 
 
-def format_table(results: list[Measurement]) -> str:
-    header = f"{'engine':<18}{'method':<14}{'dtype':<10}{'batch':>6}{'new':>7}{'seconds':>10}{'tok/s':>9}{'KV MiB':>9}{'evict %':>9}"
-    lines = [header]
-    for m in results:
-        kv = "" if m.kv_cache_bytes is None else f"{m.kv_cache_bytes / 2**20:.1f}"
-        share = "" if m.eviction_share is None else f"{100 * m.eviction_share:.1f}"
-        lines.append(f"{m.engine:<18}{m.method:<14}{m.dtype:<10}{m.batch:>6}{m.new_tokens:>7}{m.seconds:>10.2f}"
-                     f"{m.tokens_per_second:>9.1f}{kv:>9}{share:>9}")
+def hf_step_seconds_subprocess(source: str | dict, dtype: str, batch: int, max_cache_len: int) -> float | None:
+    """`speed.hf_step_seconds` in a child process, so PyTorch and JAX never share the device's
+    memory; None (with the reason on stderr) when it fails, e.g. out of memory."""
+    code = ("import json, sys; from triattention_jax.speed import hf_step_seconds; "
+            "a = json.loads(sys.argv[1]); print(json.dumps(hf_step_seconds(a['source'], dtype=a['dtype'], "
+            "batch=a['batch'], max_cache_len=a['max_cache_len'])))")
+    args = json.dumps({"source": source, "dtype": dtype, "batch": batch, "max_cache_len": max_cache_len})
+    result = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if result.returncode:
+        print(f"transformers at batch {batch} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def step_row(step, copy_bandwidth: float) -> dict[str, Any]:
+    achieved = step.bytes_per_step / step.step_seconds
+    return {**dataclasses.asdict(step), "tokens_per_second": step.tokens_per_second, "bytes_per_second": achieved,
+            "roofline_fraction": achieved / copy_bandwidth}
+
+
+def format_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format); empty where a row lacks the key or holds None."""
+    widths = [max(len(h), 9) for h, _, _ in columns]
+    lines = ["".join(h.rjust(w + 1) for (h, _, _), w in zip(columns, widths))]
+    for row in rows:
+        cells = [format(row[k], f) if row.get(k) is not None else "" for _, k, f in columns]
+        lines.append("".join(c.rjust(w + 1) for c, w in zip(cells, widths)))
     return "\n".join(lines)
 
 
-_BENCHMARK_FLAGS = ("model", "preset", "batch", "dtype", "methods", "new_tokens", "prompt_tokens", "budget", "divide_length", "stats", "hf")
+STEP_COLUMNS = [("method", "method", ""), ("batch", "batch", "d"), ("slots", "slots", "d"), ("ms/step", "ms", ".2f"),
+                ("tok/s", "tokens_per_second", ".1f"), ("GB/step", "gb", ".2f"), ("roofline", "roofline_fraction", ".1%"),
+                ("evict", "eviction_share", ".1%")]
+RUN_COLUMNS = [("method", "method", ""), ("batch", "batch", "d"), ("KV MiB/seq", "kv_mib_per_sequence", ".1f"),
+               ("tok/s", "tokens_per_second", ".1f"), ("e2e tok/s", "e2e_tokens_per_second", ".1f"),
+               ("e2e pred", "e2e_predicted_tokens_per_second", ".1f"), ("HF tok/s", "hf_tokens_per_second", ".1f"),
+               ("roofline", "final_roofline_fraction", ".1%"), ("evict", "eviction_share", ".1%")]
 
 
 def main(argv: list[str]) -> None:
+    from triattention_jax import speed
     from triattention_jax.checkpoint import load_model
     from triattention_jax.policies import policy_class
     from triattention_jax.prompts import check_writable, write_json_atomic
 
     if FLAGS.out:
         check_writable(FLAGS.out)
-    batches, lengths = _integers(FLAGS.batch, "batch"), _integers(FLAGS.new_tokens, "new_tokens")
+    batches = _integers(FLAGS.batch, "batch")
+    if not batches and not FLAGS.largest_batch:
+        raise UserError("give --batch sizes, or --largest_batch (or both)")
     for method in FLAGS.methods:
         policy_class(method)
-    results = []
-    for dtype in FLAGS.dtype:
-        loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=dtype)
-        transformer = random_transformer(FLAGS.preset, dtype) if FLAGS.preset else loaded.transformer
+    hf_source = preset_config(FLAGS.preset) if FLAGS.preset else None
+    loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=FLAGS.dtype)
+    hf_source = hf_source if FLAGS.preset else str(loaded.path)
+    P, N, divide = FLAGS.prompt_tokens, FLAGS.new_tokens, FLAGS.divide_length
+    hf_seconds = {}
+    if FLAGS.hf:
+        # Before JAX takes the device: PyTorch runs in a child process that exits first.
         for batch in batches:
-            for new_tokens in lengths:
-                for method in FLAGS.methods:
-                    policy = build_policy(method, transformer, loaded)
-                    results.append(time_ours(transformer, policy, method, dtype, batch, FLAGS.prompt_tokens, new_tokens))
-                    print(format_table(results[-1:]).splitlines()[-1], flush=True)
-                if FLAGS.hf and loaded is not None:
-                    results.append(time_hf(loaded.path, dtype, batch, FLAGS.prompt_tokens, new_tokens))
-                    print(format_table(results[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(format_table(results))
+            hf_seconds[batch] = hf_step_seconds_subprocess(hf_source, FLAGS.dtype, batch, P + N)
+    transformer = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
+    bandwidth = speed.copy_bandwidth()
+    weights = speed.weight_bytes(transformer)
+    memory_limit, _ = speed.device_memory()
+    steps, runs = [], []
+
+    def timed(policy, method: str, batch: int) -> tuple[list, Any]:
+        """Step times over the run's buffer sizes and the fit through them."""
+        schedule = speed.slot_schedule(policy, P, N, divide)
+        sizes = sorted(set(schedule))
+        if len(sizes) > 1:
+            chosen = _integers(FLAGS.cache_lengths, "cache_lengths") if FLAGS.cache_lengths else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
+            sizes = sorted({min(sizes, key=lambda s: abs(s - c)) for c in chosen})
+        measured = [speed.measure_step(transformer, policy, method, batch=batch, slots=s, divide_length=divide) for s in sizes]
+        for step in measured:
+            steps.append({**step_row(step, bandwidth), "ms": 1e3 * step.step_seconds, "gb": step.bytes_per_step / 1e9})
+            print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
+        return measured, speed.linear_fit([(m.slots, m.step_seconds) for m in measured])
+
+    for method in FLAGS.methods:
+        policy = build_policy(method, transformer, loaded)
+        per_sequence = speed.sequence_bytes(transformer, policy, P, N, divide)
+        schedule = speed.slot_schedule(policy, P, N, divide)
+        run_batches = [(b, False) for b in batches]
+        if FLAGS.largest_batch and memory_limit:
+            run_batches.append((speed.largest_batch(memory_limit, weights, per_sequence, FLAGS.memory_reserve), True))
+        for batch, is_largest in run_batches:
+            if batch < 1:
+                print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
+                continue
+            measured, fit = timed(policy, method, batch)
+            seconds = speed.integrated_seconds(fit, schedule, divide)
+            row = {"method": method, "batch": batch, "largest_batch": is_largest, "prompt_tokens": P, "new_tokens": N,
+                   "kv_bytes_per_sequence": per_sequence, "kv_mib_per_sequence": per_sequence / 2**20,
+                   "integrated_seconds": seconds, "tokens_per_second": batch * N / seconds,
+                   "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
+                   "eviction_share": measured[-1].eviction_share,
+                   "hf_tokens_per_second": None if hf_seconds.get(batch) is None or method != "full" else batch / hf_seconds[batch]}
+            if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
+                e2e = speed.end_to_end(transformer, policy, batch=batch, prompt_tokens=P, new_tokens=FLAGS.e2e_tokens, divide_length=divide)
+                predicted = sum(divide * fit(s) for s in e2e["steady_round_slots"])
+                row.update(e2e=e2e, e2e_tokens_per_second=e2e["steady_tokens_per_second"],
+                           e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted if predicted else None)
+            runs.append(row)
+            print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
+    _, peak = speed.device_memory()
+    print(f"\n{environment()['device']}: copy {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e9:.2f} GB, "
+          f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of {memory_limit / 2**30 if memory_limit else float('nan'):.1f}")
+    print("\nsteady decode steps\n" + format_rows(steps, STEP_COLUMNS))
+    print(f"\n{N} tokens after a {P}-token prompt\n" + format_rows(runs, RUN_COLUMNS))
     if FLAGS.out:
-        rows = [{**dataclasses.asdict(m), "tokens_per_second": m.tokens_per_second, "eviction_share": m.eviction_share}
-                for m in results]
-        write_json_atomic(FLAGS.out, {"environment": environment(), "model": FLAGS.model, "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
-                                      "results": rows})
+        write_json_atomic(FLAGS.out, {
+            "environment": environment(), "model": FLAGS.preset or FLAGS.model,
+            "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
+            "copy_bytes_per_second": bandwidth, "weight_bytes": weights, "memory_limit_bytes": memory_limit,
+            "peak_memory_bytes": peak, "steps": steps, "runs": runs,
+        })
+
+
+_BENCHMARK_FLAGS = ("model", "preset", "dtype", "batch", "methods", "prompt_tokens", "new_tokens", "cache_lengths", "budget",
+                    "divide_length", "e2e_tokens", "largest_batch", "memory_reserve", "stats", "hf")
 
 
 if __name__ == "__main__":

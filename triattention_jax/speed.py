@@ -1,0 +1,247 @@
+"""Steady-state decode timing on whatever device JAX has: what `benchmark.py` reports.
+
+A decode round (`divide_length` steps in one jitted `lax.scan`, eviction included) is timed on
+a buffer in the exact state it has in the middle of a long generation: `filled` slots in use
+(full attention: a buffer of the size it grows to; eviction methods: their fixed buffer, full,
+so the round starts with a compaction as every steady round does). Only K, V and positions are
+synthetic; the policy's own statistics and state come from a real prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from triattention_jax.cache import EMPTY_POSITION, KVCache
+from triattention_jax.generate import DecodeState, _generation_round, _prefill, _resized, prompt_bucket
+from triattention_jax.model import Transformer
+from triattention_jax.policies import EvictionPolicy, KVPolicy
+from triattention_jax.sampling import Sampler
+
+SYNTHETIC_PROMPT = 64
+
+
+def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
+    """Bytes per second (read + written) of a large device-to-device copy: the roofline.
+    Default size: 2 GiB on accelerators, 128 MiB on the CPU (beyond its caches either way)."""
+    nbytes = nbytes or (1 << 27 if jax.default_backend() == "cpu" else 1 << 31)
+    x = jnp.arange(nbytes // 2, dtype=jnp.int32).astype(jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
+    jax.block_until_ready(copy(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def weight_bytes(transformer: Transformer) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(transformer, nnx.Param)))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _filled(cache: KVCache, pattern: jax.Array, filled: jax.Array) -> KVCache:
+    slots = jnp.arange(cache.num_slots, dtype=jnp.int32)
+    values = jnp.broadcast_to(pattern[:, None, None, : cache.num_slots], cache.k.shape).astype(cache.k.dtype)
+    return dataclasses.replace(
+        cache, k=values, v=-values, cursor=filled,
+        pos=jnp.broadcast_to(jnp.where(slots < filled, slots, EMPTY_POSITION), cache.pos.shape),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSetup:
+    """Everything a timed round takes, for one (policy, batch, buffer) shape."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    policy: KVPolicy
+    cache: KVCache
+    decode: DecodeState
+    prompt_lengths: jax.Array
+
+
+def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slots: int, filled: int, seed: int = 0) -> RoundSetup:
+    """A buffer of `slots` slots with `filled` in use (positions 0..filled-1) and the policy's
+    statistics and state set up by a real prefill of random tokens."""
+    config = transformer.config
+    graphdef, state = nnx.split(transformer)
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))), jnp.int32)
+    lengths = jnp.full((batch,), SYNTHETIC_PROMPT, jnp.int32)
+    _, cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=slots)
+    if cache.num_slots != slots:
+        cache = _resized(cache, slots)
+    pattern = jax.random.normal(jax.random.key(seed), (config.num_layers, slots, config.head_dim), jnp.float32)
+    cache = _filled(cache, pattern, jnp.asarray(filled, jnp.int32))
+    decode = DecodeState(
+        token=jnp.asarray(rng.integers(0, config.vocab_size, batch), jnp.int32),
+        position=jnp.full((batch,), filled, jnp.int32),
+        done=jnp.zeros(batch, bool),
+        step=jnp.zeros((), jnp.int32),
+    )
+    return RoundSetup(graphdef, state, policy, cache, decode, lengths)
+
+
+def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repeats: int = 5) -> list[float]:
+    """Median seconds of one round started at each cursor (reset before every round, so each
+    round starts from the same buffer state)."""
+    cache = setup.cache
+    key, eos = jax.random.key(0), jnp.asarray([-2], jnp.int32)
+    medians = []
+    for cursor in cursors:
+        times = []
+        for index in range(repeats + 1):
+            cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
+            jax.block_until_ready(cache)
+            start = time.perf_counter()
+            cache, _, emitted = _generation_round(setup.graphdef, setup.state, setup.policy, cache, setup.decode,
+                                                  setup.prompt_lengths, key, eos, sampler=Sampler(), divide_length=divide_length)
+            jax.block_until_ready(emitted)
+            if index:  # the first call may compile
+                times.append(time.perf_counter() - start)
+        medians.append(float(np.median(times)))
+    return medians
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepTime:
+    """One steady decode step: `slots` buffer slots, `filled` of them in use."""
+
+    method: str
+    batch: int
+    slots: int
+    filled: int
+    step_seconds: float
+    bytes_per_step: int
+    eviction_share: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch / self.step_seconds
+
+
+def measure_step(transformer: Transformer, policy: KVPolicy, method: str, *, batch: int, slots: int,
+                 divide_length: int) -> StepTime:
+    """A steady step on a buffer of `slots` slots. Full attention: all slots but one round's in
+    use; eviction policies: the buffer full, so the round compacts first, and the share of the
+    round spent compacting, from the same round started with room (no compaction)."""
+    evicts = isinstance(policy, EvictionPolicy)
+    filled = slots if evicts else slots - divide_length
+    setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=filled)
+    cursors = [filled, policy.budget] if evicts else [filled]
+    times = time_rounds(setup, divide_length, cursors)
+    bytes_per_step = weight_bytes(transformer) + sum(leaf.nbytes for leaf in (setup.cache.k, setup.cache.v, setup.cache.pos))
+    return StepTime(method=method, batch=batch, slots=slots, filled=filled, step_seconds=times[0] / divide_length,
+                    bytes_per_step=bytes_per_step, eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None)
+
+
+def slot_schedule(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
+    """The buffer size of every round of a generation, as `generate` sizes it."""
+    bucket = prompt_bucket(prompt_tokens)
+    max_slots = policy.num_slots(bucket, new_tokens, divide_length)
+    slots = bucket if not isinstance(policy, EvictionPolicy) else max_slots
+    schedule = []
+    for index in range(-(-new_tokens // divide_length)):
+        slots = policy.round_slots(slots, bucket + index * divide_length, divide_length, max_slots)
+        schedule.append(slots)
+    return schedule
+
+
+def integrated_seconds(step_seconds: Callable[[int], float], schedule: list[int], divide_length: int) -> float:
+    """Decode seconds of a generation from the steady step time at each round's buffer size."""
+    return sum(divide_length * step_seconds(slots) for slots in schedule)
+
+
+def linear_fit(points: list[tuple[int, float]]) -> Callable[[int], float]:
+    """Step time against buffer slots (weights are read once per step, each slot once):
+    least squares a + b * slots through the measured points."""
+    xs, ys = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+    if len(points) == 1:
+        return lambda slots: float(ys[0])
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return lambda slots: float(intercept + slope * slots)
+
+
+def device_memory() -> tuple[int | None, int | None]:
+    """(bytes JAX may use on the device, peak bytes in use so far); None where not reported."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit"), stats.get("peak_bytes_in_use")
+
+
+def sequence_bytes(transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> int:
+    """Device bytes one sequence needs at its peak: the buffer (policy statistics included)
+    and, for a growing buffer, the previous size held while the next is filled."""
+    schedule = slot_schedule(policy, prompt_tokens, new_tokens, divide_length)
+    setup = steady_round(transformer, policy, batch=1, slots=schedule[-1], filled=1)
+    per_slot = setup.cache.nbytes / schedule[-1]
+    previous = max([s for s in schedule if s < schedule[-1]], default=0)
+    return int(per_slot * (schedule[-1] + previous))
+
+
+def largest_batch(memory_bytes: int, weights: int, per_sequence: int, reserve: float = 0.1) -> int:
+    """Rows that fit when `reserve` of the memory is left for activations and logits."""
+    return max(0, int((memory_bytes * (1 - reserve) - weights) // per_sequence))
+
+
+def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len: int, steps: int = 128) -> float:
+    """transformers' steady per-step decode time (sdpa attention, a static cache of
+    `max_cache_len` slots, eager PyTorch, no torch.compile): the difference between generating
+    8 + steps and 8 tokens after a short prompt, over steps. `source`: a checkpoint folder, or
+    an HF config.json dict (random weights). On CUDA when PyTorch sees a GPU, else on the CPU."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        if isinstance(source, dict):
+            config = transformers.AutoConfig.for_model(**source)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(0, model.config.vocab_size, (batch, SYNTHETIC_PROMPT), device=device)
+
+    def seconds(new_tokens: int) -> float:
+        cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, disable_compile=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    seconds(8)
+    return (seconds(8 + steps) - seconds(8)) / steps
+
+
+def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt_tokens: int, new_tokens: int,
+               divide_length: int) -> dict[str, float]:
+    """One real `generate` run of random prompts (EOS ignored): its wall time, and its rate over
+    the rounds that compiled nothing (not the first, nor those where the buffer grew), with the
+    buffer size of each such round for comparing against step times."""
+    from triattention_jax.generate import generate
+
+    prompts = np.random.default_rng(1).integers(0, transformer.config.vocab_size, (batch, prompt_tokens)).tolist()
+    ends: list[float] = []
+    result = generate(transformer, prompts, max_new_tokens=new_tokens, divide_length=divide_length, policy=policy,
+                      on_round=lambda _: ends.append(time.perf_counter()))
+    schedule = slot_schedule(policy, prompt_tokens, new_tokens, divide_length)
+    steady = [i for i in range(1, len(ends)) if schedule[i] == schedule[i - 1]]
+    seconds = sum(ends[i] - ends[i - 1] for i in steady)
+    return {"wall_seconds": result.wall_seconds, "steady_rounds": len(steady), "steady_seconds": seconds,
+            "steady_tokens_per_second": batch * divide_length * len(steady) / seconds if steady else float("nan"),
+            "steady_round_slots": [schedule[i] for i in steady], "kv_cache_bytes": result.kv_cache_bytes}
