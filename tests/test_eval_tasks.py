@@ -93,6 +93,7 @@ def test_dfs_answer_parser():
     final = "current node: 5\nSTACK: [0, 2]\nvisited = {0}\n...\nCurrent node = 7\nstack:[0,3 , 7]\nVisited set: [7, 0, 3]"
     assert parse_dfs_answer(final) == DfsState(7, (0, 3, 7), frozenset({0, 3, 7}))
     assert parse_dfs_answer("Stack: []") == DfsState(None, (), None)
+    assert parse_dfs_answer("Stack: [0, 2]\nVisited: {}").as_json() == {"current": None, "stack": [0, 2], "visited": []}
     assert parse_dfs_answer("I do not know.") == DfsState(None, None, None)
     assert parse_dfs_answer("Current: x\nStack: [0, a]\nVisited: {0, 1") == DfsState(None, None, None)
     assert parse_dfs_answer("Stack: 0, 1, 2\nVisited: {0,,1}") == DfsState(None, None, None)

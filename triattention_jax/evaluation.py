@@ -173,8 +173,9 @@ def run_fidelity(model: LoadedModel, store: ResultStore, methods: list[str], bud
     needed = _samples_in(groups)
     if not needed:
         return
-    tokens = dict(zip(needed, fidelity_tokens(model, needed, seq_len)))
-    reference = dict(zip(needed, teacher_force(model.transformer, np.stack(list(tokens.values())), prefill_length=PREFILL_TOKENS)))
+    batch = fidelity_tokens(model, needed, seq_len)
+    tokens = dict(zip(needed, batch))
+    reference = dict(zip(needed, teacher_force(model.transformer, batch, prefill_length=PREFILL_TOKENS)))
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
         policy = build_policy(model, method, budget)
@@ -245,10 +246,8 @@ def run_dfs(model: LoadedModel, store: ResultStore, methods: list[str], budgets:
         cells = []
         for sample, ids in zip(group, outputs):
             parsed = parse_dfs_answer(model.tokenizer.decode(ids, skip_special_tokens=True))
-            cells.append({
-                **dfs_metrics(problems[sample].answer, parsed), "steps": problems[sample].steps, "answer_tokens": len(ids),
-                "answer": {"current": parsed.current, "stack": parsed.stack, "visited": parsed.visited and sorted(parsed.visited)},
-            })
+            cells.append({**dfs_metrics(problems[sample].answer, parsed), "steps": problems[sample].steps,
+                          "answer_tokens": len(ids), "answer": parsed.as_json()})
         return cells
 
     _run_groups(store, "dfs", groups, run_group, progress)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from triattention_jax.cache import EMPTY_POSITION, KVCache
-from triattention_jax.generate import DecodeState, _generation_round, _prefill, _resized, prompt_bucket
+from triattention_jax.generate import DecodeState, _generation_round, _prefill, prompt_bucket
 from triattention_jax.model import Transformer
 from triattention_jax.policies import EvictionPolicy, KVPolicy
 from triattention_jax.sampling import Sampler
@@ -47,14 +47,16 @@ def weight_bytes(transformer: Transformer) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(transformer, nnx.Param)))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _filled(cache: KVCache, pattern: jax.Array, filled: jax.Array) -> KVCache:
-    slots = jnp.arange(cache.num_slots, dtype=jnp.int32)
-    values = jnp.broadcast_to(pattern[:, None, None, : cache.num_slots], cache.k.shape).astype(cache.k.dtype)
-    return dataclasses.replace(
-        cache, k=values, v=-values, cursor=filled,
-        pos=jnp.broadcast_to(jnp.where(slots < filled, slots, EMPTY_POSITION), cache.pos.shape),
-    )
+@functools.partial(jax.jit, static_argnums=1)
+def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, filled: jax.Array) -> KVCache:
+    """The prefilled cache's policy statistics in a buffer of `slots` slots whose first
+    `filled` hold synthetic keys and values; built in one program, so the device holds one
+    buffer, not a padded copy and a filled copy."""
+    cache = prompt_cache.resized(slots)
+    index = jnp.arange(slots, dtype=jnp.int32)
+    values = jnp.broadcast_to(pattern[:, None, None], cache.k.shape).astype(cache.k.dtype)
+    return dataclasses.replace(cache, k=values, v=-values, cursor=filled,
+                               pos=jnp.broadcast_to(jnp.where(index < filled, index, EMPTY_POSITION), cache.pos.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +79,9 @@ def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slot
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))), jnp.int32)
     lengths = jnp.full((batch,), SYNTHETIC_PROMPT, jnp.int32)
-    _, cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=slots)
-    if cache.num_slots != slots:
-        cache = _resized(cache, slots)
+    _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=slots)
     pattern = jax.random.normal(jax.random.key(seed), (config.num_layers, slots, config.head_dim), jnp.float32)
-    cache = _filled(cache, pattern, jnp.asarray(filled, jnp.int32))
+    cache = _synthetic_buffer(prompt_cache, slots, pattern, jnp.asarray(filled, jnp.int32))
     decode = DecodeState(
         token=jnp.asarray(rng.integers(0, config.vocab_size, batch), jnp.int32),
         position=jnp.full((batch,), filled, jnp.int32),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,10 @@ class DfsState:
     current: int | None
     stack: tuple[int, ...] | None
     visited: frozenset[int] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"current": self.current, "stack": None if self.stack is None else list(self.stack),
+                "visited": None if self.visited is None else sorted(self.visited)}
 
 
 @dataclasses.dataclass(frozen=True)
