@@ -34,7 +34,7 @@ def tokenizer():
 def test_needle_stream_layout(tokenizer):
     budget = 128
     length = needle_length(300, budget)
-    assert length == FILLER_PER_BUDGET * budget + 160
+    assert length == FILLER_PER_BUDGET * budget + 128
     filler = text_tokens(tokenizer, source_text("pydoc_prose", 0), length, add_special_tokens=False)
     stream = needle_stream(tokenizer, "4817263", filler, length)
     assert len(stream.tokens) == length and stream.tokens.dtype == np.int32
@@ -108,21 +108,21 @@ def test_needle_run(model, tmp_path):
     out = tmp_path / "needle"
     out.mkdir()
     # A cell from an earlier run is kept, and its sample leaves the batch of that group.
-    earlier = {"answer_accuracy": 0.5, "exact_match": 0.0, "length": 288}
-    (out / "results.json").write_text(json.dumps({"needle/full/32/0": earlier}))
+    earlier = {"answer_accuracy": 0.5, "exact_match": 0.0, "length": 192}
+    (out / "results.json").write_text(json.dumps({"needle/full/16/0": earlier}))
     events = []
-    evaluate(model, task="needle", methods=["streaming"], budgets=[32], num_samples=2, seq_len=128, out=out,
+    evaluate(model, task="needle", methods=["streaming"], budgets=[16], num_samples=2, seq_len=128, out=out,
              progress=lambda *event: events.append(event))
-    assert events == [(0, 3, "needle/full/32 (1 samples)"), (1, 3, "needle/streaming/32 (2 samples)"), (3, 3, "")]
+    assert events == [(0, 3, "needle/full/16 (1 samples)"), (1, 3, "needle/streaming/16 (2 samples)"), (3, 3, "")]
     cells = json.loads((out / "results.json").read_text())
-    assert cells["needle/full/32/0"] == earlier
-    assert all(cells[f"needle/{m}/32/{s}"]["length"] == 4 * 32 + 160 for m, s in [("full", 1), ("streaming", 0), ("streaming", 1)])
-    # Full attention recalls the key across four budgets of filler; a 32-token window cannot.
-    assert cells["needle/full/32/1"]["exact_match"] == 1.0
-    assert all(cells[f"needle/streaming/32/{s}"]["exact_match"] == 0.0 for s in (0, 1))
-    assert all(cells[f"needle/streaming/32/{s}"]["answer_accuracy"] < 0.5 for s in (0, 1))
+    assert cells["needle/full/16/0"] == earlier
+    assert all(cells[f"needle/{m}/16/{s}"]["length"] == 4 * 16 + 128 for m, s in [("full", 1), ("streaming", 0), ("streaming", 1)])
+    # Full attention recalls the key across four budgets of filler; StreamingLLM's 16 entries cannot.
+    assert cells["needle/full/16/1"]["exact_match"] == 1.0
+    assert all(cells[f"needle/streaming/16/{s}"]["exact_match"] == 0.0 for s in (0, 1))
+    assert all(cells[f"needle/streaming/16/{s}"]["answer_accuracy"] < 0.5 for s in (0, 1))
     table = (out / "needle.md").read_text()
-    assert "| full | 32 | 0.7500 ± 0.2500 | 0.5000 ± 0.5000 | 2 |" in table and "| streaming | 32 |" in table
+    assert "| full | 16 | 0.7500 ± 0.2500 | 0.5000 ± 0.5000 | 2 |" in table and "| streaming | 16 |" in table
     assert (out / "needle_exact_match.png").exists()
 
 

@@ -16,7 +16,7 @@ from triattention_jax.errors import UserError
 
 FILLER_PER_BUDGET = 4
 # Tokens set aside for everything but the filler (preamble, fact, question, answer).
-RESERVED_TOKENS = 160
+RESERVED_TOKENS = 128
 PREAMBLE = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it: "
             "you will be asked for it at the end.\n\n")
 FACT = "The pass key is {key}. Remember it. {key} is the pass key.\n\n"
@@ -58,8 +58,8 @@ def needle_stream(tokenizer: Any, key: str, filler: Sequence[int], length: int) 
     question, answer = question + answer[:lead], answer[lead:]
     fixed = len(head) + len(fact) + len(question) + len(answer)
     if fixed > RESERVED_TOKENS:
-        raise UserError(f"this tokenizer spells the needle's text in {fixed} tokens, more than the {RESERVED_TOKENS} "
-                        "the needle task reserves: raise needle.RESERVED_TOKENS")
+        raise UserError(f"this tokenizer spells the needle's text in {fixed} tokens, more than the {RESERVED_TOKENS} the "
+                        "task reserves: raise RESERVED_TOKENS in triattention_jax/eval_tasks/needle.py")
     fill = length - fixed
     if len(filler) < fill:
         raise UserError(f"the needle's filler text has {len(filler)} tokens, {fill} are needed: lower --seq_len or --budgets")
