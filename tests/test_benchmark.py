@@ -27,7 +27,7 @@ def test_presets_build_real_shapes():
     weights = sum(int(jnp.prod(jnp.array(shape))) for shape, _ in weight_specs(qwen3).values())
     assert abs(2 * weights / 1e9 - 16.4) < 0.1  # 16.4 GB of bf16 weights
     transformer = random_transformer("tiny", "float32")
-    assert transformer.wq[...].shape == weight_specs(transformer.config)["wq"][0]
+    assert transformer.stacked("wq").shape == weight_specs(transformer.config)["wq"][0]
 
 
 def test_tiny_preset_report_is_consistent(tmp_path):

@@ -27,7 +27,7 @@ def test_bf16_and_sharded_safetensors_read_without_torch(tmp_path, tiny_model_di
     assert set(tensors) == set(state)
     for name, value in state.items():
         np.testing.assert_array_equal(tensors[name].astype(np.float32), value.float().numpy())
-    assert load_transformer(tmp_path / "bf16", dtype="bfloat16").wq[...].dtype == np.dtype("bfloat16")
+    assert load_transformer(tmp_path / "bf16", dtype="bfloat16").layers[0].wq[...].dtype == np.dtype("bfloat16")
 
 
 def test_other_safetensors_files_beside_the_weights_are_ignored(tmp_path, tiny_model_dirs):

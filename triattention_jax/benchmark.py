@@ -49,7 +49,7 @@ flags.DEFINE_integer("budget", 2048, "Budget of the eviction methods.")
 flags.DEFINE_integer("divide_length", 128, "Decode steps per round.")
 flags.DEFINE_integer("e2e_tokens", 4096, "Tokens of the end-to-end confirmation run at the first batch (0: none).")
 flags.DEFINE_bool("largest_batch", False, "Also time each method at the largest batch that fits in the same memory.")
-flags.DEFINE_float("memory_reserve", 0.1, "Share of device memory left for activations and logits when sizing batches.")
+flags.DEFINE_float("memory_reserve", 0.1, "Share of device memory left free (allocator slack) when sizing batches.")
 flags.DEFINE_string("stats", None, "TriAttention statistics; default: the model folder's (calibrated on first use).")
 flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
@@ -85,18 +85,25 @@ def preset_config(preset: str) -> dict[str, Any]:
 
 
 def random_transformer(preset: str, dtype: str, seed: int = 0):
-    """A model of the preset's shape with random weights generated on the device."""
+    """A model of the preset's shape with random weights generated on the device, layer by
+    layer (no stacked temporaries that would leave the device memory fragmented)."""
     from triattention_jax.config import ModelConfig
-    from triattention_jax.model import Transformer, weight_specs
+    from triattention_jax.model import LAYER_WEIGHTS, Transformer, weight_specs
 
     config = ModelConfig.from_hf(preset_config(preset))
     key = jax.random.key(seed)
+
+    def draw(name: str, index: int, shape: tuple[int, ...]) -> jax.Array:
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        return 0.02 * jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+
     weights = {}
     for index, (name, (shape, _)) in enumerate(sorted(weight_specs(config).items())):
-        if name.endswith("norm"):
-            weights[name] = jnp.ones(shape, dtype)
+        if name in LAYER_WEIGHTS:
+            weights[name] = [draw(name, index * config.num_layers + layer, shape[1:]) for layer in range(config.num_layers)]
         else:
-            weights[name] = 0.02 * jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+            weights[name] = draw(name, index, shape)
     return Transformer(config, weights, dtype=dtype)
 
 
@@ -209,6 +216,17 @@ def main(argv: list[str]) -> None:
     memory_limit, _ = speed.device_memory()
     steps, runs = [], []
 
+    def save() -> None:
+        """Rewritten after every row, so a run cut short still leaves what it measured."""
+        if FLAGS.out:
+            _, peak = speed.device_memory()
+            write_json_atomic(FLAGS.out, {
+                "environment": environment(), "model": FLAGS.preset or FLAGS.model,
+                "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
+                "copy_bytes_per_second": bandwidth, "weight_bytes": weights, "memory_limit_bytes": memory_limit,
+                "peak_memory_bytes": peak, "hf_step_seconds": hf_seconds, "steps": steps, "runs": runs,
+            })
+
     def timed(policy, method: str, batch: int) -> tuple[list, Any]:
         """Step times over the run's buffer sizes and the fit through them."""
         schedule = speed.slot_schedule(policy, P, N, divide)
@@ -224,11 +242,11 @@ def main(argv: list[str]) -> None:
 
     for method in FLAGS.methods:
         policy = build_policy(method, transformer, loaded)
-        per_sequence = speed.sequence_bytes(transformer, policy, P, N, divide)
+        memory = speed.sequence_memory(transformer, policy, P, N, divide)
         schedule = speed.slot_schedule(policy, P, N, divide)
         run_batches = [(b, False) for b in batches]
         if FLAGS.largest_batch and memory_limit:
-            run_batches.append((speed.largest_batch(memory_limit, weights, per_sequence, FLAGS.memory_reserve), True))
+            run_batches.append((speed.largest_batch(memory_limit, weights, memory, FLAGS.memory_reserve), True))
         for batch, is_largest in run_batches:
             if batch < 1:
                 print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
@@ -236,7 +254,8 @@ def main(argv: list[str]) -> None:
             measured, fit = timed(policy, method, batch)
             seconds = speed.integrated_seconds(fit, schedule, divide)
             row = {"method": method, "batch": batch, "largest_batch": is_largest, "prompt_tokens": P, "new_tokens": N,
-                   "kv_bytes_per_sequence": per_sequence, "kv_mib_per_sequence": per_sequence / 2**20,
+                   "kv_bytes_per_sequence": memory.buffer, "kv_mib_per_sequence": memory.buffer / 2**20,
+                   "scratch_bytes_per_sequence": memory.scratch, "fixed_scratch_bytes": memory.fixed_scratch,
                    "integrated_seconds": seconds, "tokens_per_second": batch * N / seconds,
                    "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
                    "eviction_share": measured[-1].eviction_share,
@@ -248,18 +267,13 @@ def main(argv: list[str]) -> None:
                            e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted if predicted else None)
             runs.append(row)
             print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
+            save()
     _, peak = speed.device_memory()
     print(f"\n{environment()['device']}: copy {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e9:.2f} GB, "
           f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of {memory_limit / 2**30 if memory_limit else float('nan'):.1f}")
     print("\nsteady decode steps\n" + format_rows(steps, STEP_COLUMNS))
     print(f"\n{N} tokens after a {P}-token prompt\n" + format_rows(runs, RUN_COLUMNS))
-    if FLAGS.out:
-        write_json_atomic(FLAGS.out, {
-            "environment": environment(), "model": FLAGS.preset or FLAGS.model,
-            "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
-            "copy_bytes_per_second": bandwidth, "weight_bytes": weights, "memory_limit_bytes": memory_limit,
-            "peak_memory_bytes": peak, "steps": steps, "runs": runs,
-        })
+    save()
 
 
 _BENCHMARK_FLAGS = ("model", "preset", "dtype", "batch", "methods", "prompt_tokens", "new_tokens", "cache_lengths", "budget",

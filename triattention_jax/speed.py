@@ -177,19 +177,46 @@ def device_memory() -> tuple[int | None, int | None]:
     return stats.get("bytes_limit"), stats.get("peak_bytes_in_use")
 
 
-def sequence_bytes(transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> int:
-    """Device bytes one sequence needs at its peak: the buffer (policy statistics included)
-    and, for a growing buffer, the previous size held while the next is filled."""
+def round_temp_bytes(setup: RoundSetup, divide_length: int) -> int:
+    """Scratch memory XLA reserves for one round of this shape (0 where not reported)."""
+    key, eos = jax.random.key(0), jnp.asarray([-2], jnp.int32)
+    compiled = _generation_round.lower(setup.graphdef, setup.state, setup.policy, setup.cache, setup.decode,
+                                       setup.prompt_lengths, key, eos, sampler=Sampler(), divide_length=divide_length).compile()
+    analysis = compiled.memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceMemory:
+    """Device bytes of a generation beyond the weights: per sequence, the buffer (policy
+    statistics included, plus for a growing buffer the previous size, held while the next is
+    filled) and the round's scratch memory (compaction gathers into new arrays, scoring works
+    in float32); once per batch, the scratch that does not grow with it (logits, norms)."""
+
+    buffer: int
+    scratch: int
+    fixed_scratch: int
+
+
+def sequence_memory(transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int,
+                    divide_length: int) -> SequenceMemory:
+    """Measured from the compiled round at the run's largest buffer, at batch 1 and 2."""
     schedule = slot_schedule(policy, prompt_tokens, new_tokens, divide_length)
-    setup = steady_round(transformer, policy, batch=1, slots=schedule[-1], filled=1)
-    per_slot = setup.cache.nbytes / schedule[-1]
+    temps = []
+    for batch in (1, 2):
+        setup = steady_round(transformer, policy, batch=batch, slots=schedule[-1], filled=1)
+        temps.append(round_temp_bytes(setup, divide_length))
+    per_slot = setup.cache.nbytes / (2 * schedule[-1])
     previous = max([s for s in schedule if s < schedule[-1]], default=0)
-    return int(per_slot * (schedule[-1] + previous))
+    per_sequence = max(0, temps[1] - temps[0])
+    return SequenceMemory(buffer=int(per_slot * (schedule[-1] + previous)), scratch=per_sequence,
+                          fixed_scratch=max(0, temps[0] - per_sequence))
 
 
-def largest_batch(memory_bytes: int, weights: int, per_sequence: int, reserve: float = 0.1) -> int:
-    """Rows that fit when `reserve` of the memory is left for activations and logits."""
-    return max(0, int((memory_bytes * (1 - reserve) - weights) // per_sequence))
+def largest_batch(memory_bytes: int, weights: int, memory: SequenceMemory, reserve: float = 0.1) -> int:
+    """Rows that fit when `reserve` of the memory is left free (allocator slack)."""
+    free = memory_bytes * (1 - reserve) - weights - memory.fixed_scratch
+    return max(0, int(free // (memory.buffer + memory.scratch)))
 
 
 def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len: int, steps: int = 128) -> float:
