@@ -38,6 +38,10 @@ flags.DEFINE_list("offsets", None, "TriAttention future offsets; default: 1, 2, 
 flags.DEFINE_bool("trig_term", True, "TriAttention's trigonometric term (off: the paper's ablation).")
 flags.DEFINE_bool("norm_weighting", True, "Weight TriAttention's norm term by (1 - R_f) (off: the paper's ablation).")
 flags.DEFINE_integer("divide_length", DEFAULT_DIVIDE_LENGTH, "Decode steps per round (eviction runs between rounds).")
+flags.DEFINE_enum("kv_cache", "standard", ["standard", "slim"], "standard: K and V; slim: K only, V recomputed from "
+                  "all heads' K (MHA checkpoints only; eviction methods then keep one token set per layer).")
+flags.DEFINE_float("slim_max_cond", None, "Refuse --kv_cache slim when a layer's cond(W_K) exceeds this (default: 1/unit "
+                   "roundoff of --dtype: 1.7e7 float32, 256 bfloat16).")
 flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and measurements here.")
 
 
@@ -47,6 +51,10 @@ def main(argv: list[str]) -> None:
     stream = StreamPrinter()
     payload = decode_prompts(**{name: FLAGS[name].value for name in _DECODE_FLAGS}, on_text=stream)
     stream.finish(payload["texts"])
+    if payload["slim"]:
+        conds = ", ".join(f"{c:.3g}" for c in payload["slim"]["cond_wk"])
+        print(f"[slim] K-only cache; cond(W_K) per layer: {conds} (threshold {payload['slim']['threshold']:.3g})",
+              file=sys.stderr)
     print(
         f"[{payload['method']}] {sum(payload['num_generated_tokens'])} tokens in {payload['wall_seconds']:.2f}s, compilation "
         f"included ({payload['tokens_per_second']:.1f} tok/s), KV buffer {payload['kv_cache_bytes'] / 2**20:.2f} MiB",
@@ -80,6 +88,7 @@ class StreamPrinter:
 _DECODE_FLAGS = (
     "model", "prompt", "prompt_file", "chat", "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p",
     "seed", "dtype", "method", "budget", "protect_prompt", "window", "stats", "aggregation", "offsets", "trig_term", "norm_weighting", "divide_length", "output_json",
+    "kv_cache", "slim_max_cond",
 )
 
 

@@ -38,14 +38,23 @@ TINY_MODELS = {
     "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
 }
 
+# Multi-head attention (KV heads = query heads, heads·head_dim = hidden) for the K-only cache:
+# YaRN RoPE (attention_scaling ≠ 1) and Qwen2's q/k/v biases.
+SLIM_MODELS = {
+    "llama-mha-yarn": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=512))),
+    "qwen2-mha": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+}
+
 
 def save_tiny_model(directory: Path, name: str, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    model_type, extra = TINY_MODELS[name]
+    model_type, extra = {**TINY_MODELS, **SLIM_MODELS}[name]
     config_class = transformers.AutoConfig.for_model(model_type).__class__
-    config = config_class(**TINY_COMMON, **extra)
+    config = config_class(**{**TINY_COMMON, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if model_type == "qwen2":
@@ -68,6 +77,12 @@ def save_tiny_model(directory: Path, name: str, seed: int = 0) -> Path:
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: save_tiny_model(root, name) for name in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def slim_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("slim_models")
+    return {name: save_tiny_model(root, name) for name in SLIM_MODELS}
 
 
 @pytest.fixture()

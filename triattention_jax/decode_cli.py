@@ -11,6 +11,7 @@ from triattention_jax.generate import generate
 from triattention_jax.policies import PolicySettings, policy_class
 from triattention_jax.prompts import check_writable, encode_prompts, has_chat_template, read_prompt_file, write_json_atomic
 from triattention_jax.sampling import Sampler
+from triattention_jax.slim import KV_CACHE_MODES, slim_transformer
 
 
 def decode_prompts(
@@ -37,6 +38,8 @@ def decode_prompts(
     norm_weighting: bool,
     divide_length: int,
     output_json: str | None,
+    kv_cache: str = "standard",
+    slim_max_cond: float | None = None,
     on_text: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
     """Generates for one prompt or a file of prompts; returns (and optionally writes) the report."""
@@ -46,7 +49,12 @@ def decode_prompts(
     if output_json:
         check_writable(output_json)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    if kv_cache not in KV_CACHE_MODES:
+        raise UserError(f"unknown --kv_cache {kv_cache!r}: choose one of {', '.join(KV_CACHE_MODES)}")
     loaded = load_model(model, dtype=dtype)
+    transformer, slim_report = loaded.transformer, None
+    if kv_cache == "slim":
+        transformer, slim_report = slim_transformer(transformer, max_cond=slim_max_cond)
     settings = PolicySettings(
         budget=budget, protect_prompt=protect_prompt, window=window, stats=stats, aggregation=aggregation,
         offsets=_offsets(offsets), trigonometric=trig_term, norm_weighting=norm_weighting,
@@ -61,7 +69,7 @@ def decode_prompts(
             on_text([tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids])
 
     result = generate(
-        loaded.transformer,
+        transformer,
         prompt_ids,
         max_new_tokens=max_new_tokens,
         eos_ids=() if ignore_eos else loaded.config.eos_token_ids,
@@ -76,6 +84,8 @@ def decode_prompts(
         "model": str(loaded.path),
         "method": method,
         "dtype": dtype,
+        "kv_cache": kv_cache,
+        "slim": slim_report.to_dict() if slim_report else None,
         "policy_settings": dataclasses.asdict(settings) if method != "full" else None,
         "divide_length": divide_length,
         "chat": use_chat,
@@ -85,6 +95,7 @@ def decode_prompts(
         "num_prompt_tokens": result.num_prompt_tokens,
         "num_generated_tokens": result.num_generated_tokens,
         "kv_cache_bytes": result.kv_cache_bytes,
+        "kv_payload_bytes": result.kv_payload_bytes,
         "wall_seconds": result.wall_seconds,
         "tokens_per_second": generated / result.wall_seconds,
     }

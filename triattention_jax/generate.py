@@ -53,12 +53,14 @@ class DecodeState:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerationResult:
     """Per prompt: generated ids (EOS included when emitted, nothing after it); kv_cache_bytes:
-    the largest buffer held (policy statistics included)."""
+    the largest buffer held (positions and policy statistics included); kv_payload_bytes: its
+    K and V entries alone (a K-only cache: K only)."""
 
     token_ids: list[list[int]]
     num_prompt_tokens: list[int]
     kv_cache_bytes: int
     wall_seconds: float
+    kv_payload_bytes: int = 0
 
     @property
     def num_generated_tokens(self) -> list[int]:
@@ -93,7 +95,8 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
     out = extend_for_policy(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1)
-    cache = init_cache(transformer.config, batch, bucket, transformer.dtype).append(out.k, out.v, positions)
+    cache = init_cache(transformer.config, batch, bucket, transformer.dtype, values=not transformer.slim)
+    cache = cache.append(out.k, out.v, positions)
     context = RoundContext(prompt_lengths=lengths, position=lengths)
     return out.logits, policy.fit_prefill(policy.start(cache, out, positions), num_slots, context)
 
@@ -179,13 +182,13 @@ def generate(
     tokens = np.zeros((len(prompts), bucket), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    policy.check(lengths.tolist(), divide_length)
+    policy.check(lengths.tolist(), divide_length, slim=transformer.slim)
     num_slots = policy.num_slots(bucket, max_new_tokens, divide_length)
     graphdef, state = nnx.split(transformer)
     key = jax.random.key(seed)
     prompt_lengths = jnp.asarray(lengths)
     logits, cache = _prefill(graphdef, state, policy, jnp.asarray(tokens), prompt_lengths, num_slots=num_slots)
-    kv_cache_bytes = 0
+    kv_cache_bytes = kv_payload_bytes = 0
     decode = DecodeState(
         token=sampler(logits, jax.random.fold_in(key, 2**31 - 1)),
         position=prompt_lengths,
@@ -199,6 +202,7 @@ def generate(
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
         cache = _sized_for_round(policy, cache, bucket + rounds * divide_length, divide_length, num_slots)
         kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
+        kv_payload_bytes = max(kv_payload_bytes, cache.payload_nbytes)
         rounds += 1
         cache, decode, emitted = _generation_round(
             graphdef, state, policy, cache, decode, prompt_lengths, key, eos, sampler=sampler, divide_length=divide_length
@@ -213,6 +217,7 @@ def generate(
         token_ids=generated,
         num_prompt_tokens=lengths.tolist(),
         kv_cache_bytes=kv_cache_bytes,
+        kv_payload_bytes=kv_payload_bytes,
         wall_seconds=time.perf_counter() - start,
     )
 
@@ -243,7 +248,7 @@ def teacher_force(
     padded = np.zeros((batch, bucket), np.int32)
     padded[:, :prefill_length] = tokens[:, :prefill_length]
     prompt_lengths = jnp.full((batch,), prefill_length, jnp.int32)
-    policy.check([prefill_length] * batch, divide_length)
+    policy.check([prefill_length] * batch, divide_length, slim=transformer.slim)
     num_slots = policy.num_slots(bucket, total - prefill_length, divide_length)
     logits, cache = _prefill(graphdef, state, policy, jnp.asarray(padded), prompt_lengths, num_slots=num_slots, all_logits=True)
     pieces = [np.asarray(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1))]

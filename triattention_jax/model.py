@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,11 @@ def weight_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[
 
 
 LAYER_WEIGHTS = frozenset(
-    ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv", "bo", "q_norm", "k_norm"]
+    ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
+     "w_kv"]
 )
+# Not in checkpoints: W_KV = W_K^{-1} W_V (D, kv_heads, head_dim), added by `slim.slim_transformer`.
+SLIM_AXES = ("embed", "kv_heads", "head_dim")
 
 
 @jax.tree_util.register_dataclass
@@ -128,6 +131,11 @@ class Transformer(nnx.Module):
     def _weight(self, name: str) -> jax.Array:
         return getattr(self, name)[...]
 
+    @property
+    def slim(self) -> bool:
+        """Whether caches for this model hold K only (V recomputed through W_KV; see `slim.py`)."""
+        return hasattr(self.layers[0], "w_kv")
+
     def stacked(self, name: str) -> jax.Array:
         """A layer weight stacked over layers (a copy), e.g. for inspection or conversion."""
         return jnp.stack([getattr(layer, name)[...] for layer in self.layers])
@@ -159,8 +167,11 @@ class Transformer(nnx.Module):
             q_pre, k_pre, v = project_qkv(cfg, w, h)
             q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
             k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
+            cache_values = None
+            if cache is not None and cache.v is None:
+                cache_values = slim_cache_values(w, cache.k[index], cache.pos[index], self.inv_freq[...], self.attention_scaling)
             attn, received_cache, received_new = _attention(
-                q, k, v, positions, cache, index, self.attention_scale, collect_attention
+                q, k, v, positions, cache, index, self.attention_scale, collect_attention, cache_values
             )
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
@@ -248,8 +259,12 @@ def _attention(
     layer: jax.Array,
     scale: float,
     collect_attention: bool = False,
+    cache_values: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Attention of q (B,T,H,hd) over the T new keys and the cache's `layer`, one softmax.
+
+    cache_values(p) gives Σ_s p_s·V_s over the cache's slots for unnormalized weights p
+    (B,K,G,T,S); it is required for a K-only cache (`slim_cache_values`), which has no V.
 
     Returns the output (B,T,H,hd) and, with collect_attention, the attention each cache slot
     (B,K,S) and each new key (B,K,T) received, summed over the queries of its GQA group.
@@ -271,19 +286,52 @@ def _attention(
         key_pos = key_pos[:, :, None, None, :]
         return jnp.where((key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0), scores, MASK_VALUE)
 
-    blocks = [(masked_scores(k.transpose(0, 2, 1, 3), jnp.broadcast_to(positions[:, None, :], (B, K, T))), v.transpose(0, 2, 1, 3))]
+    def stored_values(values: jax.Array) -> Callable[[jax.Array], jax.Array]:
+        return lambda p: einsum_f32("bkgts,bksd->bkgtd", p.astype(values.dtype), values)
+
+    new_pos = jnp.broadcast_to(positions[:, None, :], (B, K, T))
+    blocks = [(masked_scores(k.transpose(0, 2, 1, 3), new_pos), stored_values(v.transpose(0, 2, 1, 3)))]
     if cache is not None:
-        blocks.insert(0, (masked_scores(cache.k[layer], cache.pos[layer]), cache.v[layer]))
+        blocks.insert(0, (masked_scores(cache.k[layer], cache.pos[layer]),
+                          stored_values(cache.v[layer]) if cache.v is not None else cache_values))
     row_max = functools.reduce(jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in blocks])
     weights = [jnp.exp(scores - row_max) for scores, _ in blocks]
     total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
-    acc = sum(einsum_f32("bkgts,bksd->bkgtd", w.astype(values.dtype), values) for w, (_, values) in zip(weights, blocks))
+    acc = sum(weighted_values(w) for w, (_, weighted_values) in zip(weights, blocks))
     out = (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
     if not collect_attention:
         return out, None, None
     query_valid = (positions >= 0)[:, None, None, :, None]
     received = [jnp.sum(jnp.where(query_valid, w / total, 0.0), axis=(2, 3)) for w in weights]
     return out, received[0] if cache is not None else None, received[-1]
+
+
+def slim_cache_values(
+    w: Mapping[str, jax.Array], keys: jax.Array, key_pos: jax.Array, inv_freq: jax.Array, attention_scaling: float,
+) -> Callable[[jax.Array], jax.Array]:
+    """Σ_s p_s·V_s of a K-only cache layer (keys (B,K,S,hd) post-RoPE, key_pos (B,K,S)).
+
+    MHA with a square W_K: the pre-RoPE keys of all heads, k = h·W_K + b_k, give
+    h = (k − b_k)·W_K^{-1}, so V = (k − b_k)·W_KV + b_v with W_KV = W_K^{-1}·W_V (D, K, hd).
+    The sum over slots comes first ((Σ_s p_s·k_s)·W_KV per head): K is read once per step,
+    and the bias terms need only Σ_s p_s. Keys are un-rotated exactly with the same cos/sin,
+    in float32 (the 1/attention_scaling undoes RoPE's magnitude factor too).
+    """
+    B, K, S, hd = keys.shape
+    cos, sin = rope_cos_sin(jnp.maximum(key_pos, 0), inv_freq, 1.0 / attention_scaling)
+    pre = apply_rope(keys.astype(jnp.float32), cos, -sin).transpose(0, 2, 1, 3).reshape(B, S, K * hd)
+
+    def weighted(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
+        summed = einsum_f32("bkgts,bsd->bkgtd", p, pre)
+        mass = jnp.sum(p, axis=-1, keepdims=True)
+        if "bk" in w:
+            summed = summed - mass * w["bk"].reshape(K * hd).astype(jnp.float32)
+        out = einsum_f32("bkgtd,dkc->bkgtc", summed, w["w_kv"])
+        if "bv" in w:
+            out = out + mass * w["bv"][None, :, None, None, :].astype(jnp.float32)
+        return out
+
+    return weighted
 
 
 def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:

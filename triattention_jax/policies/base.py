@@ -90,8 +90,9 @@ class KVPolicy(abc.ABC):
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         """Slots per (layer, row, KV head) for a prompt bucket and a generation length."""
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int) -> None:
-        """Raises `UserError` when the settings cannot be met for these prompts."""
+    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False) -> None:
+        """Raises `UserError` when the settings cannot be met for these prompts (slim: with a
+        K-only cache, where every head of a layer must keep the same tokens)."""
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
         """Sets up the policy's slot_stats/state after the prompt was appended (out: its `ExtendOutput`)."""
@@ -142,7 +143,7 @@ class EvictionPolicy(KVPolicy):
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         return self.budget + divide_length
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int) -> None:
+    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False) -> None:
         if self.budget < 1:
             raise UserError(f"budget must be at least 1, got {self.budget}")
         if not 0 <= self.window < self.budget:
@@ -184,8 +185,13 @@ class EvictionPolicy(KVPolicy):
             protected |= cache.pos < context.prompt_lengths[None, :, None, None]
         if self.window:
             protected |= cache.pos >= (context.position - self.window)[None, :, None, None]
-        scores = jnp.where(protected, jnp.inf, scores)
-        return jnp.where(valid, scores, -jnp.inf)
+        scores = jnp.where(valid, jnp.where(protected, jnp.inf, scores), -jnp.inf)
+        if cache.v is None:
+            # A K-only cache recomputes each head's V from every head's K of the slot, so all
+            # heads of a layer keep one token set: the max over KV heads (slots hold the same
+            # token in every head, so validity and protection agree across heads).
+            scores = jnp.broadcast_to(jnp.max(scores, axis=2, keepdims=True), scores.shape)
+        return scores
 
     def compact(self, cache: KVCache, context: RoundContext) -> KVCache:
         """Keeps the top-`budget` slots per (layer, row, KV head), sorted by position."""

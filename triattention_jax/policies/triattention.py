@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,14 @@ class TriAttention(EvictionPolicy):
             attention_scaling=float(transformer.attention_scaling),
             **options,
         )
+
+    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False) -> None:
+        if slim and self.aggregation != "per_layer":
+            raise UserError(
+                f"--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep the same "
+                f"tokens: pass --aggregation per_layer (got {self.aggregation})"
+            )
+        super().check(prompt_lengths, divide_length, slim=slim)
 
     @classmethod
     def from_settings(cls, model: Any, settings: PolicySettings) -> "TriAttention":

@@ -1,0 +1,128 @@
+"""Slim attention (K-only cache) on tiny random MHA checkpoints, against transformers (float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import SLIM_MODELS
+from test_cli import _decode, _error_line
+from triattention_jax.benchmark import random_stats
+from triattention_jax.cache import KVCache, cache_nbytes
+from triattention_jax.checkpoint import load_transformer
+from triattention_jax.errors import UserError
+from triattention_jax.generate import generate, teacher_force
+from triattention_jax.policies import RandomEviction, RoundContext, StreamingLLM, TriAttention
+from triattention_jax.slim import logprob_error, slim_transformer
+
+
+def _tokens(seed: int, length: int, batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 512, size=(batch, length)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def models(slim_model_dirs):
+    """name -> (standard, slim) float32 transformers sharing weights."""
+    out = {}
+    for name, path in slim_model_dirs.items():
+        standard = load_transformer(path, dtype="float32")
+        out[name] = (standard, slim_transformer(standard)[0])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SLIM_MODELS))
+def test_slim_decoding_matches_hf(slim_model_dirs, models, name):
+    standard, slim = models[name]
+    assert slim.slim and not standard.slim
+    hf = transformers.AutoModelForCausalLM.from_pretrained(slim_model_dirs[name], dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    prompt = _tokens(2, 23)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=48, do_sample=False,
+                               attention_mask=torch.ones(prompt.shape, dtype=torch.long))[0, 23:].tolist()
+    assert generate(slim, prompt.tolist(), max_new_tokens=48, divide_length=16).token_ids[0] == expected
+    # Every position after the first 8 is decoded one token at a time from the K-only cache.
+    tokens = _tokens(0, 136)
+    with torch.no_grad():
+        reference = torch.log_softmax(hf(torch.tensor(tokens, dtype=torch.long)).logits, -1).numpy()
+    ours = teacher_force(slim, tokens, prefill_length=8, divide_length=64)
+    relative = np.abs(ours - reference).max() / np.abs(reference).max()
+    assert relative < 1e-4, f"{name}: relative log-prob error {relative:.2e}"
+
+
+def test_k_only_cache_holds_exactly_half_the_payload(models):
+    standard, slim = models["llama-mha-yarn"]
+    prompts = _tokens(3, 40, batch=2).tolist()
+    full = generate(standard, prompts, max_new_tokens=16, divide_length=16)
+    half = generate(slim, prompts, max_new_tokens=16, divide_length=16)
+    assert half.token_ids == full.token_ids
+    # K/V payload: exactly half. The whole buffer also holds int32 positions, which both keep.
+    assert 2 * half.kv_payload_bytes == full.kv_payload_bytes
+    config, slots = standard.config, 64 + 16
+    assert full.kv_cache_bytes == cache_nbytes(config, 2, slots, jnp.float32)
+    assert half.kv_cache_bytes == cache_nbytes(config, 2, slots, jnp.float32, values=False)
+    assert full.kv_cache_bytes - half.kv_cache_bytes == half.kv_payload_bytes
+
+
+def test_refuses_models_it_cannot_invert(tiny_model_dirs):
+    with pytest.raises(UserError, match=r"square W_K.*4 query / 2 KV heads"):
+        slim_transformer(load_transformer(tiny_model_dirs["llama-tied"], dtype="float32"))
+    with pytest.raises(UserError, match="k_norm is nonlinear"):
+        slim_transformer(load_transformer(tiny_model_dirs["qwen3-tied"], dtype="float32"))
+
+
+def test_condition_numbers_and_bfloat16_threshold(slim_model_dirs, models):
+    standard, _ = models["qwen2-mha"]
+    _, report = slim_transformer(standard)
+    wk = [np.asarray(layer.wk[...], np.float64).reshape(64, 64) for layer in standard.layers]
+    np.testing.assert_allclose(report.cond, [np.linalg.cond(w) for w in wk], rtol=1e-9)
+    assert report.max_cond == 2.0**24
+    # bfloat16 rounding amplified by cond(W_K) > 256 = 1/u: refused unless the user raises the bound.
+    bf16 = load_transformer(slim_model_dirs["qwen2-mha"], dtype="bfloat16")
+    with pytest.raises(UserError, match=r"cond\(W_K\) exceeds 256 \(layer 1: .*--slim_max_cond"):
+        slim_transformer(bf16)
+    slim_bf16, _ = slim_transformer(bf16, max_cond=1e4)
+    assert slim_bf16.layers[0].w_kv[...].dtype == jnp.float32
+
+
+def test_measured_float32_error(models):
+    standard, slim = models["llama-mha-yarn"]
+    error = logprob_error(standard, slim, _tokens(4, 96, batch=2), prefill_length=16)
+    assert error["relative"] < 1e-5 and error["top1_agreement"] == 1.0
+
+
+def test_eviction_keeps_one_token_set_per_layer(models):
+    """TriAttention per_layer (and any position-only policy) selects the same tokens with either
+    cache, so the K-only cache decodes exactly like the standard one; per-head modes are refused."""
+    standard, slim = models["llama-mha-yarn"]
+    stats = random_stats(standard)
+    tokens = _tokens(5, 120, batch=2)
+    for policy in (TriAttention.create(standard, stats, budget=48, aggregation="per_layer"), StreamingLLM(budget=48, window=16)):
+        a = teacher_force(standard, tokens, prefill_length=40, policy=policy, divide_length=16)
+        b = teacher_force(slim, tokens, prefill_length=40, policy=policy, divide_length=16)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+    with pytest.raises(UserError, match="--aggregation per_layer"):
+        generate(slim, tokens[:, :20].tolist(), max_new_tokens=4, policy=TriAttention.create(standard, stats, budget=64))
+
+
+def test_per_head_scores_are_shared_across_heads_of_a_k_only_cache():
+    L, B, K, S = 2, 2, 4, 32
+    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (L, B, K, S))
+    cache = KVCache(k=jax.random.normal(jax.random.key(0), (L, B, K, S, 8)), v=None, pos=pos, cursor=jnp.asarray(S))
+    context = RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.full(B, S, jnp.int32))
+    kept = RandomEviction(budget=12).compact(cache, context)
+    assert kept.v is None and kept.k.shape == (L, B, K, 12, 8)
+    np.testing.assert_array_equal(kept.pos, jnp.broadcast_to(kept.pos[:, :, :1], kept.pos.shape))
+    # The standard cache keeps per-head sets (the draws differ per head).
+    standard = RandomEviction(budget=12).compact(KVCache(k=cache.k, v=cache.k, pos=pos, cursor=cache.cursor), context)
+    assert not np.array_equal(standard.pos[:, :, 0], standard.pos[:, :, 1])
+
+
+def test_cli_refuses_gqa_model():
+    result = _decode("--prompt", "Hi", "--kv_cache", "slim", "--max_new_tokens", "4")
+    assert result.returncode == 2
+    assert _error_line(result).startswith("error: --kv_cache slim needs multi-head attention")

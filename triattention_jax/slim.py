@@ -1,0 +1,113 @@
+"""Slim attention (SPEC 7): a K-only KV cache for MHA checkpoints.
+
+With as many KV heads as query heads and h·d_k = d, W_K (d×d) is square, so a token's normed
+input is h = (k − b_k)·W_K^{-1} and its value is V = (k − b_k)·W_KV + b_v with
+W_KV = W_K^{-1}·W_V. The cache then stores K only (half the bytes of K and V); decoding
+computes (Σ_s p_s·k_s)·W_KV per head (`model.slim_cache_values`). Prefill is unchanged.
+
+The reconstruction amplifies the rounding of the cached K by up to cond(W_K), so each layer's
+condition number is computed (float64) and a model is refused when one exceeds `max_cond`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from triattention_jax.config import ModelConfig
+from triattention_jax.errors import UserError
+from triattention_jax.model import SLIM_AXES, Transformer
+
+KV_CACHE_MODES = ("standard", "slim")
+
+
+
+def default_max_cond(dtype: str) -> float:
+    """1/u for the cache dtype (u: unit roundoff, 2^-24 float32, 2^-8 bfloat16).
+
+    Recovering V from a K rounded to the cache dtype has a relative error of up to about
+    cond(W_K)·u (to first order), so above 1/u that bound no longer limits the error at all.
+    """
+    return 2.0 / float(jnp.finfo(jnp.dtype(dtype)).eps)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlimReport:
+    """What the conversion measured: cond(W_K) per layer (2-norm, float64) and the threshold."""
+
+    cond: tuple[float, ...]
+    max_cond: float
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cond_wk": list(self.cond), "max_cond_wk": max(self.cond), "threshold": self.max_cond, "dtype": self.dtype}
+
+
+def check_applicable(config: ModelConfig) -> None:
+    """Raises `UserError` saying why a model cannot have a K-only cache."""
+    if config.qk_norm:
+        raise UserError("--kv_cache slim cannot invert a K normalized per head (Qwen3's k_norm is nonlinear): "
+                        "use --kv_cache standard")
+    hidden_kv = config.num_kv_heads * config.head_dim
+    if config.num_kv_heads != config.num_heads or hidden_kv != config.hidden_size:
+        raise UserError(
+            f"--kv_cache slim needs multi-head attention with a square W_K (num_kv_heads·head_dim = hidden_size): this "
+            f"model has {config.num_heads} query / {config.num_kv_heads} KV heads of {config.head_dim} "
+            f"({hidden_kv} ≠ {config.hidden_size}), so V cannot be recovered from K; use --kv_cache standard"
+        )
+
+
+def value_map(wk: np.ndarray, wv: np.ndarray) -> tuple[np.ndarray, float]:
+    """W_KV = W_K^{-1}·W_V by a float64 solve (no explicit inverse) and cond(W_K).
+
+    wk, wv: (D, K, hd) as stored. Returns W_KV (D, K, hd) float64: rows index all heads' K.
+    """
+    D = wk.shape[0]
+    wk64 = np.asarray(wk, np.float64).reshape(D, -1)
+    wv64 = np.asarray(wv, np.float64).reshape(D, -1)
+    cond = float(np.linalg.cond(wk64))
+    if not np.isfinite(cond):
+        return np.full(wv.shape, np.nan), cond
+    return np.linalg.solve(wk64, wv64).reshape(wv.shape), cond
+
+
+def slim_transformer(transformer: Transformer, *, max_cond: float | None = None) -> tuple[Transformer, SlimReport]:
+    """A copy of the model (sharing its weights) whose caches hold K only, with W_KV per layer.
+
+    Refuses (`UserError`) models it cannot apply to and layers whose cond(W_K) exceeds
+    `max_cond` (default: `default_max_cond` of the model's dtype). W_KV is kept in float32
+    whatever the model's dtype: rounding it to bfloat16 raised the measured error (see WORKSPACE).
+    """
+    check_applicable(transformer.config)
+    dtype = transformer.dtype.name
+    threshold = default_max_cond(dtype) if max_cond is None else float(max_cond)
+    maps, conds = zip(*(value_map(np.asarray(layer.wk[...]), np.asarray(layer.wv[...])) for layer in transformer.layers))
+    report = SlimReport(cond=tuple(conds), max_cond=threshold, dtype=dtype)
+    bad = [f"layer {index}: {cond:.3g}" for index, cond in enumerate(conds) if not cond <= threshold]
+    if bad:
+        raise UserError(
+            f"--kv_cache slim refused: cond(W_K) exceeds {threshold:.3g} ({', '.join(bad)}), so recovering V from the "
+            f"{dtype} K cache would amplify its rounding; use --kv_cache standard or raise --slim_max_cond"
+        )
+    slim = nnx.merge(*nnx.split(transformer))
+    for layer, w_kv in zip(slim.layers, maps):
+        layer.w_kv = nnx.Param(jnp.asarray(w_kv, jnp.float32), logical_axes=SLIM_AXES)
+    return slim, report
+
+
+def logprob_error(standard: Transformer, slim: Transformer, tokens: np.ndarray, *, prefill_length: int,
+                  divide_length: int = 32) -> dict[str, float]:
+    """Measured difference of the decode path's next-token log-probabilities, slim against
+    standard cache (same weights and dtype), over the teacher-forced positions after
+    `prefill_length`: max absolute, and relative to the largest |log-prob|."""
+    from triattention_jax.generate import teacher_force
+
+    a = teacher_force(standard, tokens, prefill_length=prefill_length, divide_length=divide_length)[:, prefill_length:]
+    b = teacher_force(slim, tokens, prefill_length=prefill_length, divide_length=divide_length)[:, prefill_length:]
+    error = float(np.abs(a - b).max())
+    top_a, top_b = a.argmax(-1), b.argmax(-1)
+    return {"max_abs": error, "relative": error / float(np.abs(a).max()), "top1_agreement": float((top_a == top_b).mean())}
