@@ -28,8 +28,8 @@ FINGERPRINT_STRIDE = 61
 def model_fingerprint(transformer: Transformer) -> str:
     digest = hashlib.sha256()
     for name in ("wq", "wk", "bq", "bk", "q_norm", "k_norm"):
-        if hasattr(transformer, name):
-            values = np.asarray(getattr(transformer, name)[...]).reshape(-1)[::FINGERPRINT_STRIDE]
+        if hasattr(transformer.layers[0], name):
+            values = np.asarray(transformer.stacked(name)).reshape(-1)[::FINGERPRINT_STRIDE]
             digest.update(name.encode())
             digest.update(values.astype(ml_dtypes.bfloat16).tobytes())
     return digest.hexdigest()[:16]
