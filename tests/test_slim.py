@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +13,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import SLIM_MODELS
+from conftest import REPO_ROOT, SLIM_MODELS
 from test_cli import _decode, _error_line
-from triattention_jax.benchmark import random_stats
+from triattention_jax.benchmark import PRESETS, random_stats
 from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.checkpoint import load_transformer
+from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.generate import generate, teacher_force
 from triattention_jax.policies import RandomEviction, RoundContext, StreamingLLM, TriAttention
@@ -126,3 +131,23 @@ def test_cli_refuses_gqa_model():
     result = _decode("--prompt", "Hi", "--kv_cache", "slim", "--max_new_tokens", "4")
     assert result.returncode == 2
     assert _error_line(result).startswith("error: --kv_cache slim needs multi-head attention")
+
+
+def test_benchmark_times_both_cache_layouts(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "triattention_jax.benchmark", "--preset", "tiny-mha", "--methods", "streaming",
+         "--kv_cache", "standard,slim", "--budget", "64", "--new_tokens", "128", "--batch", "1", "--dtype", "float32",
+         "--prompt_tokens", "32", "--divide_length", "32", "--e2e_tokens", "0", "--nohf", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = {(row["method"], row["kv_cache"]): row for row in json.loads(out.read_text())["runs"]}
+    config = ModelConfig.from_hf(PRESETS["tiny-mha"])
+    for method in ("streaming",):
+        standard, slim = runs[method, "standard"], runs[method, "slim"]
+        slots = standard["kv_bytes_per_sequence"] // cache_nbytes(config, 1, 1, jnp.float32)
+        assert standard["kv_bytes_per_sequence"] == cache_nbytes(config, 1, slots, jnp.float32)
+        assert slim["kv_bytes_per_sequence"] == cache_nbytes(config, 1, slots, jnp.float32, values=False)
+        # W_KV (D×D float32 per layer) is the price in weights.
+        assert slim["weight_bytes"] - standard["weight_bytes"] == config.num_layers * config.hidden_size**2 * 4

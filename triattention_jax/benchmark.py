@@ -51,6 +51,8 @@ flags.DEFINE_integer("e2e_tokens", 4096, "Tokens of the end-to-end confirmation 
 flags.DEFINE_bool("largest_batch", False, "Also time each method at the largest batch that fits in the same memory.")
 flags.DEFINE_float("memory_reserve", 0.1, "Share of device memory left free (allocator slack) when sizing batches.")
 flags.DEFINE_string("stats", None, "TriAttention statistics; default: the model folder's (calibrated on first use).")
+flags.DEFINE_list("kv_cache", ["standard"], "Cache layouts to time, each with every method: standard (K and V), slim "
+                  "(K only, MHA models; eviction keeps one token set per layer).")
 flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
@@ -74,6 +76,8 @@ PRESETS = {
     "tiny": {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192, "tie_word_embeddings": True},
 }
+# Multi-head attention at the tiny shape, for the K-only (slim) cache on the CPU.
+PRESETS["tiny-mha"] = {**PRESETS["tiny"], "num_key_value_heads": 4, "head_dim": 16}
 
 
 def preset_config(preset: str) -> dict[str, Any]:
@@ -118,12 +122,28 @@ def random_stats(transformer, seed: int = 0):
 
 
 def build_policy(method: str, transformer, loaded):
-    """The policy for a benchmark run; preset models get random TriAttention statistics."""
+    """The policy for a benchmark run; preset models get random TriAttention statistics.
+    With a K-only cache TriAttention keeps one token set per layer (all heads share it)."""
     from triattention_jax.policies import PolicySettings, TriAttention, policy_class
 
+    aggregation = "per_layer" if transformer.slim else "per_head"
     if loaded is None and method == "triattention":
-        return TriAttention.create(transformer, random_stats(transformer), budget=FLAGS.budget)
-    return policy_class(method).from_settings(loaded, PolicySettings(budget=FLAGS.budget, stats=FLAGS.stats))
+        return TriAttention.create(transformer, random_stats(transformer), budget=FLAGS.budget, aggregation=aggregation)
+    settings = PolicySettings(budget=FLAGS.budget, stats=FLAGS.stats, aggregation=aggregation)
+    return policy_class(method).from_settings(loaded, settings)
+
+
+def cache_variants(transformer, modes: list[str]) -> dict[str, Any]:
+    """kv_cache mode -> the model to time with it. Speed does not depend on the values, so a
+    preset's random W_K is not held to the conditioning threshold; a checkpoint is."""
+    from triattention_jax.slim import KV_CACHE_MODES, slim_transformer
+
+    unknown = set(modes) - set(KV_CACHE_MODES)
+    if unknown or not modes:
+        raise UserError(f"--kv_cache takes {', '.join(KV_CACHE_MODES)}; got {', '.join(modes) or 'nothing'}")
+    max_cond = float("inf") if FLAGS.preset else None
+    return {mode: transformer if mode == "standard" else slim_transformer(transformer, max_cond=max_cond)[0]
+            for mode in modes}
 
 
 def environment() -> dict[str, Any]:
@@ -179,10 +199,10 @@ def format_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     return "\n".join(lines)
 
 
-STEP_COLUMNS = [("method", "method", ""), ("batch", "batch", "d"), ("slots", "slots", "d"), ("ms/step", "ms", ".2f"),
+STEP_COLUMNS = [("method", "method", ""), ("kv_cache", "kv_cache", ""), ("batch", "batch", "d"), ("slots", "slots", "d"), ("ms/step", "ms", ".2f"),
                 ("tok/s", "tokens_per_second", ".1f"), ("GB/step", "gb", ".2f"), ("roofline", "roofline_fraction", ".1%"),
                 ("evict", "eviction_share", ".1%")]
-RUN_COLUMNS = [("method", "method", ""), ("batch", "batch", "d"), ("KV MiB/seq", "kv_mib_per_sequence", ".1f"),
+RUN_COLUMNS = [("method", "method", ""), ("kv_cache", "kv_cache", ""), ("batch", "batch", "d"), ("KV MiB/seq", "kv_mib_per_sequence", ".1f"),
                ("tok/s", "tokens_per_second", ".1f"), ("e2e tok/s", "e2e_tokens_per_second", ".1f"),
                ("e2e pred", "e2e_predicted_tokens_per_second", ".1f"), ("HF tok/s", "hf_tokens_per_second", ".1f"),
                ("roofline", "final_roofline_fraction", ".1%"), ("evict", "eviction_share", ".1%")]
@@ -210,9 +230,10 @@ def main(argv: list[str]) -> None:
         # Before JAX takes the device: PyTorch runs in a child process that exits first.
         for batch in batches:
             hf_seconds[batch] = hf_step_seconds_subprocess(hf_source, FLAGS.dtype, batch, P + N)
-    transformer = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
+    base = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
+    variants = cache_variants(base, FLAGS.kv_cache)
     bandwidth = speed.copy_bandwidth()
-    weights = speed.weight_bytes(transformer)
+    weights = speed.weight_bytes(base)
     memory_limit, _ = speed.device_memory()
     steps, runs = [], []
 
@@ -227,7 +248,7 @@ def main(argv: list[str]) -> None:
                 "peak_memory_bytes": peak, "hf_step_seconds": hf_seconds, "steps": steps, "runs": runs,
             })
 
-    def timed(policy, method: str, batch: int) -> tuple[list, Any]:
+    def timed(transformer, policy, method: str, kv_cache: str, batch: int) -> tuple[list, Any]:
         """Step times over the run's buffer sizes and the fit through them."""
         schedule = speed.slot_schedule(policy, P, N, divide)
         sizes = sorted(set(schedule))
@@ -236,38 +257,41 @@ def main(argv: list[str]) -> None:
             sizes = sorted({min(sizes, key=lambda s: abs(s - c)) for c in chosen})
         measured = [speed.measure_step(transformer, policy, method, batch=batch, slots=s, divide_length=divide) for s in sizes]
         for step in measured:
-            steps.append({**step_row(step, bandwidth), "ms": 1e3 * step.step_seconds, "gb": step.bytes_per_step / 1e9})
+            steps.append({**step_row(step, bandwidth), "kv_cache": kv_cache, "ms": 1e3 * step.step_seconds,
+                          "gb": step.bytes_per_step / 1e9})
             print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
         return measured, speed.linear_fit([(m.slots, m.step_seconds) for m in measured])
 
-    for method in FLAGS.methods:
-        policy = build_policy(method, transformer, loaded)
-        memory = speed.sequence_memory(transformer, policy, P, N, divide)
-        schedule = speed.slot_schedule(policy, P, N, divide)
-        run_batches = [(b, False) for b in batches]
-        if FLAGS.largest_batch and memory_limit:
-            run_batches.append((speed.largest_batch(memory_limit, weights, memory, FLAGS.memory_reserve), True))
-        for batch, is_largest in run_batches:
-            if batch < 1:
-                print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
-                continue
-            measured, fit = timed(policy, method, batch)
-            seconds = speed.integrated_seconds(fit, schedule, divide)
-            row = {"method": method, "batch": batch, "largest_batch": is_largest, "prompt_tokens": P, "new_tokens": N,
-                   "kv_bytes_per_sequence": memory.buffer, "kv_mib_per_sequence": memory.buffer / 2**20,
-                   "scratch_bytes_per_sequence": memory.scratch, "fixed_scratch_bytes": memory.fixed_scratch,
-                   "integrated_seconds": seconds, "tokens_per_second": batch * N / seconds,
-                   "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
-                   "eviction_share": measured[-1].eviction_share,
-                   "hf_tokens_per_second": None if hf_seconds.get(batch) is None or method != "full" else batch / hf_seconds[batch]}
-            if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
-                e2e = speed.end_to_end(transformer, policy, batch=batch, prompt_tokens=P, new_tokens=FLAGS.e2e_tokens, divide_length=divide)
-                predicted = sum(divide * fit(s) for s in e2e["steady_round_slots"])
-                row.update(e2e=e2e, e2e_tokens_per_second=e2e["steady_tokens_per_second"],
-                           e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted if predicted else None)
-            runs.append(row)
-            print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
-            save()
+    for kv_cache, transformer in variants.items():
+        for method in FLAGS.methods:
+            policy = build_policy(method, transformer, loaded)
+            memory = speed.sequence_memory(transformer, policy, P, N, divide)
+            schedule = speed.slot_schedule(policy, P, N, divide)
+            run_batches = [(b, False) for b in batches]
+            if FLAGS.largest_batch and memory_limit:
+                run_batches.append((speed.largest_batch(memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve), True))
+            for batch, is_largest in run_batches:
+                if batch < 1:
+                    print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
+                    continue
+                measured, fit = timed(transformer, policy, method, kv_cache, batch)
+                seconds = speed.integrated_seconds(fit, schedule, divide)
+                row = {"method": method, "kv_cache": kv_cache, "batch": batch, "largest_batch": is_largest, "prompt_tokens": P,
+                       "new_tokens": N, "weight_bytes": speed.weight_bytes(transformer),
+                       "kv_bytes_per_sequence": memory.buffer, "kv_mib_per_sequence": memory.buffer / 2**20,
+                       "scratch_bytes_per_sequence": memory.scratch, "fixed_scratch_bytes": memory.fixed_scratch,
+                       "integrated_seconds": seconds, "tokens_per_second": batch * N / seconds,
+                       "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
+                       "eviction_share": measured[-1].eviction_share,
+                       "hf_tokens_per_second": None if hf_seconds.get(batch) is None or method != "full" else batch / hf_seconds[batch]}
+                if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
+                    e2e = speed.end_to_end(transformer, policy, batch=batch, prompt_tokens=P, new_tokens=FLAGS.e2e_tokens, divide_length=divide)
+                    predicted = sum(divide * fit(s) for s in e2e["steady_round_slots"])
+                    row.update(e2e=e2e, e2e_tokens_per_second=e2e["steady_tokens_per_second"],
+                               e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted if predicted else None)
+                runs.append(row)
+                print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
+                save()
     _, peak = speed.device_memory()
     print(f"\n{environment()['device']}: copy {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e9:.2f} GB, "
           f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of {memory_limit / 2**30 if memory_limit else float('nan'):.1f}")
@@ -277,7 +301,7 @@ def main(argv: list[str]) -> None:
 
 
 _BENCHMARK_FLAGS = ("model", "preset", "dtype", "batch", "methods", "prompt_tokens", "new_tokens", "cache_lengths", "budget",
-                    "divide_length", "e2e_tokens", "largest_batch", "memory_reserve", "stats", "hf")
+                    "divide_length", "e2e_tokens", "largest_batch", "memory_reserve", "stats", "kv_cache", "hf")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, fil
     cache = prompt_cache.resized(slots)
     index = jnp.arange(slots, dtype=jnp.int32)
     values = jnp.broadcast_to(pattern[:, None, None], cache.k.shape).astype(cache.k.dtype)
-    return dataclasses.replace(cache, k=values, v=-values, cursor=filled,
+    return dataclasses.replace(cache, k=values, v=None if cache.v is None else -values, cursor=filled,
                                pos=jnp.broadcast_to(jnp.where(index < filled, index, EMPTY_POSITION), cache.pos.shape))
 
 
@@ -139,7 +139,7 @@ def measure_step(transformer: Transformer, policy: KVPolicy, method: str, *, bat
     setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=filled)
     cursors = [filled, policy.budget] if evicts else [filled]
     times = time_rounds(setup, divide_length, cursors)
-    bytes_per_step = weight_bytes(transformer) + sum(leaf.nbytes for leaf in (setup.cache.k, setup.cache.v, setup.cache.pos))
+    bytes_per_step = weight_bytes(transformer) + setup.cache.payload_nbytes + setup.cache.pos.nbytes
     return StepTime(method=method, batch=batch, slots=slots, filled=filled, step_seconds=times[0] / divide_length,
                     bytes_per_step=bytes_per_step, eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None)
 
