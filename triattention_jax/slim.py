@@ -25,7 +25,6 @@ from triattention_jax.model import SLIM_AXES, Transformer
 KV_CACHE_MODES = ("standard", "slim")
 
 
-
 def default_max_cond(dtype: str) -> float:
     """1/u for the cache dtype (u: unit roundoff, 2^-24 float32, 2^-8 bfloat16).
 
