@@ -25,7 +25,7 @@ from triattention_jax.model import Transformer
 from triattention_jax.prompts import encode_prompts
 from triattention_jax.sampling import Sampler
 from triattention_jax.scoring import FrequencyStats
-from triattention_jax.stats import STATS_FILE, CalibrationResult, load_stats, model_metadata, save_stats
+from triattention_jax.stats import STATS_FILE, CalibrationResult, check_compatible, load_stats, model_metadata, save_stats
 
 # Varied prompts (reasoning, code, chat) for self-generated calibration text.
 SELF_CALIBRATION_PROMPTS = (
@@ -207,9 +207,13 @@ def calibrate(
 
 
 def stats_for_model(model: LoadedModel, path: str | None) -> CalibrationResult:
-    """Statistics from `path`, or the model folder's, calibrating (and saving) them on first use."""
+    """Statistics from `path`, else those that came with the checkpoint (orbax), else the model
+    folder's, calibrating (and saving) them on first use."""
     if path is not None:
         return load_stats(path, model.transformer)
+    if model.stats is not None:
+        check_compatible(model.stats.metadata, model.transformer, model.path)
+        return model.stats
     default = model.store_dir / STATS_FILE
     if not default.exists():
         print(f"no TriAttention statistics for {model.name} yet: calibrating once into {default}", file=sys.stderr)

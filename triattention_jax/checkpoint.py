@@ -8,7 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +17,10 @@ from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer, weight_specs
 from triattention_jax.safetensors_io import read_safetensors
+from triattention_jax.stats import CalibrationResult
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,13 +211,15 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoadedModel:
-    """A model ready to decode: config, weights (an NNX module), tokenizer and where it came from."""
+    """A model ready to decode: config, weights (an NNX module), tokenizer and where it came from;
+    `stats`: TriAttention statistics that came with the checkpoint (orbax checkpoints carry them)."""
 
     config: ModelConfig
     transformer: Transformer
     tokenizer: Any
     path: Path
     name: str
+    stats: CalibrationResult | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -227,13 +233,25 @@ def load_transformer(model_dir: Path, *, dtype: str | jnp.dtype = "bfloat16") ->
     return Transformer(config, convert_hf_weights(config, read_hf_tensors(model_dir)), dtype=_dtype(dtype))
 
 
-def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16") -> LoadedModel:
-    """Loads a checkpoint folder, a models/ folder name, or a hub id, in `dtype`, with its tokenizer."""
+def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16", mesh: "Mesh | None" = None) -> LoadedModel:
+    """Loads a checkpoint folder (Hugging Face safetensors, or an orbax checkpoint written by
+    `orbax_store`), a models/ folder name, or a hub id, in `dtype`, with its tokenizer; with a
+    mesh, the weights are laid out on it (`sharding.LOGICAL_AXIS_RULES`)."""
+    from triattention_jax import orbax_store, sharding
+
     model_dir = resolve_model_dir(model)
-    transformer = load_transformer(model_dir, dtype=dtype)
+    stats = None
+    if orbax_store.is_orbax_checkpoint(model_dir):
+        transformer, stats = orbax_store.restore_transformer(model_dir, dtype=_dtype(dtype), mesh=mesh)
+    else:
+        if mesh is not None:
+            sharding.check_model_fits(read_hf_config(model_dir)[0], mesh)
+        transformer = load_transformer(model_dir, dtype=dtype)
+        if mesh is not None:
+            transformer = sharding.shard_transformer(transformer, mesh)
     return LoadedModel(
         config=transformer.config, transformer=transformer, tokenizer=load_tokenizer(model_dir), path=model_dir,
-        name=store_name(model, model_dir),
+        name=store_name(model, model_dir), stats=stats,
     )
 
 
