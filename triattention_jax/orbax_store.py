@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from triattention_jax import embedded
-from triattention_jax.checkpoint import LoadedModel, read_hf_config
+from triattention_jax.checkpoint import read_hf_config
 from triattention_jax.cli import run_cli
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
@@ -57,8 +57,10 @@ def _flat_arrays(state: nnx.State) -> dict[str, Any]:
     return {".".join(map(str, path)): variable.get_value() for path, variable in nnx.to_flat_state(state)}
 
 
-def save_orbax(model: LoadedModel, out: str | os.PathLike, *, stats: CalibrationResult | None = None) -> Path:
-    """Writes the model (and statistics, if given) as an orbax checkpoint folder at `out`.
+def save_orbax(transformer: Transformer, source_dir: str | os.PathLike, out: str | os.PathLike, *,
+               stats: CalibrationResult | None = None) -> Path:
+    """Writes the Transformer (and statistics, if given) as an orbax checkpoint folder at `out`,
+    with the config, tokenizer and generation files of the checkpoint folder it came from.
 
     Everything is written under a temporary name beside `out` and renamed at the end, so an
     interrupted save never leaves a folder that looks like a checkpoint.
@@ -72,21 +74,21 @@ def save_orbax(model: LoadedModel, out: str | os.PathLike, *, stats: Calibration
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
     if jax.process_count() > 1:
         raise UserError("save orbax checkpoints from a single process (restoring works on any number of hosts)")
-    if model.transformer.slim:
+    if transformer.slim:
         raise UserError("save the standard model: --kv_cache slim derives W_KV from it when loading")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        for source in sorted(Path(model.path).iterdir()):
+        for source in sorted(Path(source_dir).iterdir()):
             if source.is_file() and not source.name.endswith(_WEIGHT_SUFFIXES) and source.name != MARKER:
                 shutil.copy2(source, tmp / source.name)
-        tree = {"weights": _flat_arrays(nnx.state(model.transformer))}
+        tree = {"weights": _flat_arrays(nnx.state(transformer))}
         if stats is not None:
             tree["stats"] = {name: jnp.asarray(getattr(stats.stats, name), jnp.float32) for name in STATS_FIELDS}
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / STATE_DIR, tree)
-        marker = {"format_version": FORMAT_VERSION, "dtype": str(model.transformer.dtype), "source": str(model.path),
+        marker = {"format_version": FORMAT_VERSION, "dtype": str(transformer.dtype), "source": str(Path(source_dir).resolve()),
                   "stats": None if stats is None else stats.metadata}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         os.rename(tmp, out)
@@ -164,20 +166,23 @@ def _block(transformer: Transformer) -> None:
     jax.block_until_ready(jax.tree.leaves(nnx.state(transformer)))
 
 
-def time_reload(model: str, *, dtype: str, repeats: int, mesh: Mesh | None, workdir: str | None = None) -> dict[str, Any]:
+def time_reload(model: str, *, dtype: str, repeats: int, mesh: Mesh | None) -> dict[str, Any]:
     """Seconds to get the model's weights onto the devices (laid out on `mesh`), from its
     safetensors (read, convert, place) against from an orbax checkpoint (restore into the
-    shardings). The two alternate, so both read files the operating system has cached. Each kind's first load, which also pays one-time costs
-    (imports, thread pools, the first transfers), is reported apart from the median of the rest."""
+    shardings). The two alternate, so both read files the operating system has cached. Each
+    kind's first load, which also pays one-time costs (imports, thread pools, the first
+    transfers), is reported apart from the median of the rest."""
     from triattention_jax import sharding
-    from triattention_jax.checkpoint import load_model, load_transformer
+    from triattention_jax.checkpoint import load_transformer, resolve_model_dir
 
-    loaded = load_model(model, dtype=dtype)
-    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-        checkpoint = save_orbax(loaded, Path(scratch) / "orbax")
+    model_dir = resolve_model_dir(model)
+    reference = load_transformer(model_dir, dtype=dtype)
+    # Beside the model folder, so both formats are read from the same file system.
+    with tempfile.TemporaryDirectory(dir=model_dir.parent, prefix=".orbax-reload-") as scratch:
+        checkpoint = save_orbax(reference, model_dir, Path(scratch) / "orbax")
 
         def from_safetensors() -> Transformer:
-            transformer = load_transformer(loaded.path, dtype=dtype)
+            transformer = load_transformer(model_dir, dtype=dtype)
             return transformer if mesh is None else sharding.shard_transformer(transformer, mesh)
 
         def from_orbax() -> Transformer:
@@ -191,13 +196,13 @@ def time_reload(model: str, *, dtype: str, repeats: int, mesh: Mesh | None, work
                 _block(load())
                 seconds[name].append(time.perf_counter() - start)
         orbax_bytes = sum(f.stat().st_size for f in (checkpoint / STATE_DIR).rglob("*") if f.is_file())
-    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(loaded.transformer, nnx.Param)))
-    safetensors_bytes = sum(f.stat().st_size for f in Path(loaded.path).glob("*.safetensors"))
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(reference, nnx.Param)))
+    safetensors_bytes = sum(f.stat().st_size for f in model_dir.glob("model*.safetensors"))
     rows = [{"source": name, "median_seconds": statistics.median(times[1:]), "min_seconds": min(times[1:]),
              "first_seconds": times[0], "weight_gb_per_second": weight_bytes / statistics.median(times[1:]) / 1e9,
              "file_bytes": orbax_bytes if name == "orbax" else safetensors_bytes}
             for name, times in seconds.items()]
-    return {"model": str(loaded.path), "dtype": dtype, "mesh": sharding.format_mesh(mesh) if mesh is not None else None,
+    return {"model": str(model_dir), "dtype": dtype, "mesh": sharding.format_mesh(mesh) if mesh is not None else None,
             "repeats": repeats, "weight_bytes": weight_bytes, "rows": rows, "seconds": seconds,
             "speedup": rows[0]["median_seconds"] / rows[1]["median_seconds"], "environment": _environment()}
 
@@ -257,7 +262,7 @@ def main(argv: list[str]) -> None:
     loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
     stats_path = FLAGS.stats or (loaded.store_dir / STATS_FILE if (loaded.store_dir / STATS_FILE).exists() else None)
     stats = load_stats(stats_path, loaded.transformer) if stats_path else loaded.stats
-    out = save_orbax(loaded, FLAGS.out, stats=stats)
+    out = save_orbax(loaded.transformer, loaded.path, FLAGS.out, stats=stats)
     print(f"wrote {out} ({'with' if stats is not None else 'without'} TriAttention statistics)", file=sys.stderr)
 
 

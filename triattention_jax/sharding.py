@@ -15,6 +15,7 @@ mesh, and host-side reads go through `to_host`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from triattention_jax.cache import KVCache
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 
@@ -195,6 +197,42 @@ def shard_transformer(transformer: Any, mesh: Mesh) -> Any:
     check_model_fits(transformer.config, mesh)
     graphdef, state = nnx.split(transformer)
     return nnx.merge(graphdef, shard_state(state, mesh))
+
+
+# Logical axes of the cache's arrays (`cache.KVCache`): per-layer K/V entries and positions,
+# per-slot policy statistics, and the policy states known here (SnapKV / R-KV's recent
+# queries). A state this table does not name is left to XLA's sharding propagation.
+CACHE_ENTRY_AXES = ("batch", "kv_heads", "slots", "head_dim")
+CACHE_POSITION_AXES = ("batch", "kv_heads", "slots")
+SLOT_STATS_AXES = ("layers", "batch", "kv_heads", "slots")
+STATE_AXES = {
+    "window_queries": ("layers", "batch", "window", "q_heads", "head_dim"),
+    "window_positions": ("batch", "window"),
+}
+
+
+def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """The cache with its sharding pinned inside a jitted function (identity without a mesh):
+    rows over "data", KV heads over "model" (replicated when the model axis does not divide
+    them), slots and layers whole."""
+    if mesh is None:
+        return cache
+
+    def pin(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
+
+    def pin_layers(arrays: tuple[jax.Array, ...] | None, axes: tuple[str, ...]) -> tuple[jax.Array, ...] | None:
+        return None if arrays is None else tuple(pin(x, axes) for x in arrays)
+
+    return dataclasses.replace(
+        cache,
+        k=pin_layers(cache.k, CACHE_ENTRY_AXES),
+        v=pin_layers(cache.v, CACHE_ENTRY_AXES),
+        pos=pin_layers(cache.pos, CACHE_POSITION_AXES),
+        cursor=pin(cache.cursor, ()),
+        slot_stats={name: pin(x, SLOT_STATS_AXES) for name, x in cache.slot_stats.items()},
+        state={name: pin(x, STATE_AXES[name]) if name in STATE_AXES else x for name, x in cache.state.items()},
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
