@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def cache_problem():
     keys[:, :, :, 10] = keys[:, :, :, 2] * 1.01  # a near-duplicate, for R-KV's redundancy
     window_positions = np.stack([positions[0, b, 0][positions[0, b, 0] >= 0][-W:] for b in range(B)])
     queries = rng.normal(size=(L, B, W, K * G, HD)).astype(np.float32)
-    cache = KVCache(k=jnp.asarray(keys), v=jnp.asarray(keys), pos=jnp.asarray(positions, jnp.int32),
+    cache = KVCache.from_stacked(k=jnp.asarray(keys), v=jnp.asarray(keys), pos=jnp.asarray(positions, jnp.int32),
                     cursor=jnp.asarray(S, jnp.int32),
                     state={"window_queries": jnp.asarray(queries), "window_positions": jnp.asarray(window_positions, jnp.int32)})
     context = RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray(window_positions[:, -1] + 1))
@@ -79,7 +80,7 @@ def reference_redundancy(p, threshold=0.5):
 
 
 def kept_positions(policy, p):
-    return np.asarray(policy.compact(p["cache"], p["context"]).pos)
+    return np.asarray(policy.compact(p["cache"], p["context"]).stacked("pos"))
 
 
 def expected_kept(scores, p, budget, protected):
@@ -124,15 +125,14 @@ def test_rkv_matches_reference(cache_problem):
 def test_h2o_keeps_heavy_hitters_and_the_window(cache_problem):
     p = cache_problem
     attention = np.random.default_rng(3).uniform(size=(L, B, K, S)).astype(np.float32)
-    cache = KVCache(k=p["cache"].k, v=p["cache"].v, pos=p["cache"].pos, cursor=p["cache"].cursor,
-                    slot_stats={"attention": jnp.asarray(attention)})
+    cache = dataclasses.replace(p["cache"], slot_stats={"attention": jnp.asarray(attention)})
     policy = H2O(budget=12, window=5)
-    kept = np.asarray(policy.compact(cache, p["context"]).pos)
+    kept = np.asarray(policy.compact(cache, p["context"]).stacked("pos"))
     recent = p["positions"] >= (np.asarray(p["context"].position) - 5)[None, :, None, None]
     np.testing.assert_array_equal(kept, expected_kept(attention, p, 12, recent))
     moved = policy.compact(cache, p["context"])
     for index in np.ndindex(L, B, K):
-        for slot, position in enumerate(np.asarray(moved.pos)[index]):
+        for slot, position in enumerate(np.asarray(moved.stacked("pos"))[index]):
             if position >= 0:
                 source = int(np.flatnonzero(p["positions"][index] == position)[0])
                 assert np.asarray(moved.slot_stats["attention"])[index][slot] == attention[index][source]
@@ -143,7 +143,7 @@ def test_random_keeps_budget_and_differs_between_rounds(cache_problem):
     policy = RandomEviction(budget=12)
     first = kept_positions(policy, p)
     later = np.asarray(policy.compact(p["cache"], RoundContext(prompt_lengths=p["context"].prompt_lengths,
-                                                                position=p["context"].position + 128)).pos)
+                                                                position=p["context"].position + 128)).stacked("pos"))
     valid = (p["positions"] >= 0).sum(-1)
     assert ((first >= 0).sum(-1) == np.minimum(valid, 12)).all()
     assert not np.array_equal(first, later)

@@ -109,7 +109,7 @@ def test_compaction_keeps_top_budget_sorted_with_rows_moving_with_positions(prob
     policy = _policy(p, budget=budget, protect_prompt=True, aggregation=mode)
     prompt_lengths = np.array([200, 0])
     values = np.random.default_rng(1).normal(size=p["post_keys"].shape).astype(np.float32)
-    cache = KVCache(k=jnp.asarray(p["post_keys"]), v=jnp.asarray(values), pos=jnp.asarray(p["positions"], jnp.int32),
+    cache = KVCache.from_stacked(k=jnp.asarray(p["post_keys"]), v=jnp.asarray(values), pos=jnp.asarray(p["positions"], jnp.int32),
                     cursor=jnp.asarray(S, jnp.int32))
     context = RoundContext(prompt_lengths=jnp.asarray(prompt_lengths), position=jnp.asarray(p["t0"]))
     kept = policy.compact(cache, context)
@@ -117,7 +117,7 @@ def test_compaction_keeps_top_budget_sorted_with_rows_moving_with_positions(prob
                                     p["t0"], DEFAULT_OFFSETS, trigonometric=True, norm_weighting=True, mode=mode)
     final_ref = np.where(p["positions"] < prompt_lengths[None, :, None, None], np.inf, final_ref)
     final_ref = np.where(p["positions"] >= 0, final_ref, -np.inf)
-    kept_pos = np.asarray(kept.pos)
+    kept_pos = np.asarray(kept.stacked("pos"))
     assert kept_pos.shape == (L, B, K, budget)
     for l in range(L):
         for b in range(B):
@@ -136,8 +136,8 @@ def test_compaction_keeps_top_budget_sorted_with_rows_moving_with_positions(prob
                     if position < 0:
                         continue
                     source = int(np.flatnonzero(p["positions"][l, b, k] == position)[0])
-                    np.testing.assert_array_equal(np.asarray(kept.k)[l, b, k, slot], p["post_keys"][l, b, k, source])
-                    np.testing.assert_array_equal(np.asarray(kept.v)[l, b, k, slot], values[l, b, k, source])
+                    np.testing.assert_array_equal(np.asarray(kept.k[l])[b, k, slot], p["post_keys"][l, b, k, source])
+                    np.testing.assert_array_equal(np.asarray(kept.v[l])[b, k, slot], values[l, b, k, source])
     assert int(kept.cursor) == budget
     if mode == "per_head":
         assert (kept_pos == kept_pos[:1]).all(), "per_head keeps the same tokens in every layer"
@@ -150,11 +150,11 @@ def test_compaction_keeps_top_budget_sorted_with_rows_moving_with_positions(prob
 def test_window_protects_recent_tokens(problem):
     p = problem
     policy = _policy(p, budget=10, protect_prompt=False, window=6)
-    cache = KVCache(k=jnp.asarray(p["post_keys"]), v=jnp.asarray(p["post_keys"]), pos=jnp.asarray(p["positions"], jnp.int32),
+    cache = KVCache.from_stacked(k=jnp.asarray(p["post_keys"]), v=jnp.asarray(p["post_keys"]), pos=jnp.asarray(p["positions"], jnp.int32),
                     cursor=jnp.asarray(S, jnp.int32))
     recent_cut = np.sort(p["positions"][0, 0, 0])[-6]
     t0 = np.array([recent_cut + 6, 10**6])
-    kept = np.asarray(policy.compact(cache, RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray(t0))).pos)
+    kept = np.asarray(policy.compact(cache, RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray(t0))).stacked("pos"))
     recent = np.sort(p["positions"][0, 0, 0])[-6:]
     assert set(recent) <= set(kept[0, 0, 0])
 

@@ -211,6 +211,7 @@ RUN_COLUMNS = [("method", "method", ""), ("kv_cache", "kv_cache", ""), ("batch",
 def main(argv: list[str]) -> None:
     from triattention_jax import speed
     from triattention_jax.checkpoint import load_model
+    from triattention_jax.generate import buffer_schedule
     from triattention_jax.policies import policy_class
     from triattention_jax.prompts import check_writable, write_json_atomic
 
@@ -250,7 +251,7 @@ def main(argv: list[str]) -> None:
 
     def timed(transformer, policy, method: str, kv_cache: str, batch: int) -> tuple[list, Any]:
         """Step times over the run's buffer sizes and the fit through them."""
-        schedule = speed.slot_schedule(policy, P, N, divide)
+        schedule = buffer_schedule(policy, P, N, divide)
         sizes = sorted(set(schedule))
         if len(sizes) > 1:
             chosen = _integers(FLAGS.cache_lengths, "cache_lengths") if FLAGS.cache_lengths else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
@@ -266,10 +267,13 @@ def main(argv: list[str]) -> None:
         for method in FLAGS.methods:
             policy = build_policy(method, transformer, loaded)
             memory = speed.sequence_memory(transformer, policy, P, N, divide)
-            schedule = speed.slot_schedule(policy, P, N, divide)
+            schedule = buffer_schedule(policy, P, N, divide)
             run_batches = [(b, False) for b in batches]
             if FLAGS.largest_batch and memory_limit:
-                run_batches.append((speed.largest_batch(memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve), True))
+                largest = speed.largest_batch(memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve)
+                print(f"{method} ({kv_cache}): largest batch {largest} (KV {memory.buffer / 2**20:.1f} MiB and scratch "
+                      f"{memory.scratch / 2**20:.1f} MiB per sequence)", flush=True)
+                run_batches.append((largest, True))
             for batch, is_largest in run_batches:
                 if batch < 1:
                     print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)

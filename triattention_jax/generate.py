@@ -104,10 +104,22 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
 _resized = jax.jit(KVCache.resized, static_argnums=1)
 
 
-def _sized_for_round(policy: KVPolicy, cache: KVCache, filled: int, divide_length: int, max_slots: int) -> KVCache:
-    """The cache in the buffer size the policy wants for the next round (a copy only when it grows)."""
-    slots = policy.round_slots(cache.num_slots, filled, divide_length, max_slots)
-    return cache if slots == cache.num_slots else _resized(cache, slots)
+def buffer_schedule(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
+    """The buffer size of every decode round after a prompt of `prompt_tokens` (the longest
+    row), as `generate` and `teacher_force` size it: host-side, known before decoding."""
+    bucket = prompt_bucket(prompt_tokens)
+    max_slots = policy.num_slots(bucket, new_tokens, divide_length)
+    slots = policy.prefill_slots(bucket, max_slots)
+    schedule = []
+    for index in range(-(-new_tokens // divide_length)):
+        slots = policy.round_slots(slots, bucket + index * divide_length, divide_length, max_slots)
+        schedule.append(slots)
+    return schedule
+
+
+def _sized(cache: KVCache, num_slots: int) -> KVCache:
+    """The cache in a buffer of `num_slots` (a copy only when it grows)."""
+    return cache if num_slots == cache.num_slots else _resized(cache, num_slots)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "divide_length"), donate_argnames=("cache",))
@@ -199,8 +211,9 @@ def generate(
     generated: list[list[int]] = [[] for _ in prompts]
     finished = np.zeros(len(prompts), bool)
     rounds = 0
+    schedule = buffer_schedule(policy, longest, max_new_tokens, divide_length)
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
-        cache = _sized_for_round(policy, cache, bucket + rounds * divide_length, divide_length, num_slots)
+        cache = _sized(cache, schedule[rounds])
         kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
         kv_payload_bytes = max(kv_payload_bytes, cache.payload_nbytes)
         rounds += 1
@@ -252,8 +265,9 @@ def teacher_force(
     num_slots = policy.num_slots(bucket, total - prefill_length, divide_length)
     logits, cache = _prefill(graphdef, state, policy, jnp.asarray(padded), prompt_lengths, num_slots=num_slots, all_logits=True)
     pieces = [np.asarray(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1))]
-    for begin in range(prefill_length, total, divide_length):
-        cache = _sized_for_round(policy, cache, bucket + begin - prefill_length, divide_length, num_slots)
+    schedule = buffer_schedule(policy, prefill_length, total - prefill_length, divide_length)
+    for round_slots, begin in zip(schedule, range(prefill_length, total, divide_length)):
+        cache = _sized(cache, round_slots)
         chunk = np.zeros((batch, divide_length), np.int32)
         width = min(divide_length, total - begin)
         chunk[:, :width] = tokens[:, begin : begin + width]

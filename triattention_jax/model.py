@@ -1,9 +1,8 @@
-"""The Llama / Qwen2 / Qwen3 decoder as an NNX module over layer-stacked weights.
+"""The Llama / Qwen2 / Qwen3 decoder as an NNX module holding its weights per layer.
 
 The module only holds weights. `Transformer.extend` is a pure function of the weights, a
 `KVCache` and new tokens: split the module once with `nnx.split`, and jit a function of
-(graphdef, state, cache). Layers are stacked on a leading axis (one array per weight, one
-sharding rule per weight) and run with `lax.scan`.
+(graphdef, state, cache). Every weight carries its logical axis names (sharding rules).
 """
 
 from __future__ import annotations
@@ -162,16 +161,17 @@ class Transformer(nnx.Module):
         x = jnp.take(self._weight("embed"), tokens, axis=0)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
 
-        def layer(x, w, index):
+        def layer(x, w, cached):
+            """cached: this layer's (k, v, pos) cache arrays, or None."""
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
             q_pre, k_pre, v = project_qkv(cfg, w, h)
             q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
             k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
             cache_values = None
-            if cache is not None and cache.v is None:
-                cache_values = slim_cache_values(w, cache.k[index], cache.pos[index], self.inv_freq[...], self.attention_scaling)
+            if cached is not None and cached[1] is None:
+                cache_values = slim_cache_values(w, cached[0], cached[2], self.inv_freq[...], self.attention_scaling)
             attn, received_cache, received_new = _attention(
-                q, k, v, positions, cache, index, self.attention_scale, collect_attention, cache_values
+                q, k, v, positions, cached, self.attention_scale, collect_attention, cache_values
             )
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
@@ -189,15 +189,19 @@ class Transformer(nnx.Module):
             return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
 
         layer_weights = [layer_module.arrays() for layer_module in self.layers]
+        cached_layers = [None] * cfg.num_layers if cache is None else list(zip(cache.k, cache.v or [None] * cfg.num_layers, cache.pos))
         if jax.default_backend() == "cpu":
-            # XLA:CPU compiles an unrolled stack of layers several times slower; inside a decode
-            # loop the stacking is loop-invariant, and XLA hoists it out of the loop.
-            stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *layer_weights)
-            x, (new_k, new_v, extras) = jax.lax.scan(lambda x, xs: layer(x, *xs), x, (stacked, jnp.arange(cfg.num_layers)))
+            # XLA:CPU compiles an unrolled stack of layers several times slower and runs it no
+            # faster (SmolLM2: 33 s against 13 s for a first 128-token decode). Inside a decode
+            # loop the weights' stacking is loop-invariant and hoisted; the cache's is a copy
+            # per step, which the CPU's dynamic layer slices would make anyway.
+            stacked_weights = jax.tree.map(lambda *ws: jnp.stack(ws), *layer_weights)
+            stacked_cache = None if cache is None else jax.tree.map(lambda *ys: jnp.stack(ys), *cached_layers)
+            x, (new_k, new_v, extras) = jax.lax.scan(lambda x, xs: layer(x, *xs), x, (stacked_weights, stacked_cache))
         else:
             outputs = []
-            for index, weights in enumerate(layer_weights):
-                x, output = layer(x, weights, index)
+            for weights, cached in zip(layer_weights, cached_layers):
+                x, output = layer(x, weights, cached)
                 outputs.append(output)
             new_k, new_v, extras = jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
         if logits_at is not None:
@@ -255,13 +259,14 @@ def _attention(
     k: jax.Array,
     v: jax.Array,
     positions: jax.Array,
-    cache: KVCache | None,
-    layer: jax.Array,
+    cached: tuple[jax.Array, jax.Array | None, jax.Array] | None,
     scale: float,
     collect_attention: bool = False,
     cache_values: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Attention of q (B,T,H,hd) over the T new keys and the cache's `layer`, one softmax.
+    """Attention of q (B,T,H,hd) over the T new keys and one layer's cache, one softmax.
+
+    cached: that layer's (k (B,K,S,hd), v (B,K,S,hd) or None, pos (B,K,S)), or None.
 
     cache_values(p) gives Σ_s p_s·V_s over the cache's slots for unnormalized weights p
     (B,K,G,T,S); it is required for a K-only cache (`slim_cache_values`), which has no V.
@@ -291,9 +296,10 @@ def _attention(
 
     new_pos = jnp.broadcast_to(positions[:, None, :], (B, K, T))
     blocks = [(masked_scores(k.transpose(0, 2, 1, 3), new_pos), stored_values(v.transpose(0, 2, 1, 3)))]
-    if cache is not None:
-        blocks.insert(0, (masked_scores(cache.k[layer], cache.pos[layer]),
-                          stored_values(cache.v[layer]) if cache.v is not None else cache_values))
+    if cached is not None:
+        cache_k, cache_v, cache_pos = cached
+        blocks.insert(0, (masked_scores(cache_k, cache_pos),
+                          stored_values(cache_v) if cache_v is not None else cache_values))
     row_max = functools.reduce(jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in blocks])
     weights = [jnp.exp(scores - row_max) for scores, _ in blocks]
     total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
@@ -303,7 +309,7 @@ def _attention(
         return out, None, None
     query_valid = (positions >= 0)[:, None, None, :, None]
     received = [jnp.sum(jnp.where(query_valid, w / total, 0.0), axis=(2, 3)) for w in weights]
-    return out, received[0] if cache is not None else None, received[-1]
+    return out, received[0] if cached is not None else None, received[-1]
 
 
 def slim_cache_values(

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from triattention_jax.cache import EMPTY_POSITION, KVCache
-from triattention_jax.generate import DecodeState, _generation_round, _prefill, prompt_bucket
+from triattention_jax.generate import DecodeState, _generation_round, _prefill, buffer_schedule, prompt_bucket
 from triattention_jax.model import Transformer
 from triattention_jax.policies import EvictionPolicy, KVPolicy
 from triattention_jax.sampling import Sampler
@@ -52,11 +52,14 @@ def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, fil
     """The prefilled cache's policy statistics in a buffer of `slots` slots whose first
     `filled` hold synthetic keys and values; built in one program, so the device holds one
     buffer, not a padded copy and a filled copy."""
-    cache = prompt_cache.resized(slots)
-    index = jnp.arange(slots, dtype=jnp.int32)
-    values = jnp.broadcast_to(pattern[:, None, None], cache.k.shape).astype(cache.k.dtype)
-    return dataclasses.replace(cache, k=values, v=None if cache.v is None else -values, cursor=filled,
-                               pos=jnp.broadcast_to(jnp.where(index < filled, index, EMPTY_POSITION), cache.pos.shape))
+    cache = prompt_cache.resized(slots)  # for its slot_stats and state: XLA drops the padded K/V
+    shape = cache.k[0].shape
+    positions = jnp.arange(slots, dtype=jnp.int32)
+    keys = tuple(jnp.broadcast_to(layer_pattern[None, None], shape).astype(cache.dtype) for layer_pattern in pattern)
+    return dataclasses.replace(
+        cache, k=keys, v=None if cache.v is None else tuple(-k for k in keys), cursor=filled,
+        pos=tuple(jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), shape[:-1]) for _ in keys),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,12 @@ class RoundSetup:
     decode: DecodeState
     prompt_lengths: jax.Array
 
+    def round_arguments(self, cache: KVCache, divide_length: int) -> tuple[tuple, dict]:
+        """`_generation_round`'s arguments for a greedy round of this shape over `cache`, EOS never matching."""
+        args = (self.graphdef, self.state, self.policy, cache, self.decode, self.prompt_lengths, jax.random.key(0),
+                jnp.asarray([-2], jnp.int32))
+        return args, {"sampler": Sampler(), "divide_length": divide_length}
+
 
 def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slots: int, filled: int, seed: int = 0) -> RoundSetup:
     """A buffer of `slots` slots with `filled` in use (positions 0..filled-1) and the policy's
@@ -79,7 +88,8 @@ def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slot
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))), jnp.int32)
     lengths = jnp.full((batch,), SYNTHETIC_PROMPT, jnp.int32)
-    _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=slots)
+    # A prompt-sized buffer: the synthetic one is the only full-size buffer the device holds.
+    _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=tokens.shape[1])
     pattern = jax.random.normal(jax.random.key(seed), (config.num_layers, slots, config.head_dim), jnp.float32)
     cache = _synthetic_buffer(prompt_cache, slots, pattern, jnp.asarray(filled, jnp.int32))
     decode = DecodeState(
@@ -95,7 +105,6 @@ def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repea
     """Median seconds of one round started at each cursor (reset before every round, so each
     round starts from the same buffer state)."""
     cache = setup.cache
-    key, eos = jax.random.key(0), jnp.asarray([-2], jnp.int32)
     medians = []
     for cursor in cursors:
         times = []
@@ -103,8 +112,8 @@ def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repea
             cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
             jax.block_until_ready(cache)
             start = time.perf_counter()
-            cache, _, emitted = _generation_round(setup.graphdef, setup.state, setup.policy, cache, setup.decode,
-                                                  setup.prompt_lengths, key, eos, sampler=Sampler(), divide_length=divide_length)
+            args, options = setup.round_arguments(cache, divide_length)
+            cache, _, emitted = _generation_round(*args, **options)
             jax.block_until_ready(emitted)
             if index:  # the first call may compile
                 times.append(time.perf_counter() - start)
@@ -139,21 +148,9 @@ def measure_step(transformer: Transformer, policy: KVPolicy, method: str, *, bat
     setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=filled)
     cursors = [filled, policy.budget] if evicts else [filled]
     times = time_rounds(setup, divide_length, cursors)
-    bytes_per_step = weight_bytes(transformer) + setup.cache.payload_nbytes + setup.cache.pos.nbytes
+    bytes_per_step = weight_bytes(transformer) + setup.cache.payload_nbytes + sum(p.nbytes for p in setup.cache.pos)
     return StepTime(method=method, batch=batch, slots=slots, filled=filled, step_seconds=times[0] / divide_length,
                     bytes_per_step=bytes_per_step, eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None)
-
-
-def slot_schedule(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
-    """The buffer size of every round of a generation, as `generate` sizes it."""
-    bucket = prompt_bucket(prompt_tokens)
-    max_slots = policy.num_slots(bucket, new_tokens, divide_length)
-    slots = bucket if not isinstance(policy, EvictionPolicy) else max_slots
-    schedule = []
-    for index in range(-(-new_tokens // divide_length)):
-        slots = policy.round_slots(slots, bucket + index * divide_length, divide_length, max_slots)
-        schedule.append(slots)
-    return schedule
 
 
 def integrated_seconds(step_seconds: Callable[[int], float], schedule: list[int], divide_length: int) -> float:
@@ -179,9 +176,8 @@ def device_memory() -> tuple[int | None, int | None]:
 
 def round_temp_bytes(setup: RoundSetup, divide_length: int) -> int:
     """Scratch memory XLA reserves for one round of this shape (0 where not reported)."""
-    key, eos = jax.random.key(0), jnp.asarray([-2], jnp.int32)
-    compiled = _generation_round.lower(setup.graphdef, setup.state, setup.policy, setup.cache, setup.decode,
-                                       setup.prompt_lengths, key, eos, sampler=Sampler(), divide_length=divide_length).compile()
+    args, options = setup.round_arguments(setup.cache, divide_length)
+    compiled = _generation_round.lower(*args, **options).compile()
     analysis = compiled.memory_analysis()
     return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
@@ -201,7 +197,7 @@ class SequenceMemory:
 def sequence_memory(transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int,
                     divide_length: int) -> SequenceMemory:
     """Measured from the compiled round at the run's largest buffer, at batch 1 and 2."""
-    schedule = slot_schedule(policy, prompt_tokens, new_tokens, divide_length)
+    schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
     temps = []
     for batch in (1, 2):
         setup = steady_round(transformer, policy, batch=batch, slots=schedule[-1], filled=1)
@@ -266,7 +262,7 @@ def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt
     ends: list[float] = []
     result = generate(transformer, prompts, max_new_tokens=new_tokens, divide_length=divide_length, policy=policy,
                       on_round=lambda _: ends.append(time.perf_counter()))
-    schedule = slot_schedule(policy, prompt_tokens, new_tokens, divide_length)
+    schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
     steady = [i for i in range(1, len(ends)) if schedule[i] == schedule[i - 1]]
     seconds = sum(ends[i] - ends[i - 1] for i in steady)
     return {"wall_seconds": result.wall_seconds, "steady_rounds": len(steady), "steady_seconds": seconds,

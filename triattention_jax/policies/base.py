@@ -106,6 +106,10 @@ class KVPolicy(abc.ABC):
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
         """Turns the prefilled prompt cache (one slot per prompt-bucket token) into the buffer."""
 
+    def prefill_slots(self, prompt_slots: int, num_slots: int) -> int:
+        """The buffer size `fit_prefill` returns: fixed-size buffers start at `num_slots`."""
+        return num_slots
+
     def round_slots(self, num_slots: int, filled: int, divide_length: int, max_slots: int) -> int:
         """The buffer size for the next round (host side, between rounds): `num_slots` now,
         `filled` slots a cache that never evicts would hold, `max_slots` from `num_slots()`.
@@ -178,13 +182,14 @@ class EvictionPolicy(KVPolicy):
 
     def selection_scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         """`scores` with protection applied: +inf for protected slots, −inf for empty ones."""
-        valid = cache.pos != EMPTY_POSITION
+        positions = cache.stacked("pos")
+        valid = positions != EMPTY_POSITION
         scores = self.scores(cache, context).astype(jnp.float32)
         protected = jnp.zeros_like(valid)
         if self.protect_prompt:
-            protected |= cache.pos < context.prompt_lengths[None, :, None, None]
+            protected |= positions < context.prompt_lengths[None, :, None, None]
         if self.window:
-            protected |= cache.pos >= (context.position - self.window)[None, :, None, None]
+            protected |= positions >= (context.position - self.window)[None, :, None, None]
         scores = jnp.where(valid, jnp.where(protected, jnp.inf, scores), -jnp.inf)
         if cache.v is None:
             # A K-only cache recomputes each head's V from every head's K of the slot, so all
@@ -196,7 +201,7 @@ class EvictionPolicy(KVPolicy):
     def compact(self, cache: KVCache, context: RoundContext) -> KVCache:
         """Keeps the top-`budget` slots per (layer, row, KV head), sorted by position."""
         _, kept = jax.lax.top_k(self.selection_scores(cache, context), self.budget)
-        kept_pos = jnp.take_along_axis(cache.pos, kept, axis=3)
+        kept_pos = jnp.take_along_axis(cache.stacked("pos"), kept, axis=3)
         order = jnp.argsort(jnp.where(kept_pos == EMPTY_POSITION, np.iinfo(np.int32).max, kept_pos), axis=3)
         return cache.gather(jnp.take_along_axis(kept, order, axis=3))
 

@@ -27,6 +27,9 @@ class FullAttention(KVPolicy):
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
         return cache
 
+    def prefill_slots(self, prompt_slots: int, num_slots: int) -> int:
+        return prompt_slots
+
     def round_slots(self, num_slots: int, filled: int, divide_length: int, max_slots: int) -> int:
         needed = filled + divide_length
         granule = max(1, 1 << ((needed - 1).bit_length() - 2))

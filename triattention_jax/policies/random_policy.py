@@ -19,7 +19,7 @@ class RandomEviction(EvictionPolicy):
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         # A fresh draw per compaction: the key depends on how far decoding has got.
         key = jax.random.fold_in(jax.random.key(self.seed), context.position.max())
-        return jax.random.uniform(key, cache.pos.shape)
+        return jax.random.uniform(key, (cache.num_layers, *cache.pos[0].shape))
 
 
 register("random", RandomEviction)

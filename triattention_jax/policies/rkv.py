@@ -24,10 +24,8 @@ class RKV(SnapKV):
         """Per key: softmax over keys of its mean cosine similarity to the others, where for
         each key the most recent other key that is highly similar to it does not count (the
         newest copy of a repeated key is the one kept). (layers, batch, kv_heads, slots)."""
-        valid = cache.pos != EMPTY_POSITION
-
-        def one_layer(args):
-            keys, pos, ok = args  # (B,K,S,hd), (B,K,S), (B,K,S)
+        def one_layer(keys: jax.Array, pos: jax.Array) -> jax.Array:  # (B,K,S,hd), (B,K,S)
+            ok = pos != EMPTY_POSITION
             unit = keys.astype(jnp.float32) / jnp.maximum(jnp.linalg.norm(keys.astype(jnp.float32), axis=-1, keepdims=True), 1e-6)
             similarity = jnp.einsum("bksd,bktd->bkst", unit, unit)
             pair = ok[..., :, None] & ok[..., None, :] & ~jnp.eye(keys.shape[2], dtype=bool)
@@ -41,7 +39,7 @@ class RKV(SnapKV):
             column_mean = jnp.sum(similarity, axis=-2) / rows
             return jax.nn.softmax(jnp.where(ok, column_mean, -jnp.inf), axis=-1)
 
-        return jax.lax.map(one_layer, (cache.k, cache.pos, valid))
+        return jnp.stack([one_layer(keys, pos) for keys, pos in zip(cache.k, cache.pos)])
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         return self.importance_weight * self.window_attention(cache) - (1 - self.importance_weight) * self.redundancy(cache)

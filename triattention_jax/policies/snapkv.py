@@ -32,10 +32,10 @@ class SnapKV(EvictionPolicy):
         gather = jnp.clip(index, 0, positions.shape[1] - 1)
         queries = jnp.take_along_axis(out.rope_queries, gather[None, :, :, None, None], axis=2)
         window_positions = jnp.where(index >= 0, jnp.take_along_axis(positions, gather, axis=1), EMPTY_POSITION)
-        return _with_state(cache, queries.astype(cache.k.dtype), window_positions)
+        return _with_state(cache, queries.astype(cache.dtype), window_positions)
 
     def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
-        queries = jnp.concatenate([cache.state["window_queries"], out.rope_queries.astype(cache.k.dtype)], axis=2)
+        queries = jnp.concatenate([cache.state["window_queries"], out.rope_queries.astype(cache.dtype)], axis=2)
         window_positions = jnp.concatenate([cache.state["window_positions"], positions], axis=1)
         return _with_state(cache, queries[:, :, -self.window :], window_positions[:, -self.window :])
 
@@ -43,16 +43,19 @@ class SnapKV(EvictionPolicy):
         """Mean attention of the window queries over the cache, max over the GQA group,
         max-pooled over `pool_kernel` neighbouring slots: (layers, batch, kv_heads, slots)."""
         L, B, W, H, hd = cache.state["window_queries"].shape
-        K = cache.k.shape[2]
-        queries = cache.state["window_queries"].reshape(L, B, W, K, H // K, hd).astype(jnp.float32)
-        logits = jnp.einsum("lbwkgd,lbksd->lbkgws", queries, cache.k.astype(jnp.float32)) * hd**-0.5
-        query_pos = cache.state["window_positions"][None, :, None, None, :, None]
-        key_pos = cache.pos[:, :, :, None, None, :]
-        visible = (key_pos != EMPTY_POSITION) & (key_pos <= query_pos) & (query_pos != EMPTY_POSITION)
-        weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-        weights = jnp.where(visible, weights, 0.0)
+        K = cache.k[0].shape[1]
+        query_pos = cache.state["window_positions"][:, None, None, :, None]
         valid_queries = jnp.maximum(jnp.sum(cache.state["window_positions"] != EMPTY_POSITION, axis=1), 1)
-        importance = jnp.max(jnp.sum(weights, axis=4), axis=3) / valid_queries[None, :, None, None]
+
+        def one_layer(queries: jax.Array, keys: jax.Array, key_pos: jax.Array) -> jax.Array:
+            queries = queries.reshape(B, W, K, H // K, hd).astype(jnp.float32)
+            logits = jnp.einsum("bwkgd,bksd->bkgws", queries, keys.astype(jnp.float32)) * hd**-0.5
+            key_pos = key_pos[:, :, None, None, :]
+            visible = (key_pos != EMPTY_POSITION) & (key_pos <= query_pos) & (query_pos != EMPTY_POSITION)
+            weights = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), 0.0)
+            return jnp.max(jnp.sum(weights, axis=3), axis=2) / valid_queries[:, None, None]
+
+        importance = jnp.stack([one_layer(*layer) for layer in zip(cache.state["window_queries"], cache.k, cache.pos)])
         return jax.lax.reduce_window(
             importance, -jnp.inf, jax.lax.max, (1, 1, 1, self.pool_kernel), (1, 1, 1, 1), "SAME"
         )

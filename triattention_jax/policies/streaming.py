@@ -18,8 +18,8 @@ class StreamingLLM(EvictionPolicy):
 
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
-        recency = cache.pos.astype(jnp.float32)
-        return jnp.where(cache.pos < self.sinks, jnp.inf, recency)
+        positions = cache.stacked("pos")
+        return jnp.where(positions < self.sinks, jnp.inf, positions.astype(jnp.float32))
 
 
 register("streaming", StreamingLLM)

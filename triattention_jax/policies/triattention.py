@@ -83,12 +83,17 @@ class TriAttention(EvictionPolicy):
         )
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
-        raw = key_scores(
-            cache.k, self.stats, self.inv_freq, self.phasors, context.position,
-            attention_scaling=self.attention_scaling, trigonometric=self.trigonometric, norm_weighting=self.norm_weighting,
-        )
-        valid = cache.pos != EMPTY_POSITION
-        return aggregate(normalized_scores(raw, valid, cache.k.shape[2]), valid, self.aggregation)
+        # Layer by layer: the float32 keys of one layer are the only scratch.
+        raw = jnp.concatenate([
+            key_scores(
+                keys[None], jax.tree.map(lambda s: s[layer : layer + 1], self.stats), self.inv_freq, self.phasors,
+                context.position, attention_scaling=self.attention_scaling, trigonometric=self.trigonometric,
+                norm_weighting=self.norm_weighting,
+            )
+            for layer, keys in enumerate(cache.k)
+        ])
+        valid = cache.stacked("pos") != EMPTY_POSITION
+        return aggregate(normalized_scores(raw, valid, cache.k[0].shape[1]), valid, self.aggregation)
 
 
 register("triattention", TriAttention)
