@@ -16,7 +16,8 @@ from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.policies import policy_names
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
+flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, orbax checkpoint folder (written by "
+                    "python -m triattention_jax.orbax_store), hub id, or a folder name under models/.")
 flags.DEFINE_string("prompt", None, "The prompt text.")
 flags.DEFINE_string("prompt_file", None, "A text file with one prompt per line (decoded as one batch).")
 flags.DEFINE_bool("chat", None, "Wrap each prompt in the tokenizer's chat template (default: when it has one).")
@@ -42,6 +43,8 @@ flags.DEFINE_enum("kv_cache", "standard", ["standard", "slim"], "standard: K and
                   "all heads' K (MHA checkpoints only; eviction methods then keep one token set per layer).")
 flags.DEFINE_float("slim_max_cond", None, "Refuse --kv_cache slim when a layer's cond(W_K) exceeds this (default: 1/unit "
                    "roundoff of --dtype: 1.7e7 float32, 256 bfloat16).")
+flags.DEFINE_string("mesh", None, "Decode on a device mesh, e.g. data=2,model=4: rows split over data, heads and the MLP "
+                    "over model (data x model must divide the device count). Multi-host launches need it.")
 flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and measurements here.")
 
 
@@ -88,7 +91,7 @@ class StreamPrinter:
 _DECODE_FLAGS = (
     "model", "prompt", "prompt_file", "chat", "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p",
     "seed", "dtype", "method", "budget", "protect_prompt", "window", "stats", "aggregation", "offsets", "trig_term", "norm_weighting", "divide_length", "output_json",
-    "kv_cache", "slim_max_cond",
+    "kv_cache", "slim_max_cond", "mesh",
 )
 
 

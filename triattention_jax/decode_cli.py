@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
+
+from triattention_jax import sharding
 from triattention_jax.checkpoint import load_model
 from triattention_jax.errors import UserError
 from triattention_jax.generate import generate
@@ -40,9 +43,14 @@ def decode_prompts(
     output_json: str | None,
     kv_cache: str = "standard",
     slim_max_cond: float | None = None,
+    mesh: str | None = None,
     on_text: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
-    """Generates for one prompt or a file of prompts; returns (and optionally writes) the report."""
+    """Generates for one prompt or a file of prompts; returns (and optionally writes) the report.
+
+    mesh: a spec such as "data=2,model=4" (see `sharding.make_mesh`) to decode on a device
+    mesh; a multi-host launch (see `sharding.initialize_distributed`) needs one.
+    """
     if (prompt is None) == (prompt_file is None):
         raise UserError("give exactly one of --prompt or --prompt_file")
     texts = [prompt] if prompt is not None else read_prompt_file(prompt_file)
@@ -51,7 +59,12 @@ def decode_prompts(
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
     if kv_cache not in KV_CACHE_MODES:
         raise UserError(f"unknown --kv_cache {kv_cache!r}: choose one of {', '.join(KV_CACHE_MODES)}")
-    loaded = load_model(model, dtype=dtype)
+    device_mesh = None
+    if mesh is not None:
+        sharding.initialize_distributed()
+        device_mesh = sharding.make_mesh(mesh)
+        sharding.check_batch(len(texts), device_mesh)
+    loaded = load_model(model, dtype=dtype, mesh=device_mesh)
     transformer, slim_report = loaded.transformer, None
     if kv_cache == "slim":
         transformer, slim_report = slim_transformer(transformer, max_cond=slim_max_cond)
@@ -78,6 +91,7 @@ def decode_prompts(
         divide_length=divide_length,
         seed=seed,
         on_round=stream,
+        mesh=device_mesh,
     )
     generated = sum(result.num_generated_tokens)
     payload = {
@@ -85,6 +99,7 @@ def decode_prompts(
         "method": method,
         "dtype": dtype,
         "kv_cache": kv_cache,
+        "mesh": None if device_mesh is None else sharding.format_mesh(device_mesh),
         "slim": slim_report.to_dict() if slim_report else None,
         "policy_settings": dataclasses.asdict(settings) if method != "full" else None,
         "divide_length": divide_length,
@@ -99,7 +114,7 @@ def decode_prompts(
         "wall_seconds": result.wall_seconds,
         "tokens_per_second": generated / result.wall_seconds,
     }
-    if output_json:
+    if output_json and jax.process_index() == 0:
         write_json_atomic(output_json, payload)
     return payload
 

@@ -1,0 +1,206 @@
+"""Decoding on a mesh of 8 virtual CPU devices: the same tokens as one device, the cache laid
+out by batch and KV heads, eviction without gathering the cache, and one clear line for bad meshes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO_ROOT
+from triattention_jax import sharding
+from triattention_jax.benchmark import random_stats
+from triattention_jax.config import ModelConfig
+from triattention_jax.errors import UserError
+from triattention_jax.generate import DecodeState, _generation_round, _prefill, generate, teacher_force
+from triattention_jax.model import Transformer, weight_specs
+from triattention_jax.policies import FullAttention, TriAttention
+from triattention_jax.policies.snapkv import SnapKV
+from triattention_jax.sampling import Sampler
+
+# Eight query heads over four KV heads, so a model axis of 4 fits (the conftest checkpoints
+# have two KV heads).
+WIDE = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=1024, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, rope_theta=10000.0)
+
+
+def _random_transformer(hf: dict) -> Transformer:
+    config = ModelConfig.from_hf(hf)
+    rng = np.random.default_rng(0)
+    weights = {name: (1.0 + 0.1 * rng.normal(size=shape) if name.endswith("norm") else 0.2 * rng.normal(size=shape)).astype(np.float32)
+               for name, (shape, _) in weight_specs(config).items()}
+    return Transformer(config, weights, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return _random_transformer(WIDE)
+
+
+def _policy(name: str, transformer: Transformer):
+    if name == "full":
+        return FullAttention()
+    return TriAttention.create(transformer, random_stats(transformer, seed=1), budget=32)
+
+
+def _prompts(vocab: int, lengths=(5, 19, 11, 24)) -> list[list[int]]:
+    rng = np.random.default_rng(2)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+_reference: dict[str, list[list[int]]] = {}
+
+
+@pytest.mark.parametrize("method, spec", [
+    ("full", "data=4,model=2"),
+    ("full", "data=2,model=4"),
+    ("triattention", "data=2,model=4"),
+    ("triattention", "data=4,model=2"),
+])
+def test_sharded_decoding_gives_the_tokens_of_one_device(transformer, method, spec):
+    """float32, greedy, four prompts of different lengths, three rounds (TriAttention, budget
+    32, compacts at prefill and before the second and third)."""
+    policy = _policy(method, transformer)
+    prompts = _prompts(transformer.config.vocab_size)
+    options = dict(max_new_tokens=48, divide_length=16, policy=policy)
+    if method not in _reference:
+        _reference[method] = generate(transformer, prompts, **options).token_ids
+    mesh = sharding.make_mesh(spec)
+    sharded = generate(sharding.shard_transformer(transformer, mesh), prompts, mesh=mesh, **options)
+    assert sharded.token_ids == _reference[method]
+
+
+def test_sharded_teacher_forcing_matches_one_device(transformer):
+    tokens = np.array(_prompts(transformer.config.vocab_size, lengths=(40, 40)))
+    policy = _policy("triattention", transformer)
+    single = teacher_force(transformer, tokens, prefill_length=8, policy=policy, divide_length=16)
+    mesh = sharding.make_mesh("data=2,model=4")
+    sharded = teacher_force(transformer, tokens, prefill_length=8, policy=policy, divide_length=16, mesh=mesh)
+    np.testing.assert_allclose(sharded, single, atol=2e-5)
+
+
+def _prefilled(transformer: Transformer, policy, mesh, batch: int = 4):
+    graphdef, state = nnx.split(sharding.shard_transformer(transformer, mesh))
+    tokens = sharding.put_batch(np.ones((batch, 64), np.int32), mesh)
+    lengths = sharding.put_batch(np.full(batch, 40, np.int32), mesh)
+    _, cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=64 + 16, mesh=mesh)
+    return graphdef, state, cache, lengths
+
+
+def _laid_out(array: jax.Array, mesh, *spec) -> bool:
+    return array.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), array.ndim)
+
+
+def test_cache_is_laid_out_by_batch_and_kv_heads(transformer):
+    mesh = sharding.make_mesh("data=2,model=4")
+    policy = SnapKV(budget=48)
+    graphdef, state, cache, lengths = _prefilled(transformer, policy, mesh)
+    decode = DecodeState(token=sharding.put_batch(np.ones(4, np.int32), mesh), position=lengths,
+                         done=sharding.put_batch(np.zeros(4, bool), mesh), step=jnp.zeros((), jnp.int32))
+    cache, _, _ = _generation_round(graphdef, state, policy, cache, decode, lengths, jax.random.key(0),
+                                    jnp.asarray([-2], jnp.int32), sampler=Sampler(), divide_length=16, mesh=mesh)
+    for layer in range(transformer.config.num_layers):
+        assert _laid_out(cache.k[layer], mesh, "data", "model", None, None)
+        assert _laid_out(cache.v[layer], mesh, "data", "model", None, None)
+        assert _laid_out(cache.pos[layer], mesh, "data", "model", None)
+    assert _laid_out(cache.state["window_queries"], mesh, None, "data", None, "model", None)
+    assert _laid_out(cache.state["window_positions"], mesh, "data", None)
+    assert _laid_out(cache.cursor, mesh)
+    assert cache.k[0].addressable_shards[0].data.shape == (4 // mesh.shape["data"], 4 // mesh.shape["model"], cache.num_slots, 8)
+
+
+def test_weights_follow_the_logical_axis_rules(transformer):
+    mesh = sharding.make_mesh("data=2,model=4")
+    layer = sharding.shard_transformer(transformer, mesh).layers[0]
+    assert _laid_out(layer.wq.get_value(), mesh, None, "model", None)
+    assert _laid_out(layer.wk.get_value(), mesh, None, "model", None)
+    assert _laid_out(layer.wo.get_value(), mesh, "model", None, None)
+    assert _laid_out(layer.w_up.get_value(), mesh, None, "model")
+    assert _laid_out(layer.w_down.get_value(), mesh, "model", None)
+    assert _laid_out(layer.q_norm.get_value(), mesh, None)
+    assert layer.wq.get_value().addressable_shards[0].data.shape == (64, 2, 8)
+
+
+_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+
+
+def _collective_shapes(hlo: str) -> list[str]:
+    return [match.group(1) for match in _COLLECTIVE.finditer(hlo)]
+
+
+def test_decode_round_with_eviction_never_moves_cache_entries(transformer):
+    """The whole round (compaction with per_head aggregation, then 16 steps) on a cache split
+    by rows and KV heads: the collectives are those of tensor parallelism (activations,
+    logits) and of `lax.top_k` (scores, see the sharding notes); none carries K or V entries,
+    whose shapes end in (slots, head_dim)."""
+    mesh = sharding.make_mesh("data=2,model=4")
+    policy = TriAttention.create(transformer, random_stats(transformer), budget=64)
+    graphdef, state, cache, lengths = _prefilled(transformer, policy, mesh)
+    decode = DecodeState(token=sharding.put_batch(np.ones(4, np.int32), mesh), position=lengths,
+                         done=sharding.put_batch(np.zeros(4, bool), mesh), step=jnp.zeros((), jnp.int32))
+    hlo = _generation_round.lower(graphdef, state, policy, cache, decode, lengths, jax.random.key(0),
+                                  jnp.asarray([-2], jnp.int32), sampler=Sampler(), divide_length=16, mesh=mesh).compile().as_text()
+    shapes = _collective_shapes(hlo)
+    assert shapes, "tensor parallelism needs collectives: the HLO pattern no longer matches"
+    slots, head_dim = cache.num_slots, transformer.config.head_dim
+    entries = [s for s in shapes if re.search(rf"\b{slots},{head_dim}\]", s)]
+    assert entries == []
+
+
+def test_mesh_spec_parsing():
+    assert sharding.parse_mesh_spec("data=2,model=4") == {"data": 2, "model": 4}
+    assert sharding.parse_mesh_spec(" model = 2 ") == {"data": 1, "model": 2}
+    mesh = sharding.make_mesh("data=2")
+    assert dict(mesh.shape) == {"data": 2, "model": 1} and mesh.devices.size == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=2,pipeline=2", "unknown axis 'pipeline'"),
+    ("data=2,data=2", "axis 'data' is given twice"),
+    ("data=two", "must be a positive integer"),
+    ("model=0", "must be a positive integer"),
+    ("data", "expected comma-separated axis=size entries"),
+    ("data=3", "needs 3 devices, which does not divide the 8 devices"),
+    ("data=4,model=4", "needs 16 devices, more than the 8"),
+])
+def test_bad_mesh_specs(spec, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        sharding.make_mesh(spec)
+
+
+def test_model_and_batch_that_do_not_fit_the_mesh(transformer):
+    with pytest.raises(UserError, match="model axis of 8 does not divide the model's 4 KV heads: .* \\(here: 1, 2, 4\\)"):
+        sharding.check_model_fits(transformer.config, sharding.make_mesh("model=8"))
+    six_heads = ModelConfig.from_hf({**WIDE, "num_attention_heads": 6, "num_key_value_heads": 6})
+    with pytest.raises(UserError, match="model axis of 4 does not divide the model's 6 KV heads: .* \\(here: 1, 2\\)"):
+        sharding.check_model_fits(six_heads, sharding.make_mesh("model=4"))
+    narrow = ModelConfig.from_hf({**WIDE, "intermediate_size": 130})
+    with pytest.raises(UserError, match="does not divide the model's 130 MLP hidden units"):
+        sharding.check_model_fits(narrow, sharding.make_mesh("model=4"))
+    with pytest.raises(UserError, match="a batch of 3 rows does not split over the mesh's data axis of 2"):
+        generate(transformer, _prompts(256, lengths=(3, 4, 5)), max_new_tokens=4, mesh=sharding.make_mesh("data=2"))
+
+
+def _decode(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "decode.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--mesh", "data=2,tensor=4"], "unknown axis 'tensor'"),
+    (["--prompt", "x", "--mesh", "data=2"], "a batch of 1 rows does not split over the mesh's data axis of 2"),
+    (["--prompt", "x", "--mesh", "model=2"], "does not divide the model's 3 KV heads"),
+])
+def test_decode_cli_mesh_errors(args, message):
+    result = _decode(*args)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
