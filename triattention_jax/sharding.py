@@ -221,8 +221,9 @@ def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     def pin(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
 
-    def pin_layers(arrays: tuple[jax.Array, ...] | None, axes: tuple[str, ...]) -> tuple[jax.Array, ...] | None:
-        return None if arrays is None else tuple(pin(x, axes) for x in arrays)
+    def pin_layers(arrays: tuple[jax.Array | None, ...] | None, axes: tuple[str, ...]) -> tuple[jax.Array | None, ...] | None:
+        # None: a K-only cache, or a K-only layer of a cache that keeps V for the others.
+        return None if arrays is None else tuple(None if x is None else pin(x, axes) for x in arrays)
 
     return dataclasses.replace(
         cache,
