@@ -54,6 +54,8 @@ flags.DEFINE_string("stats", None, "TriAttention statistics; default: the model 
 flags.DEFINE_list("kv_cache", ["standard"], "Cache layouts to time, each with every method: standard (K and V), slim "
                   "(K only, MHA models; eviction keeps one token set per layer).")
 flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
+flags.DEFINE_string("mesh", None, "Time decoding on a device mesh, e.g. data=2,model=4 (see decode.py --mesh); bytes per "
+                    "step and the roofline are then one device's.")
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
 
@@ -215,15 +217,25 @@ def main(argv: list[str]) -> None:
     from triattention_jax.policies import policy_class
     from triattention_jax.prompts import check_writable, write_json_atomic
 
+    from triattention_jax import sharding
+
     if FLAGS.out:
         check_writable(FLAGS.out)
     batches = _integers(FLAGS.batch, "batch")
     if not batches and not FLAGS.largest_batch:
         raise UserError("give --batch sizes, or --largest_batch (or both)")
+    mesh = None
+    if FLAGS.mesh:
+        if FLAGS.largest_batch:
+            raise UserError("--largest_batch sizes one device's memory: run it without --mesh")
+        sharding.initialize_distributed()
+        mesh = sharding.make_mesh(FLAGS.mesh)
+        for batch in batches:
+            sharding.check_batch(batch, mesh)
     for method in FLAGS.methods:
         policy_class(method)
     hf_source = preset_config(FLAGS.preset) if FLAGS.preset else None
-    loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=FLAGS.dtype)
+    loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
     hf_source = hf_source if FLAGS.preset else str(loaded.path)
     P, N, divide = FLAGS.prompt_tokens, FLAGS.new_tokens, FLAGS.divide_length
     hf_seconds = {}
@@ -232,6 +244,8 @@ def main(argv: list[str]) -> None:
         for batch in batches:
             hf_seconds[batch] = hf_step_seconds_subprocess(hf_source, FLAGS.dtype, batch, P + N)
     base = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
+    if mesh is not None:
+        base = sharding.shard_transformer(base, mesh)
     variants = cache_variants(base, FLAGS.kv_cache)
     bandwidth = speed.copy_bandwidth()
     weights = speed.weight_bytes(base)
@@ -256,7 +270,8 @@ def main(argv: list[str]) -> None:
         if len(sizes) > 1:
             chosen = _integers(FLAGS.cache_lengths, "cache_lengths") if FLAGS.cache_lengths else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
             sizes = sorted({min(sizes, key=lambda s: abs(s - c)) for c in chosen})
-        measured = [speed.measure_step(transformer, policy, method, batch=batch, slots=s, divide_length=divide) for s in sizes]
+        measured = [speed.measure_step(transformer, policy, method, batch=batch, slots=s, divide_length=divide, mesh=mesh)
+                    for s in sizes]
         for step in measured:
             steps.append({**step_row(step, bandwidth), "kv_cache": kv_cache, "ms": 1e3 * step.step_seconds,
                           "gb": step.bytes_per_step / 1e9})
@@ -289,7 +304,8 @@ def main(argv: list[str]) -> None:
                        "eviction_share": measured[-1].eviction_share,
                        "hf_tokens_per_second": None if hf_seconds.get(batch) is None or method != "full" else batch / hf_seconds[batch]}
                 if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
-                    e2e = speed.end_to_end(transformer, policy, batch=batch, prompt_tokens=P, new_tokens=FLAGS.e2e_tokens, divide_length=divide)
+                    e2e = speed.end_to_end(transformer, policy, batch=batch, prompt_tokens=P, new_tokens=FLAGS.e2e_tokens,
+                                           divide_length=divide, mesh=mesh)
                     predicted = sum(divide * fit(s) for s in e2e["steady_round_slots"])
                     row.update(e2e=e2e, e2e_tokens_per_second=e2e["steady_tokens_per_second"],
                                e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted if predicted else None)
@@ -305,7 +321,7 @@ def main(argv: list[str]) -> None:
 
 
 _BENCHMARK_FLAGS = ("model", "preset", "dtype", "batch", "methods", "prompt_tokens", "new_tokens", "cache_lengths", "budget",
-                    "divide_length", "e2e_tokens", "largest_batch", "memory_reserve", "stats", "kv_cache", "hf")
+                    "divide_length", "e2e_tokens", "largest_batch", "memory_reserve", "stats", "kv_cache", "hf", "mesh")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Callable
 
@@ -18,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from triattention_jax import sharding
 from triattention_jax.cache import EMPTY_POSITION, KVCache
 from triattention_jax.generate import DecodeState, _generation_round, _prefill, buffer_schedule, prompt_bucket
 from triattention_jax.model import Transformer
@@ -47,8 +50,17 @@ def weight_bytes(transformer: Transformer) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(transformer, nnx.Param)))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, filled: jax.Array) -> KVCache:
+def device_bytes(tree) -> int:
+    """Bytes of the tree's arrays held by one device (the first local one): all of them without
+    a mesh; on a mesh, that device's shards, which is what its memory streams per step."""
+    device = jax.local_devices()[0]
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)
+               if device in leaf.sharding.device_set)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("mesh",))
+def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, filled: jax.Array,
+                      mesh: Mesh | None = None) -> KVCache:
     """The prefilled cache's policy statistics in a buffer of `slots` slots whose first
     `filled` hold synthetic keys and values; built in one program, so the device holds one
     buffer, not a padded copy and a filled copy."""
@@ -56,10 +68,10 @@ def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, fil
     shape = cache.k[0].shape
     positions = jnp.arange(slots, dtype=jnp.int32)
     keys = tuple(jnp.broadcast_to(layer_pattern[None, None], shape).astype(cache.dtype) for layer_pattern in pattern)
-    return dataclasses.replace(
+    return sharding.constrain_cache(dataclasses.replace(
         cache, k=keys, v=None if cache.v is None else tuple(-k for k in keys), cursor=filled,
         pos=tuple(jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), shape[:-1]) for _ in keys),
-    )
+    ), mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,33 +84,39 @@ class RoundSetup:
     cache: KVCache
     decode: DecodeState
     prompt_lengths: jax.Array
+    mesh: Mesh | None = None
 
     def round_arguments(self, cache: KVCache, divide_length: int) -> tuple[tuple, dict]:
         """`_generation_round`'s arguments for a greedy round of this shape over `cache`, EOS never matching."""
         args = (self.graphdef, self.state, self.policy, cache, self.decode, self.prompt_lengths, jax.random.key(0),
                 jnp.asarray([-2], jnp.int32))
-        return args, {"sampler": Sampler(), "divide_length": divide_length}
+        return args, {"sampler": Sampler(), "divide_length": divide_length, "mesh": self.mesh}
 
 
-def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slots: int, filled: int, seed: int = 0) -> RoundSetup:
+def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slots: int, filled: int, seed: int = 0,
+                 mesh: Mesh | None = None) -> RoundSetup:
     """A buffer of `slots` slots with `filled` in use (positions 0..filled-1) and the policy's
-    statistics and state set up by a real prefill of random tokens."""
+    statistics and state set up by a real prefill of random tokens; on `mesh` when given."""
     config = transformer.config
-    graphdef, state = nnx.split(transformer)
+    graphdef, state = nnx.split(transformer if mesh is None else sharding.shard_transformer(transformer, mesh))
     rng = np.random.default_rng(seed)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))), jnp.int32)
-    lengths = jnp.full((batch,), SYNTHETIC_PROMPT, jnp.int32)
+
+    def rows(array: np.ndarray) -> jax.Array:
+        return jnp.asarray(array) if mesh is None else sharding.put_batch(array, mesh)
+
+    tokens = rows(rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))).astype(np.int32))
+    lengths = rows(np.full((batch,), SYNTHETIC_PROMPT, np.int32))
     # A prompt-sized buffer: the synthetic one is the only full-size buffer the device holds.
-    _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=tokens.shape[1])
+    _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=tokens.shape[1], mesh=mesh)
     pattern = jax.random.normal(jax.random.key(seed), (config.num_layers, slots, config.head_dim), jnp.float32)
-    cache = _synthetic_buffer(prompt_cache, slots, pattern, jnp.asarray(filled, jnp.int32))
+    cache = _synthetic_buffer(prompt_cache, slots, pattern, jnp.asarray(filled, jnp.int32), mesh=mesh)
     decode = DecodeState(
-        token=jnp.asarray(rng.integers(0, config.vocab_size, batch), jnp.int32),
-        position=jnp.full((batch,), filled, jnp.int32),
-        done=jnp.zeros(batch, bool),
+        token=rows(rng.integers(0, config.vocab_size, batch).astype(np.int32)),
+        position=rows(np.full((batch,), filled, np.int32)),
+        done=rows(np.zeros(batch, bool)),
         step=jnp.zeros((), jnp.int32),
     )
-    return RoundSetup(graphdef, state, policy, cache, decode, lengths)
+    return RoundSetup(graphdef, state, policy, cache, decode, lengths, mesh)
 
 
 def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repeats: int = 5) -> list[float]:
@@ -139,16 +157,18 @@ class StepTime:
 
 
 def measure_step(transformer: Transformer, policy: KVPolicy, method: str, *, batch: int, slots: int,
-                 divide_length: int) -> StepTime:
+                 divide_length: int, mesh: Mesh | None = None) -> StepTime:
     """A steady step on a buffer of `slots` slots. Full attention: all slots but one round's in
     use; eviction policies: the buffer full, so the round compacts first, and the share of the
-    round spent compacting, from the same round started with room (no compaction)."""
+    round spent compacting, from the same round started with room (no compaction). Bytes per
+    step are one device's (its weight shards, its rows' and heads' K, V and positions)."""
     evicts = isinstance(policy, EvictionPolicy)
     filled = slots if evicts else slots - divide_length
-    setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=filled)
+    setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=filled, mesh=mesh)
     cursors = [filled, policy.budget] if evicts else [filled]
     times = time_rounds(setup, divide_length, cursors)
-    bytes_per_step = weight_bytes(transformer) + setup.cache.payload_nbytes + sum(p.nbytes for p in setup.cache.pos)
+    bytes_per_step = device_bytes(nnx.state(nnx.merge(setup.graphdef, setup.state), nnx.Param)) + device_bytes(
+        (setup.cache.k, setup.cache.v, setup.cache.pos))
     return StepTime(method=method, batch=batch, slots=slots, filled=filled, step_seconds=times[0] / divide_length,
                     bytes_per_step=bytes_per_step, eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None)
 
@@ -252,7 +272,7 @@ def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len
 
 
 def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt_tokens: int, new_tokens: int,
-               divide_length: int) -> dict[str, float]:
+               divide_length: int, mesh: Mesh | None = None) -> dict[str, float]:
     """One real `generate` run of random prompts (EOS ignored): its wall time, and its rate over
     the rounds that compiled nothing (not the first, nor those where the buffer grew), with the
     buffer size of each such round for comparing against step times."""
@@ -261,7 +281,7 @@ def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt
     prompts = np.random.default_rng(1).integers(0, transformer.config.vocab_size, (batch, prompt_tokens)).tolist()
     ends: list[float] = []
     result = generate(transformer, prompts, max_new_tokens=new_tokens, divide_length=divide_length, policy=policy,
-                      on_round=lambda _: ends.append(time.perf_counter()))
+                      on_round=lambda _: ends.append(time.perf_counter()), mesh=mesh)
     schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
     steady = [i for i in range(1, len(ends)) if schedule[i] == schedule[i - 1]]
     seconds = sum(ends[i] - ends[i - 1] for i in steady)
