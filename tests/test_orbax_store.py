@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -106,6 +107,33 @@ def test_damaged_marker_is_a_user_error(saved, tmp_path):
 def test_model_axis_that_does_not_divide_the_heads_is_refused(saved):
     with pytest.raises(UserError, match="does not divide the model's 2 KV heads"):
         orbax_store.restore_transformer(saved[2], mesh=sharding.make_mesh("model=8"))
+
+
+def test_decode_reads_an_orbax_checkpoint_on_a_mesh_with_its_statistics(saved, tmp_path, monkeypatch):
+    """What `decode.py --model <orbax folder> --mesh ... --method triattention` runs: the folder is
+    recognised, restored onto the mesh, and TriAttention takes the statistics saved in it (it
+    would otherwise calibrate and write them to the model store)."""
+    from triattention_jax.checkpoint import resolve_model_dir
+    from triattention_jax.decode_cli import decode_prompts
+
+    _, _, out = saved
+    source = tmp_path / "with-tokenizer"
+    shutil.copytree(out, source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(resolve_model_dir("smollm2-135m-instruct") / name, source / name)
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("TRIATTENTION_MODELS", str(store))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two three\nfour five six seven\n")
+    report = decode_prompts(
+        model=str(source), prompt=None, prompt_file=str(prompts), chat=False, max_new_tokens=20, ignore_eos=True,
+        temperature=0.0, top_k=0, top_p=1.0, seed=0, dtype="float32", method="triattention", budget=16,
+        protect_prompt=None, window=None, stats=None, aggregation="per_head", offsets=None, trig_term=True,
+        norm_weighting=True, divide_length=8, output_json=None, mesh="data=2,model=2")
+    assert report["mesh"] == "data=2,model=2"
+    assert report["num_generated_tokens"] == [20, 20]
+    assert list(store.iterdir()) == []
 
 
 def test_time_reload_reports_both_sources(tiny_model_dirs):
