@@ -140,6 +140,6 @@ def test_time_reload_reports_both_sources(tiny_model_dirs):
     result = orbax_store.time_reload(str(tiny_model_dirs["llama-tied"]), dtype="float32", repeats=1,
                                      mesh=sharding.make_mesh("data=2,model=2"))
     assert [row["source"] for row in result["rows"]] == ["safetensors", "orbax"]
-    assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
+    assert all(len(times) == 1 and min(times) > 0 for times in result["seconds"].values())
     assert result["mesh"] == "data=2,model=2"
     assert not list(tiny_model_dirs["llama-tied"].parent.glob(".orbax-reload-*"))
