@@ -79,6 +79,47 @@ def test_sharded_decoding_gives_the_tokens_of_one_device(transformer, method, sp
     assert sharded.token_ids == _reference[method]
 
 
+_TWO_HOST_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from triattention_jax import sharding
+sharding.initialize_distributed()
+import test_sharding as t
+from triattention_jax.generate import generate
+transformer = t._random_transformer(t.WIDE)
+result = generate(transformer, t._prompts(transformer.config.vocab_size), max_new_tokens=48, divide_length=16,
+                  policy=t._policy("triattention", transformer), mesh=sharding.make_mesh("data=2,model=4"))
+print(json.dumps(result.token_ids))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_decode_as_one_mesh(transformer):
+    """Two processes of four CPU devices each, joined by `initialize_distributed` from the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment: each holds half
+    the rows and reads the whole batch's tokens back (multi-host decoding on one machine)."""
+    import json
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    children = [subprocess.Popen([sys.executable, "-c", _TWO_HOST_CHILD, str(REPO_ROOT / "tests")], cwd=REPO_ROOT,
+                                 env={**env, "JAX_PROCESS_ID": str(index)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for index in range(2)]
+    outputs = [child.communicate(timeout=600) for child in children]
+    for child, (_, stderr) in zip(children, outputs):
+        assert child.returncode == 0, stderr[-3000:]
+    if "triattention" not in _reference:
+        _reference["triattention"] = generate(transformer, _prompts(transformer.config.vocab_size), max_new_tokens=48,
+                                              divide_length=16, policy=_policy("triattention", transformer)).token_ids
+    for stdout, _ in outputs:
+        assert json.loads(stdout.strip().splitlines()[-1]) == _reference["triattention"]
+
+
 def test_sharded_teacher_forcing_matches_one_device(transformer):
     tokens = np.array(_prompts(transformer.config.vocab_size, lengths=(40, 40)))
     policy = _policy("triattention", transformer)
