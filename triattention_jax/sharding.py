@@ -4,9 +4,15 @@ and the MLP, the KV cache sharded by batch and KV heads.
 A mesh has two axes, "data" and "model", given as a spec string such as "data=2,model=4"
 (`make_mesh`). Every weight carries logical axis names (`model.weight_specs`);
 `LOGICAL_AXIS_RULES` maps them to mesh axes, so placing a model is one `device_put` per
-weight (`shard_transformer`). The cache follows the same rules: batch over "data", KV heads
-over "model", slots never sharded, so eviction (`lax.top_k` over slots per layer, row and KV
-head, and per_head's mean over layers) runs on each shard's own slots without communication.
+weight (`shard_transformer`). The cache follows the same rules (`constrain_cache`): batch over
+"data", KV heads over "model", layers and slots whole. Eviction scores every slot of a
+(layer, row, KV head) where that head lives, and per_head's mean over layers stays on the
+shard too; K and V never move. Two things do communicate: per_layer aggregation (a max over
+KV heads, an all-reduce of layers × rows × slots scores) and `lax.top_k`, which XLA does not
+partition (Shardy or GSPMD, jax 0.10.2 and 0.11.2): it all-gathers the float32 selection
+scores (layers × rows × KV heads × slots) and selects on every device. A stable argsort of
+the negated scores, cut to the budget, partitions without communication and keeps the same
+slots (top_k also prefers the lower index among ties).
 
 Multi-host: `initialize_distributed` starts `jax.distributed` when the launch environment
 says there are several processes; every process then runs the same program over the global
@@ -28,6 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from triattention_jax.cache import KVCache
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
+from triattention_jax.model import Transformer
 
 MESH_AXES = ("data", "model")
 
@@ -166,11 +173,6 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(tuple(axes), shape, mesh) if axes is not None else PartitionSpec())
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """A Transformer state's tree with each variable's value replaced by its NamedSharding."""
-    return jax.tree.map(lambda variable: variable.replace(variable_sharding(variable, mesh)), state, is_leaf=_is_variable)
-
-
 def place(value: Any, sharding: NamedSharding) -> jax.Array:
     """An array laid out as `sharding`. On one host a device-to-device `device_put`; across
     hosts each process builds its own shards from the (identical) host value."""
@@ -193,7 +195,7 @@ def _placed(value: jax.Array, sharding: NamedSharding) -> jax.Array:
     return place(value, sharding)
 
 
-def shard_transformer(transformer: Any, mesh: Mesh) -> Any:
+def shard_transformer(transformer: Transformer, mesh: Mesh) -> Transformer:
     """A Transformer whose weights are laid out on the mesh (checked to fit it first)."""
     check_model_fits(transformer.config, mesh)
     graphdef, state = nnx.split(transformer)
