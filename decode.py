@@ -41,7 +41,7 @@ flags.DEFINE_bool("norm_weighting", True, "Weight TriAttention's norm term by (1
 flags.DEFINE_integer("divide_length", DEFAULT_DIVIDE_LENGTH, "Decode steps per round (eviction runs between rounds).")
 flags.DEFINE_enum("kv_cache", "standard", ["standard", "slim"], "standard: K and V; slim: K only, V recomputed from "
                   "all heads' K (MHA checkpoints only; eviction methods then keep one token set per layer).")
-flags.DEFINE_float("slim_max_cond", None, "Refuse --kv_cache slim when a layer's cond(W_K) exceeds this (default: 1/unit "
+flags.DEFINE_float("slim_max_cond", None, "Layers whose cond(W_K) exceeds this keep K and V under --kv_cache slim (default: 1/unit "
                    "roundoff of --dtype: 1.7e7 float32, 256 bfloat16).")
 flags.DEFINE_string("mesh", None, "Decode on a device mesh, e.g. data=2,model=4: rows split over data, heads and the MLP "
                     "over model (data x model must divide the device count). Multi-host launches need it.")
@@ -54,10 +54,17 @@ def main(argv: list[str]) -> None:
     stream = StreamPrinter()
     payload = decode_prompts(**{name: FLAGS[name].value for name in _DECODE_FLAGS}, on_text=stream)
     stream.finish(payload["texts"])
-    if payload["slim"]:
-        conds = ", ".join(f"{c:.3g}" for c in payload["slim"]["cond_wk"])
-        print(f"[slim] K-only cache; cond(W_K) per layer: {conds} (threshold {payload['slim']['threshold']:.3g})",
-              file=sys.stderr)
+    slim = payload["slim"]
+    if slim:
+        conds = ", ".join(f"{c:.3g}" for c in slim["cond_wk"])
+        fallback = ", ".join(map(str, slim["fallback_layers"])) or "none"
+        print(f"[slim] K-only cache; cond(W_K) per layer: {conds} (threshold {slim['threshold']:.3g}; layers keeping "
+              f"K and V: {fallback})", file=sys.stderr)
+        if slim["logprob_error"]:
+            error = slim["logprob_error"]
+            print(f"[slim] measured against the standard cache on the generated tokens: max |Δ log-prob| "
+                  f"{error['max_abs']:.3g} ({error['relative']:.3g} relative), top-1 agreement {error['top1_agreement']:.3f}",
+                  file=sys.stderr)
     print(
         f"[{payload['method']}] {sum(payload['num_generated_tokens'])} tokens in {payload['wall_seconds']:.2f}s, compilation "
         f"included ({payload['tokens_per_second']:.1f} tok/s), KV buffer {payload['kv_cache_bytes'] / 2**20:.2f} MiB",

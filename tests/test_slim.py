@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -87,12 +88,35 @@ def test_condition_numbers_and_bfloat16_threshold(slim_model_dirs, models):
     wk = [np.asarray(layer.wk[...], np.float64).reshape(64, 64) for layer in standard.layers]
     np.testing.assert_allclose(report.cond, [np.linalg.cond(w) for w in wk], rtol=1e-9)
     assert report.max_cond == 2.0**24
-    # bfloat16 rounding amplified by cond(W_K) > 256 = 1/u: refused unless the user raises the bound.
+    # bfloat16 rounding amplified by cond(W_K) > 256 = 1/u: those layers keep V.
     bf16 = load_transformer(slim_model_dirs["qwen2-mha"], dtype="bfloat16")
-    with pytest.raises(UserError, match=r"cond\(W_K\) exceeds 256 \(layer 1: .*--slim_max_cond"):
-        slim_transformer(bf16)
-    slim_bf16, _ = slim_transformer(bf16, max_cond=1e4)
-    assert slim_bf16.layers[0].w_kv[...].dtype == jnp.float32
+    slim_bf16, bf16_report = slim_transformer(bf16)
+    assert bf16_report.max_cond == 256
+    assert 1 in bf16_report.fallback_layers
+    assert bf16_report.fallback_layers == tuple(i for i, c in enumerate(report.cond) if c > 256)
+    assert slim_bf16.value_layers == tuple(i in bf16_report.fallback_layers for i in range(3))
+    assert all(slim_transformer(bf16, max_cond=1e4)[0].layers[i].w_kv[...].dtype == jnp.float32 for i in range(3))
+    with pytest.raises(UserError, match=r"cond\(W_K\) exceeds 10 in every layer .*--slim_max_cond"):
+        slim_transformer(bf16, max_cond=10)
+
+
+def test_layers_above_the_threshold_keep_values(models):
+    """A bound between the layers' condition numbers: the worse layers keep a K+V cache, the
+    rest hold K only, and decoding still matches the standard cache."""
+    standard, _ = models["llama-mha-yarn"]
+    conds = slim_transformer(standard)[1].cond
+    mixed, report = slim_transformer(standard, max_cond=float(np.median(conds)))
+    assert report.fallback_layers and len(report.fallback_layers) < len(conds)
+    assert mixed.value_layers == tuple(c > np.median(conds) for c in conds)
+    tokens = _tokens(6, 72, batch=2)
+    a = teacher_force(standard, tokens, prefill_length=8, divide_length=32)
+    b = teacher_force(mixed, tokens, prefill_length=8, divide_length=32)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+    full = generate(standard, tokens[:, :20].tolist(), max_new_tokens=12, divide_length=16)
+    part = generate(mixed, tokens[:, :20].tolist(), max_new_tokens=12, divide_length=16)
+    assert part.token_ids == full.token_ids
+    layers = len(conds)
+    assert 2 * layers * part.kv_payload_bytes == full.kv_payload_bytes * (layers + sum(mixed.value_layers))
 
 
 def test_measured_float32_error(models):
@@ -122,7 +146,7 @@ def test_per_head_scores_are_shared_across_heads_of_a_k_only_cache():
     context = RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.full(B, S, jnp.int32))
     kept = RandomEviction(budget=12).compact(cache, context)
     kept_pos = kept.stacked("pos")
-    assert kept.v is None and kept.stacked("k").shape == (L, B, K, 12, 8)
+    assert all(kept.key_only_layers) and kept.stacked("k").shape == (L, B, K, 12, 8)
     np.testing.assert_array_equal(kept_pos, jnp.broadcast_to(kept_pos[:, :, :1], kept_pos.shape))
     # The standard cache keeps per-head sets (the draws differ per head).
     standard = RandomEviction(budget=12).compact(dataclasses.replace(cache, v=cache.k), context).stacked("pos")
@@ -153,3 +177,29 @@ def test_benchmark_times_both_cache_layouts(tmp_path):
         assert slim["kv_bytes_per_sequence"] == cache_nbytes(config, 1, slots, jnp.float32, values=False)
         # W_KV (D×D float32 per layer) is the price in weights.
         assert slim["weight_bytes"] - standard["weight_bytes"] == config.num_layers * config.hidden_size**2 * 4
+
+
+def test_cli_reports_fallback_layers_and_measured_error(tmp_path, slim_model_dirs, models):
+    """decode.py --kv_cache slim on a tiny MHA checkpoint given a byte-level tokenizer: the
+    layers above --slim_max_cond keep V, and the measured log-prob error is printed and saved."""
+    from tokenizers import Tokenizer, decoders, models as token_models, pre_tokenizers
+
+    model = tmp_path / "mha"
+    shutil.copytree(slim_model_dirs["llama-mha-yarn"], model)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(token_models.BPE(vocab={c: i + 3 for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(model)
+    conds = slim_transformer(models["llama-mha-yarn"][0])[1].cond
+    out = tmp_path / "out.json"
+    result = _decode("--model", str(model), "--prompt", "Hello there", "--chat=false", "--kv_cache", "slim", "--dtype",
+                     "float32", "--slim_max_cond", str(float(np.median(conds))), "--max_new_tokens", "24", "--ignore_eos",
+                     "--output_json", str(out))
+    assert result.returncode == 0, result.stderr
+    fallback = [i for i, c in enumerate(conds) if c > np.median(conds)]
+    assert f"layers keeping K and V: {', '.join(map(str, fallback))}" in result.stderr
+    assert "measured against the standard cache" in result.stderr
+    slim = json.loads(out.read_text())["slim"]
+    assert slim["fallback_layers"] == fallback
+    assert slim["logprob_error"]["relative"] < 1e-4 and slim["logprob_error"]["top1_agreement"] == 1.0

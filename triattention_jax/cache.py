@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from triattention_jax.config import ModelConfig
 
+T = TypeVar("T")
+
 EMPTY_POSITION = -1
+
+
+def layer_by_layer(fn: Callable[..., T], *per_layer: Sequence) -> list[T]:
+    """[fn(*args) for args in zip(*per_layer)], one layer after another: each layer's inputs
+    pass an optimization barrier together with the previous layer's result, so XLA cannot
+    schedule the layers side by side and hold every layer's scratch (e.g. float32 keys) at once."""
+    results: list[T] = []
+    for args in zip(*per_layer):
+        if results:
+            results[-1], args = jax.lax.optimization_barrier((results[-1], args))
+        results.append(fn(*args))
+    return results
 
 
 @jax.tree_util.register_dataclass
@@ -21,9 +35,9 @@ class KVCache:
     Per layer (a separate array each, not stacked over layers: a decode loop then reads each
     layer's buffer in place, where XLA copies any slice it takes of a stacked one; measured on
     an H100, Qwen3-8B shape, batch 64, 2,176 slots: 28.8 ms per step stacked, 15.4 per layer):
-    k[i], v[i]: (batch, kv_heads, slots, head_dim), post-RoPE keys and values. v is None
-            in a K-only (slim attention) cache: V is recomputed from all heads' K, so every
-            head of a layer holds the same token in a slot (see `slim.py`).
+    k[i], v[i]: (batch, kv_heads, slots, head_dim), post-RoPE keys and values. v[i] is None
+            for a K-only (slim attention) layer: V is recomputed from all heads' K, so every
+            head of that layer holds the same token in a slot (see `slim.py`).
     pos[i]: (batch, kv_heads, slots) int32; EMPTY_POSITION marks an empty slot.
             Attention masks come from these positions, never from slot order, so an
             eviction policy may keep any subset of slots per head.
@@ -35,7 +49,7 @@ class KVCache:
     """
 
     k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...] | None
+    v: tuple[jax.Array | None, ...]
     pos: tuple[jax.Array, ...]
     cursor: jax.Array
     slot_stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
@@ -43,12 +57,13 @@ class KVCache:
 
     @classmethod
     def from_stacked(cls, k: jax.Array, v: jax.Array | None, pos: jax.Array, cursor: jax.Array | int, **fields) -> "KVCache":
-        """A cache from layer-stacked arrays: k, v (layers, batch, kv_heads, slots, head_dim), pos (layers, ...)."""
+        """A cache from layer-stacked arrays: k, v (layers, batch, kv_heads, slots, head_dim) (v None:
+        K only), pos (layers, batch, kv_heads, slots)."""
         def split(x: jax.Array) -> tuple[jax.Array, ...]:
             return tuple(x[index] for index in range(x.shape[0]))
 
-        return cls(k=split(k), v=None if v is None else split(v), pos=split(pos), cursor=jnp.asarray(cursor, jnp.int32),
-                   **fields)
+        return cls(k=split(k), v=(None,) * k.shape[0] if v is None else split(v), pos=split(pos),
+                   cursor=jnp.asarray(cursor, jnp.int32), **fields)
 
     @property
     def num_layers(self) -> int:
@@ -62,8 +77,14 @@ class KVCache:
     def dtype(self) -> jnp.dtype:
         return self.k[0].dtype
 
+    @property
+    def key_only_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it holds K only (V recomputed; every head keeps the same tokens)."""
+        return tuple(v is None for v in self.v)
+
     def stacked(self, name: str) -> jax.Array:
-        """"k", "v" or "pos" stacked over layers (a copy): (layers, batch, kv_heads, slots[, head_dim])."""
+        """"k", "v" or "pos" stacked over layers (a copy): (layers, batch, kv_heads, slots[, head_dim]);
+        "v" needs every layer to hold V."""
         return jnp.stack(getattr(self, name))
 
     @property
@@ -78,19 +99,21 @@ class KVCache:
         return int(sum(leaf.nbytes for leaf in jax.tree.leaves((self.k, self.v))))
 
     def _map_layers(self, fn, *per_layer: Sequence) -> dict[str, tuple[jax.Array, ...] | None]:
-        """k, v (when present) and pos through fn(entry array, is_pos, *per-layer args), layer by layer."""
-        def each(name: str, arrays: tuple[jax.Array, ...] | None):
-            if arrays is None:
-                return None
-            return tuple(fn(x, name == "pos", *args) for x, *args in zip(arrays, *per_layer))
+        """k, v (when present) and pos through fn(entry array, is_pos, *per-layer args), one
+        layer after another (`layer_by_layer`)."""
+        names = ("k", "v", "pos")
 
-        return {name: each(name, getattr(self, name)) for name in ("k", "v", "pos")}
+        def one_layer(arrays: tuple[jax.Array | None, ...], *args) -> tuple[jax.Array | None, ...]:
+            return tuple(None if x is None else fn(x, name == "pos", *args) for name, x in zip(names, arrays))
+
+        layers = layer_by_layer(one_layer, list(zip(*(getattr(self, name) for name in names))), *per_layer)
+        return {name: tuple(layer[i] for layer in layers) for i, name in enumerate(names)}
 
     def append(self, k: Sequence[jax.Array], v: Sequence[jax.Array] | None, pos: jax.Array) -> "KVCache":
         """Writes T new entries at slots [cursor, cursor + T) of every layer.
 
-        k, v: per layer (batch, kv_heads, T, head_dim) (a sequence or a layer-stacked array);
-        pos: (batch, T), broadcast to every layer and head.
+        k, v: per layer (batch, kv_heads, T, head_dim) (a sequence or a layer-stacked array;
+        v's entries for K-only layers are ignored); pos: (batch, T), broadcast to every layer and head.
         """
         zero = jnp.zeros((), jnp.int32)
         T = pos.shape[1]
@@ -101,12 +124,13 @@ class KVCache:
             start = (zero, zero, self.cursor) + (() if is_pos else (zero,))
             return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
 
-        new = {"k": [k[i] for i in layers], "v": None if v is None else [v[i] for i in layers], "pos": [pos for _ in layers]}
+        new = {"k": [k[i] for i in layers], "v": [None if x is None else v[i] for i, x in enumerate(self.v)],
+               "pos": [pos for _ in layers]}
         fresh = jnp.zeros((self.num_layers, *pos.shape), jnp.float32)
         return dataclasses.replace(
             self,
-            **{name: None if arrays is None else tuple(write(x, name == "pos", n) for x, n in zip(arrays, new[name]))
-               for name, arrays in (("k", self.k), ("v", self.v), ("pos", self.pos))},
+            **{name: tuple(None if x is None else write(x, name == "pos", n) for x, n in zip(getattr(self, name), new[name]))
+               for name in ("k", "v", "pos")},
             cursor=self.cursor + T,
             slot_stats={name: jax.lax.dynamic_update_slice(x, fresh, (zero, zero, zero, self.cursor))
                         for name, x in self.slot_stats.items()},
@@ -126,36 +150,52 @@ class KVCache:
             self, **self._map_layers(grow), slot_stats={name: jnp.pad(x, [(0, 0)] + pad) for name, x in self.slot_stats.items()}
         )
 
-    def gather(self, slots: jax.Array) -> "KVCache":
+    def gather(self, slots: jax.Array, *, in_place: bool = False) -> "KVCache":
         """Keeps the given slots, in the given order: slots is (layers, batch, kv_heads, keep).
 
-        The result has `keep` slots and its cursor at the end. Layer by layer, so the scratch
-        a compaction needs is one layer's kept entries, not a second buffer.
+        The cursor ends up at `keep`. By default the result has `keep` slots. With in_place,
+        it keeps this buffer's size: the kept entries are written over its first `keep` slots
+        and the rest are marked empty, so a donated buffer is updated in place, layer by
+        layer, and a compaction's scratch is one layer's kept entries, not a second buffer.
         """
-        def take(x: jax.Array, is_pos: bool, layer_slots: jax.Array) -> jax.Array:
-            return jnp.take_along_axis(x, layer_slots if is_pos else layer_slots[..., None], axis=2)
+        keep = slots.shape[-1]
+        zero = jnp.zeros((), jnp.int32)
+
+        def take(x: jax.Array, layer_slots: jax.Array, axis: int, empty: int | None = None) -> jax.Array:
+            kept = jnp.take_along_axis(x, layer_slots.reshape(layer_slots.shape + (1,) * (x.ndim - layer_slots.ndim)), axis=axis)
+            if not in_place:
+                return kept
+            if empty is not None:
+                x = jnp.full_like(x, empty)
+            return jax.lax.dynamic_update_slice(x, kept, (zero,) * x.ndim)
 
         return dataclasses.replace(
             self,
-            **self._map_layers(take, slots),
-            cursor=jnp.asarray(slots.shape[-1], jnp.int32),
-            slot_stats={name: jnp.take_along_axis(x, slots, axis=3) for name, x in self.slot_stats.items()},
+            **self._map_layers(lambda x, is_pos, s: take(x, s, 2, EMPTY_POSITION if is_pos else None), slots),
+            cursor=jnp.asarray(keep, jnp.int32),
+            slot_stats={name: take(x, slots, 3) for name, x in self.slot_stats.items()},
         )
 
 
-def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *, values: bool = True) -> KVCache:
-    """An empty cache with `num_slots` slots per (layer, row, KV head); K only unless `values`."""
+def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *,
+               values: bool | Sequence[bool] = True) -> KVCache:
+    """An empty cache with `num_slots` slots per (layer, row, KV head); `values` says, for all
+    layers or per layer, which hold V (the others hold K only)."""
     shape = (batch, config.num_kv_heads, num_slots, config.head_dim)
     layers = range(config.num_layers)
+    values = [values] * config.num_layers if isinstance(values, bool) else list(values)
     return KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-        v=tuple(jnp.zeros(shape, dtype) for _ in layers) if values else None,
+        v=tuple(jnp.zeros(shape, dtype) if has_values else None for has_values in values),
         pos=tuple(jnp.full(shape[:-1], EMPTY_POSITION, jnp.int32) for _ in layers),
         cursor=jnp.zeros((), jnp.int32),
     )
 
 
-def cache_nbytes(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *, values: bool = True) -> int:
+def cache_nbytes(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *,
+                 values: bool | Sequence[bool] = True) -> int:
     """What `init_cache(..., values=values).nbytes` would be, without allocating."""
-    entries = config.num_layers * batch * config.num_kv_heads * num_slots
-    return entries * ((2 if values else 1) * config.head_dim * jnp.dtype(dtype).itemsize + 4)
+    values = [values] * config.num_layers if isinstance(values, bool) else list(values)
+    per_layer = batch * config.num_kv_heads * num_slots
+    entry = config.head_dim * jnp.dtype(dtype).itemsize
+    return sum(per_layer * ((2 if has_values else 1) * entry + 4) for has_values in values)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from triattention_jax import sharding
 from triattention_jax.checkpoint import load_model
@@ -14,7 +15,7 @@ from triattention_jax.generate import generate
 from triattention_jax.policies import PolicySettings, policy_class
 from triattention_jax.prompts import check_writable, encode_prompts, has_chat_template, read_prompt_file, write_json_atomic
 from triattention_jax.sampling import Sampler
-from triattention_jax.slim import KV_CACHE_MODES, slim_transformer
+from triattention_jax.slim import KV_CACHE_MODES, logprob_error, slim_transformer
 
 
 def decode_prompts(
@@ -94,13 +95,16 @@ def decode_prompts(
         mesh=device_mesh,
     )
     generated = sum(result.num_generated_tokens)
+    if slim_report is not None:
+        slim_report = slim_report.to_dict() | {"logprob_error": _slim_error(loaded.transformer, transformer, prompt_ids[0],
+                                                                             result.token_ids[0], divide_length)}
     payload = {
         "model": str(loaded.path),
         "method": method,
         "dtype": dtype,
         "kv_cache": kv_cache,
         "mesh": None if device_mesh is None else sharding.format_mesh(device_mesh),
-        "slim": slim_report.to_dict() if slim_report else None,
+        "slim": slim_report,
         "policy_settings": dataclasses.asdict(settings) if method != "full" else None,
         "divide_length": divide_length,
         "chat": use_chat,
@@ -118,6 +122,15 @@ def decode_prompts(
         write_json_atomic(output_json, payload)
     return payload
 
+
+
+def _slim_error(standard, slim, prompt: list[int], generated: list[int], divide_length: int) -> dict[str, float] | None:
+    """The K-only cache's measured log-prob error against the standard cache (full attention,
+    same weights and dtype) over the first row's generated tokens, teacher-forced."""
+    if len(generated) < 2:
+        return None
+    tokens = np.asarray([prompt + generated], np.int32)
+    return logprob_error(standard, slim, tokens, prefill_length=len(prompt), divide_length=divide_length)
 
 
 def _offsets(values: list[str] | None) -> tuple[int, ...] | None:

@@ -99,7 +99,7 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
     out = extend_for_policy(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1)
-    cache = init_cache(transformer.config, batch, bucket, transformer.dtype, values=not transformer.slim)
+    cache = init_cache(transformer.config, batch, bucket, transformer.dtype, values=transformer.value_layers)
     cache = cache.append(out.k, out.v, positions)
     context = RoundContext(prompt_lengths=lengths, position=lengths)
     return out.logits, sharding.constrain_cache(policy.fit_prefill(policy.start(cache, out, positions), num_slots, context), mesh)

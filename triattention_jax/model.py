@@ -131,9 +131,14 @@ class Transformer(nnx.Module):
         return getattr(self, name)[...]
 
     @property
+    def value_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its cache holds V; layers with W_KV hold K only (see `slim.py`)."""
+        return tuple(not hasattr(layer, "w_kv") for layer in self.layers)
+
+    @property
     def slim(self) -> bool:
-        """Whether caches for this model hold K only (V recomputed through W_KV; see `slim.py`)."""
-        return hasattr(self.layers[0], "w_kv")
+        """Whether any layer's cache holds K only."""
+        return not all(self.value_layers)
 
     def stacked(self, name: str) -> jax.Array:
         """A layer weight stacked over layers (a copy), e.g. for inspection or conversion."""
@@ -189,8 +194,10 @@ class Transformer(nnx.Module):
             return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
 
         layer_weights = [layer_module.arrays() for layer_module in self.layers]
-        cached_layers = [None] * cfg.num_layers if cache is None else list(zip(cache.k, cache.v or [None] * cfg.num_layers, cache.pos))
-        if jax.default_backend() == "cpu":
+        cached_layers = [None] * cfg.num_layers if cache is None else list(zip(cache.k, cache.v, cache.pos))
+        # A scan needs alike layers: a K-only cache with some layers holding V runs unrolled.
+        alike = len({tuple(sorted(weights)) for weights in layer_weights}) == 1
+        if jax.default_backend() == "cpu" and alike:
             # XLA:CPU compiles an unrolled stack of layers several times slower and runs it no
             # faster (SmolLM2: 33 s against 13 s for a first 128-token decode). Inside a decode
             # loop the weights' stacking is loop-invariant and hoisted; the cache's is a copy

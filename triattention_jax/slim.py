@@ -6,7 +6,8 @@ W_KV = W_K^{-1}·W_V. The cache then stores K only (half the bytes of K and V); 
 computes (Σ_s p_s·k_s)·W_KV per head (`model.slim_cache_values`). Prefill is unchanged.
 
 The reconstruction amplifies the rounding of the cached K by up to cond(W_K), so each layer's
-condition number is computed (float64) and a model is refused when one exceeds `max_cond`.
+condition number is computed (float64); a layer above `max_cond` falls back to a standard K+V
+cache (the model is refused only when no layer qualifies).
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ def default_max_cond(dtype: str) -> float:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SlimReport:
-    """What the conversion measured: cond(W_K) per layer (2-norm, float64) and the threshold."""
+    """What the conversion measured: cond(W_K) per layer (2-norm, float64; None when no
+    threshold applies), the threshold, and the layers that keep a standard K+V cache."""
 
-    cond: tuple[float, ...]
+    cond: tuple[float | None, ...]
     max_cond: float
     dtype: str
+    fallback_layers: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cond_wk": list(self.cond), "max_cond_wk": max(self.cond), "threshold": self.max_cond, "dtype": self.dtype}
+        measured = [c for c in self.cond if c is not None]
+        return {"cond_wk": list(self.cond), "max_cond_wk": max(measured, default=None), "threshold": self.max_cond,
+                "dtype": self.dtype, "fallback_layers": list(self.fallback_layers)}
 
 
 def check_applicable(config: ModelConfig) -> None:
@@ -60,42 +65,47 @@ def check_applicable(config: ModelConfig) -> None:
         )
 
 
-def value_map(wk: np.ndarray, wv: np.ndarray) -> tuple[np.ndarray, float]:
-    """W_KV = W_K^{-1}·W_V by a float64 solve (no explicit inverse) and cond(W_K).
+def value_map(wk: np.ndarray, wv: np.ndarray, *, condition: bool = True) -> tuple[np.ndarray, float | None]:
+    """W_KV = W_K^{-1}·W_V by a float64 solve (no explicit inverse) and cond(W_K) (None
+    unless `condition`: an SVD, minutes for a 7B model's 32 layers).
 
     wk, wv: (D, K, hd) as stored. Returns W_KV (D, K, hd) float64: rows index all heads' K.
     """
     D = wk.shape[0]
     wk64 = np.asarray(wk, np.float64).reshape(D, -1)
     wv64 = np.asarray(wv, np.float64).reshape(D, -1)
-    cond = float(np.linalg.cond(wk64))
-    if not np.isfinite(cond):
-        return np.full(wv.shape, np.nan), cond
-    return np.linalg.solve(wk64, wv64).reshape(wv.shape), cond
+    cond = float(np.linalg.cond(wk64)) if condition else None
+    try:
+        return np.linalg.solve(wk64, wv64).reshape(wv.shape), cond
+    except np.linalg.LinAlgError:
+        return np.full(wv.shape, np.nan), float("inf")
 
 
 def slim_transformer(transformer: Transformer, *, max_cond: float | None = None) -> tuple[Transformer, SlimReport]:
     """A copy of the model (sharing its weights) whose caches hold K only, with W_KV per layer.
 
-    Refuses (`UserError`) models it cannot apply to and layers whose cond(W_K) exceeds
-    `max_cond` (default: `default_max_cond` of the model's dtype). W_KV is kept in float32
-    whatever the model's dtype: rounding it to bfloat16 raised the measured error (see WORKSPACE).
+    Refuses (`UserError`) models it cannot apply to. A layer whose cond(W_K) exceeds `max_cond`
+    (default: `default_max_cond` of the model's dtype; inf skips the SVDs) keeps a standard
+    K+V cache; when no layer qualifies the mode is refused. W_KV is kept in float32 whatever
+    the model's dtype: rounding it to bfloat16 raised the measured error (see WORKSPACE).
     """
     check_applicable(transformer.config)
     dtype = transformer.dtype.name
     threshold = default_max_cond(dtype) if max_cond is None else float(max_cond)
-    maps, conds = zip(*(value_map(np.asarray(layer.wk[...]), np.asarray(layer.wv[...])) for layer in transformer.layers))
-    report = SlimReport(cond=tuple(conds), max_cond=threshold, dtype=dtype)
-    bad = [f"layer {index}: {cond:.3g}" for index, cond in enumerate(conds) if not cond <= threshold]
-    if bad:
+    maps, conds = zip(*(value_map(np.asarray(layer.wk[...]), np.asarray(layer.wv[...]), condition=threshold < float("inf"))
+                        for layer in transformer.layers))
+    fallback = tuple(index for index, cond in enumerate(conds) if cond is not None and not cond <= threshold)
+    if len(fallback) == len(conds):
         raise UserError(
-            f"--kv_cache slim refused: cond(W_K) exceeds {threshold:.3g} ({', '.join(bad)}), so recovering V from the "
-            f"{dtype} K cache would amplify its rounding; use --kv_cache standard or raise --slim_max_cond"
+            f"--kv_cache slim refused: cond(W_K) exceeds {threshold:.3g} in every layer (smallest {min(conds):.3g}), so "
+            f"recovering V from the {dtype} K cache would amplify its rounding; use --kv_cache standard or raise "
+            "--slim_max_cond"
         )
     slim = nnx.merge(*nnx.split(transformer))
-    for layer, w_kv in zip(slim.layers, maps):
-        layer.w_kv = nnx.Param(jnp.asarray(w_kv, jnp.float32), logical_axes=SLIM_AXES)
-    return slim, report
+    for index, (layer, w_kv) in enumerate(zip(slim.layers, maps)):
+        if index not in fallback:
+            layer.w_kv = nnx.Param(jnp.asarray(w_kv, jnp.float32), logical_axes=SLIM_AXES)
+    return slim, SlimReport(cond=tuple(conds), max_cond=threshold, dtype=dtype, fallback_layers=fallback)
 
 
 def logprob_error(standard: Transformer, slim: Transformer, tokens: np.ndarray, *, prefill_length: int,

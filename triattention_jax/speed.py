@@ -29,6 +29,8 @@ from triattention_jax.policies import EvictionPolicy, KVPolicy
 from triattention_jax.sampling import Sampler
 
 SYNTHETIC_PROMPT = 64
+# The batches whose compiled rounds give the scratch per sequence and the fixed scratch.
+MEMORY_BATCHES = (2, 4)
 
 
 def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
@@ -69,7 +71,7 @@ def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, fil
     positions = jnp.arange(slots, dtype=jnp.int32)
     keys = tuple(jnp.broadcast_to(layer_pattern[None, None], shape).astype(cache.dtype) for layer_pattern in pattern)
     return sharding.constrain_cache(dataclasses.replace(
-        cache, k=keys, v=None if cache.v is None else tuple(-k for k in keys), cursor=filled,
+        cache, k=keys, v=tuple(None if v is None else -k for k, v in zip(keys, cache.v)), cursor=filled,
         pos=tuple(jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), shape[:-1]) for _ in keys),
     ), mesh)
 
@@ -216,17 +218,19 @@ class SequenceMemory:
 
 def sequence_memory(transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int,
                     divide_length: int) -> SequenceMemory:
-    """Measured from the compiled round at the run's largest buffer, at batch 1 and 2."""
+    """Measured from the compiled round at the run's largest buffer, at batch 2 and 4 (XLA may
+    compile batch 1 differently: an H100 Qwen3-8B round reserved 579 MiB at batch 1, 28 at 2)."""
     schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
     temps = []
-    for batch in (1, 2):
+    for batch in MEMORY_BATCHES:
         setup = steady_round(transformer, policy, batch=batch, slots=schedule[-1], filled=1)
         temps.append(round_temp_bytes(setup, divide_length))
-    per_slot = setup.cache.nbytes / (2 * schedule[-1])
+    small, large = MEMORY_BATCHES
+    per_slot = setup.cache.nbytes / (large * schedule[-1])
     previous = max([s for s in schedule if s < schedule[-1]], default=0)
-    per_sequence = max(0, temps[1] - temps[0])
+    per_sequence = max(0, (temps[1] - temps[0]) // (large - small))
     return SequenceMemory(buffer=int(per_slot * (schedule[-1] + previous)), scratch=per_sequence,
-                          fixed_scratch=max(0, temps[0] - per_sequence))
+                          fixed_scratch=max(0, temps[0] - small * per_sequence))
 
 
 def largest_batch(memory_bytes: int, weights: int, memory: SequenceMemory, reserve: float = 0.1) -> int:

@@ -178,7 +178,7 @@ class EvictionPolicy(KVPolicy):
 
     def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
         full = cache.cursor + divide_length > cache.num_slots
-        return jax.lax.cond(full, lambda c: self.compact(c, context).resized(c.num_slots), lambda c: c, cache)
+        return jax.lax.cond(full, lambda c: self.compact(c, context, in_place=True), lambda c: c, cache)
 
     def selection_scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         """`scores` with protection applied: +inf for protected slots, −inf for empty ones."""
@@ -191,19 +191,21 @@ class EvictionPolicy(KVPolicy):
         if self.window:
             protected |= positions >= (context.position - self.window)[None, :, None, None]
         scores = jnp.where(valid, jnp.where(protected, jnp.inf, scores), -jnp.inf)
-        if cache.v is None:
-            # A K-only cache recomputes each head's V from every head's K of the slot, so all
-            # heads of a layer keep one token set: the max over KV heads (slots hold the same
-            # token in every head, so validity and protection agree across heads).
-            scores = jnp.broadcast_to(jnp.max(scores, axis=2, keepdims=True), scores.shape)
+        if any(cache.key_only_layers):
+            # A K-only layer recomputes each head's V from every head's K of the slot, so all
+            # its heads keep one token set: the max over KV heads (slots hold the same token
+            # in every head, so validity and protection agree across heads).
+            shared = jnp.broadcast_to(jnp.max(scores, axis=2, keepdims=True), scores.shape)
+            scores = jnp.where(jnp.asarray(cache.key_only_layers)[:, None, None, None], shared, scores)
         return scores
 
-    def compact(self, cache: KVCache, context: RoundContext) -> KVCache:
-        """Keeps the top-`budget` slots per (layer, row, KV head), sorted by position."""
+    def compact(self, cache: KVCache, context: RoundContext, *, in_place: bool = False) -> KVCache:
+        """Keeps the top-`budget` slots per (layer, row, KV head), sorted by position (in_place:
+        in the first `budget` slots of the same buffer, see `KVCache.gather`)."""
         _, kept = jax.lax.top_k(self.selection_scores(cache, context), self.budget)
         kept_pos = jnp.take_along_axis(cache.stacked("pos"), kept, axis=3)
         order = jnp.argsort(jnp.where(kept_pos == EMPTY_POSITION, np.iinfo(np.int32).max, kept_pos), axis=3)
-        return cache.gather(jnp.take_along_axis(kept, order, axis=3))
+        return cache.gather(jnp.take_along_axis(kept, order, axis=3), in_place=in_place)
 
 
 def register(name: str, policy_class: type[KVPolicy]) -> None:
