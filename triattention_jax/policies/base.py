@@ -125,8 +125,8 @@ class EvictionPolicy(KVPolicy):
     """A buffer of budget + divide_length slots, cut back to `budget` whenever it fills.
 
     Subclasses score the slots; this class protects the prompt (when `protect_prompt`) and the
-    last `window` positions, keeps the top-`budget` per (layer, row, KV head) with
-    `lax.top_k`, and stores the kept slots sorted by position. Expected fields: budget,
+    last `window` positions, keeps the top-`budget` per (layer, row, KV head) (a stable sort
+    by score), and stores the kept slots sorted by position. Expected fields: budget,
     protect_prompt, window.
     """
 
@@ -202,7 +202,10 @@ class EvictionPolicy(KVPolicy):
     def compact(self, cache: KVCache, context: RoundContext, *, in_place: bool = False) -> KVCache:
         """Keeps the top-`budget` slots per (layer, row, KV head), sorted by position (in_place:
         in the first `budget` slots of the same buffer, see `KVCache.gather`)."""
-        _, kept = jax.lax.top_k(self.selection_scores(cache, context), self.budget)
+        # A stable sort rather than `lax.top_k`: XLA partitions a sort along the other axes of a
+        # sharded cache, while top_k gathers the scores of every shard first. Ties keep the
+        # lower slot, as top_k does.
+        kept = jnp.argsort(-self.selection_scores(cache, context), axis=3, stable=True)[..., : self.budget]
         kept_pos = jnp.take_along_axis(cache.stacked("pos"), kept, axis=3)
         order = jnp.argsort(jnp.where(kept_pos == EMPTY_POSITION, np.iinfo(np.int32).max, kept_pos), axis=3)
         return cache.gather(jnp.take_along_axis(kept, order, axis=3), in_place=in_place)
