@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from triattention_jax.evaluation import divergence_metrics, evaluate, first_eviction_position, fidelity_metrics
+from triattention_jax.errors import UserError
+from triattention_jax.evaluation import (
+    divergence_metrics,
+    evaluate,
+    fidelity_metrics,
+    first_eviction_position,
+    parse_method,
+)
 from triattention_jax.policies import FullAttention, StreamingLLM
 
 
@@ -57,3 +64,17 @@ def test_fidelity_run_is_resumable(tmp_path):
     evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
              progress=lambda *event: events.append(event))
     assert events == []
+
+
+def test_method_variants_for_ablations():
+    assert parse_method("streaming") == ("streaming", {})
+    name, settings = parse_method("triattention:aggregation=per_layer;max_offset=4096;window=64;trig_term=false")
+    assert name == "triattention"
+    assert settings == {"aggregation": "per_layer", "offsets": tuple(2**i for i in range(13)), "window": 64,
+                        "trigonometric": False}
+    with pytest.raises(UserError, match="unknown method 'tri'"):
+        parse_method("tri:window=4")
+    with pytest.raises(UserError, match=r"options are aggregation=\.\.\., .*got 'span=4'"):
+        parse_method("triattention:span=4")
+    with pytest.raises(UserError, match="bad value for window: 'x'"):
+        parse_method("triattention:window=x")

@@ -133,11 +133,49 @@ class ResultStore:
         os.replace(tmp, self.path)
 
 
+def _boolean(text: str) -> bool:
+    return {"true": True, "false": False}[text.lower()]
+
+
+# Options a method variant may set ("triattention:aggregation=per_layer;max_offset=4096"), for
+# ablations: name -> (PolicySettings field, how the text becomes its value).
+VARIANT_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "aggregation": ("aggregation", str),
+    "window": ("window", int),
+    "max_offset": ("offsets", lambda text: tuple(2**i for i in range(int(text).bit_length()))),
+    "trig_term": ("trigonometric", _boolean),
+    "norm_weighting": ("norm_weighting", _boolean),
+    "protect_prompt": ("protect_prompt", _boolean),
+}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """"name" or "name:option=value;option=value" (see VARIANT_OPTIONS) -> (name, PolicySettings fields).
+
+    max_offset=N scores over the future offsets 1, 2, 4, ... up to N (the paper's offset range).
+    """
+    name, _, options = spec.partition(":")
+    policy_class(name)
+    settings: dict[str, Any] = {}
+    for option in filter(None, options.split(";")):
+        key, _, value = option.partition("=")
+        if key not in VARIANT_OPTIONS or not value:
+            raise UserError(f"method variant {spec!r}: options are {', '.join(f'{k}=...' for k in VARIANT_OPTIONS)}, "
+                            f"separated by ';' (got {option!r})")
+        field, convert = VARIANT_OPTIONS[key]
+        try:
+            settings[field] = convert(value)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"method variant {spec!r}: bad value for {key}: {value!r}") from e
+    return name, settings
+
+
 def build_policy(model: LoadedModel, method: str, budget: int) -> KVPolicy:
     """Every method with the same rule for the prefix: the teacher-forced text is one document,
     not a user prompt, so no method protects its first tokens (TriAttention would otherwise
-    spend part of its budget on them while the baselines do not)."""
-    return policy_class(method).from_settings(model, PolicySettings(budget=budget, protect_prompt=False))
+    spend part of its budget on them while the baselines do not); a variant may say otherwise."""
+    name, settings = parse_method(method)
+    return policy_class(name).from_settings(model, PolicySettings(**{"budget": budget, "protect_prompt": False, **settings}))
 
 
 Group = tuple[str, int, list[int]]  # method, budget, samples not stored yet
@@ -326,7 +364,7 @@ def evaluate(model: LoadedModel, *, task: str, methods: list[str], budgets: list
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     for method in methods:
-        policy_class(method)
+        parse_method(method)
     if task in GROUND_TRUTH_TASKS and "full" not in methods:
         methods = ["full", *methods]
     out.mkdir(parents=True, exist_ok=True)
