@@ -7,12 +7,10 @@ A mesh has two axes, "data" and "model", given as a spec string such as "data=2,
 weight (`shard_transformer`). The cache follows the same rules (`constrain_cache`): batch over
 "data", KV heads over "model", layers and slots whole. Eviction scores every slot of a
 (layer, row, KV head) where that head lives, and per_head's mean over layers stays on the
-shard too; K and V never move. Two things do communicate: per_layer aggregation (a max over
-KV heads, an all-reduce of layers × rows × slots scores) and `lax.top_k`, which XLA does not
-partition (Shardy or GSPMD, jax 0.10.2 and 0.11.2): it all-gathers the float32 selection
-scores (layers × rows × KV heads × slots) and selects on every device. A stable argsort of
-the negated scores, cut to the budget, partitions without communication and keeps the same
-slots (top_k also prefers the lower index among ties).
+shard too; K and V never move. Only per_layer aggregation communicates (a max over KV heads,
+an all-reduce of layers × rows × slots scores). The selection is a stable sort of the scores
+(`EvictionPolicy.compact`), which XLA partitions; `lax.top_k`, which it does not (Shardy or
+GSPMD, jax 0.10.2 and 0.11.2), all-gathered the float32 scores and selected on every device.
 
 Multi-host: `initialize_distributed` starts `jax.distributed` when the launch environment
 says there are several processes; every process then runs the same program over the global
