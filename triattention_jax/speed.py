@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from triattention_jax import sharding
 from triattention_jax.cache import EMPTY_POSITION, KVCache
-from triattention_jax.generate import DecodeState, _generation_round, _prefill, buffer_schedule, prompt_bucket
+from triattention_jax.generate import DecodeState, _generation_round, _prefill, _rows, _split, buffer_schedule, prompt_bucket
 from triattention_jax.model import Transformer
 from triattention_jax.policies import EvictionPolicy, KVPolicy
 from triattention_jax.sampling import Sampler
@@ -100,24 +100,17 @@ def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slot
     """A buffer of `slots` slots with `filled` in use (positions 0..filled-1) and the policy's
     statistics and state set up by a real prefill of random tokens; on `mesh` when given."""
     config = transformer.config
-    graphdef, state = nnx.split(transformer if mesh is None else sharding.shard_transformer(transformer, mesh))
+    graphdef, state = _split(transformer, mesh)
     rng = np.random.default_rng(seed)
-
-    def rows(array: np.ndarray) -> jax.Array:
-        return jnp.asarray(array) if mesh is None else sharding.put_batch(array, mesh)
-
-    tokens = rows(rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))).astype(np.int32))
-    lengths = rows(np.full((batch,), SYNTHETIC_PROMPT, np.int32))
+    tokens, lengths = _rows(mesh, rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))).astype(np.int32),
+                            np.full((batch,), SYNTHETIC_PROMPT, np.int32))
     # A prompt-sized buffer: the synthetic one is the only full-size buffer the device holds.
     _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=tokens.shape[1], mesh=mesh)
     pattern = jax.random.normal(jax.random.key(seed), (config.num_layers, slots, config.head_dim), jnp.float32)
     cache = _synthetic_buffer(prompt_cache, slots, pattern, jnp.asarray(filled, jnp.int32), mesh=mesh)
-    decode = DecodeState(
-        token=rows(rng.integers(0, config.vocab_size, batch).astype(np.int32)),
-        position=rows(np.full((batch,), filled, np.int32)),
-        done=rows(np.zeros(batch, bool)),
-        step=jnp.zeros((), jnp.int32),
-    )
+    token, position, done = _rows(mesh, rng.integers(0, config.vocab_size, batch).astype(np.int32),
+                                  np.full((batch,), filled, np.int32), np.zeros(batch, bool))
+    decode = DecodeState(token=token, position=position, done=done, step=jnp.zeros((), jnp.int32))
     return RoundSetup(graphdef, state, policy, cache, decode, lengths, mesh)
 
 
