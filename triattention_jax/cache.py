@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from triattention_jax.config import ModelConfig
+from triattention_jax.rope import Rotation
 
 T = TypeVar("T")
 
@@ -37,7 +38,9 @@ class KVCache:
     an H100, Qwen3-8B shape, batch 64, 2,176 slots: 28.8 ms per step stacked, 15.4 per layer):
     k[i], v[i]: (batch, kv_heads, slots, head_dim), post-RoPE keys and values. v[i] is None
             for a K-only (slim attention) layer: V is recomputed from all heads' K, so every
-            head of that layer holds the same token in a slot (see `slim.py`).
+            head of that layer holds the same token in a slot (see `slim.py`), and its keys
+            are cached before RoPE, rotated by `key_rotation` where attention or a policy
+            reads them (`layers`): values then need no un-rotation.
     pos[i]: (batch, kv_heads, slots) int32; EMPTY_POSITION marks an empty slot.
             Attention masks come from these positions, never from slot order, so an
             eviction policy may keep any subset of slots per head.
@@ -46,6 +49,7 @@ class KVCache:
     slot_stats: per-slot float32 statistics a policy keeps, each (layers, batch, kv_heads,
             slots); they move with their slots on compaction and start at 0 for new slots.
     state:  any other arrays a policy carries from step to step (e.g. recent queries).
+    key_rotation: the model's RoPE when some layer is K-only, else None (static).
     """
 
     k: tuple[jax.Array, ...]
@@ -54,6 +58,7 @@ class KVCache:
     cursor: jax.Array
     slot_stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     state: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    key_rotation: Rotation | None = dataclasses.field(default=None, metadata={"static": True})
 
     @classmethod
     def from_stacked(cls, k: jax.Array, v: jax.Array | None, pos: jax.Array, cursor: jax.Array | int, **fields) -> "KVCache":
@@ -81,6 +86,13 @@ class KVCache:
     def key_only_layers(self) -> tuple[bool, ...]:
         """Per layer: whether it holds K only (V recomputed; every head keeps the same tokens)."""
         return tuple(v is None for v in self.v)
+
+    def layers(self) -> tuple["CacheLayer", ...]:
+        """Each layer's k, v and pos, with the rotation its keys still need (K-only layers)."""
+        if any(self.key_only_layers) and self.key_rotation is None:
+            raise ValueError("a cache with K-only layers needs key_rotation: their keys are cached before RoPE")
+        return tuple(CacheLayer(k=k, v=v, pos=pos, rotation=self.key_rotation if v is None else None)
+                     for k, v, pos in zip(self.k, self.v, self.pos))
 
     def stacked(self, name: str) -> jax.Array:
         """"k", "v" or "pos" stacked over layers (a copy): (layers, batch, kv_heads, slots[, head_dim]);
@@ -177,6 +189,24 @@ class KVCache:
         )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheLayer:
+    """One layer of a `KVCache` (k, v, pos as there); rotation (static) is set exactly when the
+    layer is K-only, its keys cached before RoPE."""
+
+    k: jax.Array
+    v: jax.Array | None
+    pos: jax.Array
+    rotation: Rotation | None = dataclasses.field(default=None, metadata={"static": True})
+
+    @property
+    def rope_keys(self) -> jax.Array:
+        """(batch, kv_heads, slots, head_dim) keys as attention sees them: as cached, or, in a
+        K-only layer, rotated here (float32)."""
+        return self.k if self.rotation is None else self.rotation.apply(self.k, self.pos)
+
+
 def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *,
                values: bool | Sequence[bool] = True) -> KVCache:
     """An empty cache with `num_slots` slots per (layer, row, KV head); `values` says, for all
@@ -189,6 +219,7 @@ def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype
         v=tuple(jnp.zeros(shape, dtype) if has_values else None for has_values in values),
         pos=tuple(jnp.full(shape[:-1], EMPTY_POSITION, jnp.int32) for _ in layers),
         cursor=jnp.zeros((), jnp.int32),
+        key_rotation=None if all(values) else Rotation.of(config.rope, config.head_dim),
     )
 
 

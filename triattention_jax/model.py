@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from triattention_jax.cache import KVCache
+from triattention_jax.cache import CacheLayer, KVCache
 from triattention_jax.config import ModelConfig
 from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -67,7 +67,8 @@ SLIM_AXES = ("embed", "kv_heads", "head_dim")
 @dataclasses.dataclass(frozen=True)
 class ExtendOutput:
     """logits: float32 (batch, V) or (batch, T, V); k, v: (layers, batch, kv_heads, T, head_dim),
-    post-RoPE, ready for `KVCache.append`. When collected (else None): queries (layers, batch,
+    as the cache stores them, ready for `KVCache.append` (post-RoPE, but a K-only layer's
+    keys are pre-RoPE). When collected (else None): queries (layers, batch,
     T, heads, head_dim) and keys (layers, batch, T, kv_heads, head_dim), float32 pre-RoPE;
     rope_queries, the post-RoPE queries; attention_cache (layers, batch, kv_heads, slots) and
     attention_new (layers, batch, kv_heads, T), the attention each cache slot and each new key
@@ -166,18 +167,18 @@ class Transformer(nnx.Module):
         x = jnp.take(self._weight("embed"), tokens, axis=0)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
 
-        def layer(x, w, cached):
-            """cached: this layer's (k, v, pos) cache arrays, or None."""
+        def layer(x, w, cached: CacheLayer | None):
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
             q_pre, k_pre, v = project_qkv(cfg, w, h)
             q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
             k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
-            cache_values = None
-            if cached is not None and cached[1] is None:
-                cache_values = slim_cache_values(w, cached[0], cached[2], self.inv_freq[...], self.attention_scaling)
-            attn, received_cache, received_new = _attention(
-                q, k, v, positions, cached, self.attention_scale, collect_attention, cache_values
-            )
+            new_pos = jnp.broadcast_to(positions[:, None, :], (positions.shape[0], cfg.num_kv_heads, positions.shape[1]))
+            blocks = [(stored_block(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), new_pos)]
+            if cached is not None:
+                block = stored_block(cached.k, cached.v) if cached.v is not None else key_only_block(w, cached)
+                blocks.insert(0, (block, cached.pos))
+            attn, received = _attention(q, positions, blocks, self.attention_scale, collect_attention)
+            received_cache, received_new = (received[0] if cached is not None else None, received[-1]) if received else (None, None)
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
                 out = out + w["bo"]
@@ -191,10 +192,11 @@ class Transformer(nnx.Module):
                 "attention_cache": received_cache,
                 "attention_new": received_new,
             }
-            return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
+            cached_keys = k_pre if "w_kv" in w else k  # a K-only layer caches keys before RoPE
+            return x, (cached_keys.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
 
         layer_weights = [layer_module.arrays() for layer_module in self.layers]
-        cached_layers = [None] * cfg.num_layers if cache is None else list(zip(cache.k, cache.v, cache.pos))
+        cached_layers = [None] * cfg.num_layers if cache is None else list(cache.layers())
         # A scan needs alike layers: a K-only cache with some layers holding V runs unrolled.
         alike = len({tuple(sorted(weights)) for weights in layer_weights}) == 1
         if jax.default_backend() == "cpu" and alike:
@@ -261,81 +263,73 @@ def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: j
     return q, k
 
 
+# One block of keys for `_attention`: qg (B,T,K,G,hd) -> (scores (B,K,G,T,S) float32, scaled by
+# 1/sqrt(hd), unmasked; values: unnormalized weights p (B,K,G,T,S) -> Σ_s p_s·V_s (B,K,G,T,hd) float32).
+AttentionBlock = Callable[[jax.Array, float], tuple[jax.Array, Callable[[jax.Array], jax.Array]]]
+
+
+def stored_block(keys: jax.Array, values: jax.Array) -> AttentionBlock:
+    """Post-RoPE keys and values (B,K,S,hd) as stored."""
+    def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        scores = einsum_f32("btkgd,bksd->bkgts", qg, keys) * scale
+        return scores, lambda p: einsum_f32("bkgts,bksd->bkgtd", p.astype(values.dtype), values)
+
+    return block
+
+
 def _attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    positions: jax.Array,
-    cached: tuple[jax.Array, jax.Array | None, jax.Array] | None,
-    scale: float,
+    q: jax.Array, positions: jax.Array, blocks: Sequence[tuple[AttentionBlock, jax.Array]], scale: float,
     collect_attention: bool = False,
-    cache_values: Callable[[jax.Array], jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Attention of q (B,T,H,hd) over the T new keys and one layer's cache, one softmax.
+) -> tuple[jax.Array, list[jax.Array] | None]:
+    """Attention of q (B,T,H,hd) at `positions` (B,T) over blocks of keys, one softmax.
 
-    cached: that layer's (k (B,K,S,hd), v (B,K,S,hd) or None, pos (B,K,S)), or None.
-
-    cache_values(p) gives Σ_s p_s·V_s over the cache's slots for unnormalized weights p
-    (B,K,G,T,S); it is required for a K-only cache (`slim_cache_values`), which has no V.
-
-    Returns the output (B,T,H,hd) and, with collect_attention, the attention each cache slot
-    (B,K,S) and each new key (B,K,T) received, summed over the queries of its GQA group.
-
+    blocks: (block, key positions (B,K,S)) pairs: the cache's layer, then the T new keys.
     Masks come from positions: a key is visible when its position is valid and not after
     the query's. The new block and the cache are scored separately, so the cache is read in
     place, never copied to append to it. The whole buffer is read: full attention keeps
     its buffer sized to the filled length (it grows between rounds, see `FullAttention`),
     because XLA copies any dynamically sliced part of the cache before a matrix product.
+
+    Returns the output (B,T,H,hd) and, with collect_attention, per block the attention each
+    key (B,K,S) received, summed over the queries of its GQA group.
     """
     B, T, H, hd = q.shape
-    K = k.shape[2]
+    K = blocks[0][1].shape[1]
     qg = q.reshape(B, T, K, H // K, hd)
     query_pos = positions[:, None, None, :, None]  # (B,1,1,T,1) against keys (B,K,G,T,S)
-
-    def masked_scores(keys: jax.Array, key_pos: jax.Array) -> jax.Array:
-        """keys (B,K,S,hd), key_pos (B,K,S) -> (B,K,G,T,S) float32."""
-        scores = einsum_f32("btkgd,bksd->bkgts", qg, keys) * scale
+    scored = []
+    for block, key_pos in blocks:
+        scores, weighted_values = block(qg, scale)
         key_pos = key_pos[:, :, None, None, :]
-        return jnp.where((key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0), scores, MASK_VALUE)
-
-    def stored_values(values: jax.Array) -> Callable[[jax.Array], jax.Array]:
-        return lambda p: einsum_f32("bkgts,bksd->bkgtd", p.astype(values.dtype), values)
-
-    new_pos = jnp.broadcast_to(positions[:, None, :], (B, K, T))
-    blocks = [(masked_scores(k.transpose(0, 2, 1, 3), new_pos), stored_values(v.transpose(0, 2, 1, 3)))]
-    if cached is not None:
-        cache_k, cache_v, cache_pos = cached
-        blocks.insert(0, (masked_scores(cache_k, cache_pos),
-                          stored_values(cache_v) if cache_v is not None else cache_values))
-    row_max = functools.reduce(jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in blocks])
-    weights = [jnp.exp(scores - row_max) for scores, _ in blocks]
+        visible = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0)
+        scored.append((jnp.where(visible, scores, MASK_VALUE), weighted_values))
+    row_max = functools.reduce(jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in scored])
+    weights = [jnp.exp(scores - row_max) for scores, _ in scored]
     total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
-    acc = sum(weighted_values(w) for w, (_, weighted_values) in zip(weights, blocks))
+    acc = sum(weighted_values(w) for w, (_, weighted_values) in zip(weights, scored))
     out = (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
     if not collect_attention:
-        return out, None, None
+        return out, None
     query_valid = (positions >= 0)[:, None, None, :, None]
-    received = [jnp.sum(jnp.where(query_valid, w / total, 0.0), axis=(2, 3)) for w in weights]
-    return out, received[0] if cached is not None else None, received[-1]
+    return out, [jnp.sum(jnp.where(query_valid, w / total, 0.0), axis=(2, 3)) for w in weights]
 
 
-def slim_cache_values(
-    w: Mapping[str, jax.Array], keys: jax.Array, key_pos: jax.Array, inv_freq: jax.Array, attention_scaling: float,
-) -> Callable[[jax.Array], jax.Array]:
-    """Σ_s p_s·V_s of a K-only cache layer (keys (B,K,S,hd) post-RoPE, key_pos (B,K,S)).
+def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionBlock:
+    """A K-only cache layer (keys (B,K,S,hd) cached before RoPE): V recomputed from K.
 
     MHA with a square W_K: the pre-RoPE keys of all heads, k = h·W_K + b_k, give
     h = (k − b_k)·W_K^{-1}, so V = (k − b_k)·W_KV + b_v with W_KV = W_K^{-1}·W_V (D, K, hd).
-    The sum over slots comes first ((Σ_s p_s·k_s)·W_KV per head): K is read once per step,
-    and the bias terms need only Σ_s p_s. Keys are un-rotated exactly with the same cos/sin,
-    in float32 (the 1/attention_scaling undoes RoPE's magnitude factor too).
+    The sum over slots comes first ((Σ_s p_s·k_s)·W_KV per head): K is read once for the
+    values, as it is, and the bias terms need only Σ_s p_s. The scores rotate the keys on the
+    fly: when decoding (one query per KV head) that is a multiply-and-sum, which XLA fuses
+    into one read of K; otherwise the rotated keys feed a matrix product.
     """
+    keys = cached.k
     B, K, S, hd = keys.shape
-    cos, sin = rope_cos_sin(jnp.maximum(key_pos, 0), inv_freq, 1.0 / attention_scaling)
-    pre = apply_rope(keys.astype(jnp.float32), cos, -sin).transpose(0, 2, 1, 3).reshape(B, S, K * hd)
 
-    def weighted(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
-        summed = einsum_f32("bkgts,bsd->bkgtd", p, pre)
+    def values(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
+        summed = einsum_f32("bkgts,bjsd->bkgtjd", p.astype(keys.dtype), keys)
+        summed = summed.reshape(*summed.shape[:4], K * hd)
         mass = jnp.sum(p, axis=-1, keepdims=True)
         if "bk" in w:
             summed = summed - mass * w["bk"].reshape(K * hd).astype(jnp.float32)
@@ -344,7 +338,15 @@ def slim_cache_values(
             out = out + mass * w["bv"][None, :, None, None, :].astype(jnp.float32)
         return out
 
-    return weighted
+    def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        rotated = cached.rope_keys
+        if qg.shape[1] * qg.shape[3] == 1:
+            scores = jnp.sum(qg[:, 0, :, 0, None, :].astype(jnp.float32) * rotated, axis=-1)[:, :, None, None, :]
+        else:
+            scores = einsum_f32("btkgd,bksd->bkgts", qg, rotated)
+        return scores * scale, values
+
+    return block
 
 
 def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:

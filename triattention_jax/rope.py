@@ -6,6 +6,7 @@ x[f] + i·x[f + head_dim/2], and RoPE at position p multiplies it by e^{i·ω_f�
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -87,3 +88,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     sin = jnp.concatenate([sin, sin], axis=-1).astype(x.dtype)
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """A model's RoPE as hashable data (a static field of a pytree): ω_f per band and the
+    magnitude factor, for rotating keys that were cached before RoPE (see `cache.CacheLayer`)."""
+
+    inv_freq: tuple[float, ...]
+    attention_scaling: float
+
+    @classmethod
+    def of(cls, rope: RopeConfig, head_dim: int) -> "Rotation":
+        inv_freq, attention_scaling = inverse_frequencies(rope, head_dim)
+        return cls(tuple(float(f) for f in inv_freq), float(attention_scaling))
+
+    def apply(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x (..., head_dim) rotated to `positions` (x.shape[:-1]; negative ones as 0), in float32."""
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), inv_freq, self.attention_scaling)
+        return apply_rope(x.astype(jnp.float32), cos, sin)

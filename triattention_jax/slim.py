@@ -2,8 +2,9 @@
 
 With as many KV heads as query heads and h·d_k = d, W_K (d×d) is square, so a token's normed
 input is h = (k − b_k)·W_K^{-1} and its value is V = (k − b_k)·W_KV + b_v with
-W_KV = W_K^{-1}·W_V. The cache then stores K only (half the bytes of K and V); decoding
-computes (Σ_s p_s·k_s)·W_KV per head (`model.slim_cache_values`). Prefill is unchanged.
+W_KV = W_K^{-1}·W_V. The cache then stores K only (half the bytes of K and V), before RoPE;
+decoding computes (Σ_s p_s·k_s)·W_KV per head and rotates the keys inside the score
+reduction (`model.key_only_block`). Prefill is unchanged.
 
 The reconstruction amplifies the rounding of the cached K by up to cond(W_K), so each layer's
 condition number is computed (float64); a layer above `max_cond` falls back to a standard K+V

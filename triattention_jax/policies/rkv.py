@@ -39,7 +39,7 @@ class RKV(SnapKV):
             column_mean = jnp.sum(similarity, axis=-2) / rows
             return jax.nn.softmax(jnp.where(ok, column_mean, -jnp.inf), axis=-1)
 
-        return jnp.stack([one_layer(keys, pos) for keys, pos in zip(cache.k, cache.pos)])
+        return jnp.stack([one_layer(layer.rope_keys, layer.pos) for layer in cache.layers()])
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         return self.importance_weight * self.window_attention(cache) - (1 - self.importance_weight) * self.redundancy(cache)

@@ -55,7 +55,8 @@ class SnapKV(EvictionPolicy):
             weights = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), 0.0)
             return jnp.max(jnp.sum(weights, axis=3), axis=2) / valid_queries[:, None, None]
 
-        importance = jnp.stack([one_layer(*layer) for layer in zip(cache.state["window_queries"], cache.k, cache.pos)])
+        importance = jnp.stack([one_layer(queries, layer.rope_keys, layer.pos)
+                                for queries, layer in zip(cache.state["window_queries"], cache.layers())])
         return jax.lax.reduce_window(
             importance, -jnp.inf, jax.lax.max, (1, 1, 1, self.pool_kernel), (1, 1, 1, 1), "SAME"
         )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from triattention_jax.cache import EMPTY_POSITION, KVCache, layer_by_layer
+from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
 from triattention_jax.errors import UserError
 from triattention_jax.policies.base import EvictionPolicy, PolicySettings, RoundContext, array_field, policy_dataclass, register
 from triattention_jax.scoring import (
@@ -83,15 +83,15 @@ class TriAttention(EvictionPolicy):
         )
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
-        def one_layer(keys: jax.Array, stats: FrequencyStats) -> jax.Array:
+        def one_layer(layer: CacheLayer, stats: FrequencyStats) -> jax.Array:
             return key_scores(
-                keys[None], stats, self.inv_freq, self.phasors, context.position, attention_scaling=self.attention_scaling,
+                layer.rope_keys[None], stats, self.inv_freq, self.phasors, context.position, attention_scaling=self.attention_scaling,
                 trigonometric=self.trigonometric, norm_weighting=self.norm_weighting,
             )
 
         # One layer's float32 keys at a time are the scoring's scratch, not a float32 copy of K.
         layer_stats = [jax.tree.map(lambda s: s[layer : layer + 1], self.stats) for layer in range(cache.num_layers)]
-        raw = jnp.concatenate(layer_by_layer(one_layer, cache.k, layer_stats))
+        raw = jnp.concatenate(layer_by_layer(one_layer, cache.layers(), layer_stats))
         valid = cache.stacked("pos") != EMPTY_POSITION
         return aggregate(normalized_scores(raw, valid, cache.k[0].shape[1]), valid, self.aggregation)
 
