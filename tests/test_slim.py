@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -142,14 +141,16 @@ def test_eviction_keeps_one_token_set_per_layer(models):
 def test_per_head_scores_are_shared_across_heads_of_a_k_only_cache():
     L, B, K, S = 2, 2, 4, 32
     pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (L, B, K, S))
-    cache = KVCache.from_stacked(k=jax.random.normal(jax.random.key(0), (L, B, K, S, 8)), v=None, pos=pos, cursor=jnp.asarray(S))
+    keys = jax.random.normal(jax.random.key(0), (L, B, K, S, 8))
+    cache = KVCache.from_stacked(k=keys, v=None, pos=pos, cursor=jnp.asarray(S))
     context = RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.full(B, S, jnp.int32))
     kept = RandomEviction(budget=12).compact(cache, context)
     kept_pos = kept.stacked("pos")
-    assert all(kept.key_only_layers) and kept.stacked("k").shape == (L, B, K, 12, 8)
+    assert all(kept.key_only_layers) and kept.stacked("k").shape == (L, B, 12, K, 8)  # slot-major
     np.testing.assert_array_equal(kept_pos, jnp.broadcast_to(kept_pos[:, :, :1], kept_pos.shape))
     # The standard cache keeps per-head sets (the draws differ per head).
-    standard = RandomEviction(budget=12).compact(dataclasses.replace(cache, v=cache.k), context).stacked("pos")
+    standard_cache = KVCache.from_stacked(k=keys, v=keys, pos=pos, cursor=jnp.asarray(S))
+    standard = RandomEviction(budget=12).compact(standard_cache, context).stacked("pos")
     assert not np.array_equal(standard[:, :, 0], standard[:, :, 1])
 
 

@@ -59,8 +59,9 @@ LAYER_WEIGHTS = frozenset(
     ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
      "w_kv"]
 )
-# Not in checkpoints: W_KV = W_K^{-1} W_V (D, kv_heads, head_dim), added by `slim.slim_transformer`.
-SLIM_AXES = ("embed", "kv_heads", "head_dim")
+# Not in checkpoints: W_KV = W_K^{-1} W_V, added by `slim.slim_transformer`, head-major
+# (kv_heads, D, head_dim) so the per-head product of every step reads it as stored.
+SLIM_AXES = ("kv_heads", "embed", "head_dim")
 
 
 @jax.tree_util.register_dataclass
@@ -315,35 +316,35 @@ def _attention(
 
 
 def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionBlock:
-    """A K-only cache layer (keys (B,K,S,hd) cached before RoPE): V recomputed from K.
+    """A K-only cache layer (keys (B,S,K,hd) slot-major, cached before RoPE): V recomputed from K.
 
     MHA with a square W_K: the pre-RoPE keys of all heads, k = h·W_K + b_k, give
-    h = (k − b_k)·W_K^{-1}, so V = (k − b_k)·W_KV + b_v with W_KV = W_K^{-1}·W_V (D, K, hd).
-    The sum over slots comes first ((Σ_s p_s·k_s)·W_KV per head): K is read once for the
-    values, as it is, and the bias terms need only Σ_s p_s. The scores rotate the keys on the
-    fly: when decoding (one query per KV head) that is a multiply-and-sum, which XLA fuses
-    into one read of K; otherwise the rotated keys feed a matrix product.
+    h = (k − b_k)·W_K^{-1}, so V = (k − b_k)·W_KV + b_v with W_KV = W_K^{-1}·W_V (stored
+    head-major, (K, D, hd)). The sum over slots comes first ((Σ_s p_s·k_s)·W_KV per head): one matrix product over
+    the slot-major K as stored, and the bias terms need only Σ_s p_s. The scores rotate the
+    keys on the fly: when decoding (one query per KV head) as a multiply-and-sum, which XLA
+    fuses into one read of K; otherwise the rotated keys feed a matrix product.
     """
     keys = cached.k
-    B, K, S, hd = keys.shape
+    B, S, K, hd = keys.shape
 
     def values(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
-        summed = einsum_f32("bkgts,bjsd->bkgtjd", p.astype(keys.dtype), keys)
-        summed = summed.reshape(*summed.shape[:4], K * hd)
+        summed = einsum_f32("bkgts,bsd->bkgtd", p.astype(keys.dtype), keys.reshape(B, S, K * hd))
         mass = jnp.sum(p, axis=-1, keepdims=True)
         if "bk" in w:
             summed = summed - mass * w["bk"].reshape(K * hd).astype(jnp.float32)
-        out = einsum_f32("bkgtd,dkc->bkgtc", summed, w["w_kv"])
+        out = einsum_f32("bkgtd,kdc->bkgtc", summed, w["w_kv"])
         if "bv" in w:
             out = out + mass * w["bv"][None, :, None, None, :].astype(jnp.float32)
         return out
 
     def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-        rotated = cached.rope_keys
+        rotated = cached.slot_major_rope_keys
         if qg.shape[1] * qg.shape[3] == 1:
-            scores = jnp.sum(qg[:, 0, :, 0, None, :].astype(jnp.float32) * rotated, axis=-1)[:, :, None, None, :]
+            scores = jnp.sum(qg[:, :, :, 0].astype(jnp.float32) * rotated, axis=-1)  # (B, S, K)
+            scores = scores.transpose(0, 2, 1)[:, :, None, None, :]
         else:
-            scores = einsum_f32("btkgd,bksd->bkgts", qg, rotated)
+            scores = einsum_f32("btkgd,bskd->bkgts", qg, rotated)
         return scores * scale, values
 
     return block

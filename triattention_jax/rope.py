@@ -103,8 +103,10 @@ class Rotation:
         inv_freq, attention_scaling = inverse_frequencies(rope, head_dim)
         return cls(tuple(float(f) for f in inv_freq), float(attention_scaling))
 
+    def cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`rope_cos_sin` at `positions` (negative ones as 0)."""
+        return rope_cos_sin(jnp.maximum(positions, 0), jnp.asarray(self.inv_freq, jnp.float32), self.attention_scaling)
+
     def apply(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x (..., head_dim) rotated to `positions` (x.shape[:-1]; negative ones as 0), in float32."""
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), inv_freq, self.attention_scaling)
-        return apply_rope(x.astype(jnp.float32), cos, sin)
+        """x (..., head_dim) rotated to `positions` (x.shape[:-1] or broadcast to it), in float32."""
+        return apply_rope(x.astype(jnp.float32), *self.cos_sin(positions))

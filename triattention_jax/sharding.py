@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from triattention_jax.cache import KVCache
+from triattention_jax.cache import KEY_ONLY_LAYOUT, KVCache
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
@@ -221,13 +221,13 @@ def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     def pin(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
 
-    def pin_layers(arrays: tuple[jax.Array | None, ...] | None, axes: tuple[str, ...]) -> tuple[jax.Array | None, ...] | None:
-        # None: a K-only cache, or a K-only layer of a cache that keeps V for the others.
-        return None if arrays is None else tuple(None if x is None else pin(x, axes) for x in arrays)
+    def pin_layers(arrays: tuple[jax.Array | None, ...], axes: tuple[str, ...]) -> tuple[jax.Array | None, ...]:
+        return tuple(None if x is None else pin(x, axes) for x in arrays)  # None: a K-only layer's V
 
     return dataclasses.replace(
         cache,
-        k=pin_layers(cache.k, CACHE_ENTRY_AXES),
+        k=tuple(pin(x, CACHE_ENTRY_AXES if not key_only else tuple(CACHE_ENTRY_AXES[a] for a in KEY_ONLY_LAYOUT))
+                for x, key_only in zip(cache.k, cache.key_only_layers)),
         v=pin_layers(cache.v, CACHE_ENTRY_AXES),
         pos=pin_layers(cache.pos, CACHE_POSITION_AXES),
         cursor=pin(cache.cursor, ()),

@@ -105,7 +105,7 @@ def slim_transformer(transformer: Transformer, *, max_cond: float | None = None)
     slim = nnx.merge(*nnx.split(transformer))
     for index, (layer, w_kv) in enumerate(zip(slim.layers, maps)):
         if index not in fallback:
-            layer.w_kv = nnx.Param(jnp.asarray(w_kv, jnp.float32), logical_axes=SLIM_AXES)
+            layer.w_kv = nnx.Param(jnp.asarray(w_kv.transpose(1, 0, 2), jnp.float32), logical_axes=SLIM_AXES)
     return slim, SlimReport(cond=tuple(conds), max_cond=threshold, dtype=dtype, fallback_layers=fallback)
 
 

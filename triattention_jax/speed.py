@@ -67,12 +67,15 @@ def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, fil
     `filled` hold synthetic keys and values; built in one program, so the device holds one
     buffer, not a padded copy and a filled copy."""
     cache = prompt_cache.resized(slots)  # for its slot_stats and state: XLA drops the padded K/V
-    shape = cache.k[0].shape
     positions = jnp.arange(slots, dtype=jnp.int32)
-    keys = tuple(jnp.broadcast_to(layer_pattern[None, None], shape).astype(cache.dtype) for layer_pattern in pattern)
+
+    def entries(layer_pattern: jax.Array, slot_major: bool, shape: tuple[int, ...]) -> jax.Array:
+        return jnp.broadcast_to(layer_pattern[:, None] if slot_major else layer_pattern, shape).astype(cache.dtype)
+
+    keys = tuple(entries(p, key_only, k.shape) for p, key_only, k in zip(pattern, cache.key_only_layers, cache.k))
     return sharding.constrain_cache(dataclasses.replace(
         cache, k=keys, v=tuple(None if v is None else -k for k, v in zip(keys, cache.v)), cursor=filled,
-        pos=tuple(jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), shape[:-1]) for _ in keys),
+        pos=tuple(jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), x.shape) for x in cache.pos),
     ), mesh)
 
 

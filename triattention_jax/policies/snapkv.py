@@ -43,7 +43,7 @@ class SnapKV(EvictionPolicy):
         """Mean attention of the window queries over the cache, max over the GQA group,
         max-pooled over `pool_kernel` neighbouring slots: (layers, batch, kv_heads, slots)."""
         L, B, W, H, hd = cache.state["window_queries"].shape
-        K = cache.k[0].shape[1]
+        K = cache.pos[0].shape[1]
         query_pos = cache.state["window_positions"][:, None, None, :, None]
         valid_queries = jnp.maximum(jnp.sum(cache.state["window_positions"] != EMPTY_POSITION, axis=1), 1)
 

@@ -93,7 +93,7 @@ class TriAttention(EvictionPolicy):
         layer_stats = [jax.tree.map(lambda s: s[layer : layer + 1], self.stats) for layer in range(cache.num_layers)]
         raw = jnp.concatenate(layer_by_layer(one_layer, cache.layers(), layer_stats))
         valid = cache.stacked("pos") != EMPTY_POSITION
-        return aggregate(normalized_scores(raw, valid, cache.k[0].shape[1]), valid, self.aggregation)
+        return aggregate(normalized_scores(raw, valid, cache.pos[0].shape[1]), valid, self.aggregation)
 
 
 register("triattention", TriAttention)
