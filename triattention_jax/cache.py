@@ -133,8 +133,9 @@ class KVCache:
     def append(self, k: Sequence[jax.Array], v: Sequence[jax.Array] | None, pos: jax.Array) -> "KVCache":
         """Writes T new entries at slots [cursor, cursor + T) of every layer.
 
-        k, v: per layer (batch, kv_heads, T, head_dim) (a sequence or a layer-stacked array;
-        v's entries for K-only layers are ignored); pos: (batch, T), broadcast to every layer and head.
+        k, v: per layer (batch, kv_heads, T, head_dim), but a K-only layer's keys slot-major, (batch,
+        T, kv_heads, head_dim), as `ExtendOutput` gives them (v's entries for K-only layers are
+        ignored); pos: (batch, T), broadcast to every layer and head.
         """
         zero = jnp.zeros((), jnp.int32)
         T = pos.shape[1]
@@ -144,13 +145,11 @@ class KVCache:
             start = tuple(self.cursor if axis == slot_axis else zero for axis in range(buffer.ndim))
             return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
 
-        def write_keys(buffer: jax.Array, new: jax.Array, key_only: bool) -> jax.Array:
-            return write(buffer, new.transpose(KEY_ONLY_LAYOUT), KEY_ONLY_LAYOUT.index(2)) if key_only else write(buffer, new)
-
         fresh = jnp.zeros((self.num_layers, *pos.shape), jnp.float32)
         return dataclasses.replace(
             self,
-            k=tuple(write_keys(x, k[i], key_only) for i, (x, key_only) in enumerate(zip(self.k, self.key_only_layers))),
+            k=tuple(write(x, k[i], KEY_ONLY_LAYOUT.index(2) if key_only else 2) for i, (x, key_only) in
+                    enumerate(zip(self.k, self.key_only_layers))),
             v=tuple(None if x is None else write(x, v[i]) for i, x in enumerate(self.v)),
             pos=tuple(write(x, pos) for x in self.pos),
             cursor=self.cursor + T,
@@ -217,12 +216,9 @@ class CacheLayer:
     def rope_keys(self) -> jax.Array:
         """(batch, kv_heads, slots, head_dim) keys as attention sees them: as cached, or, in a
         K-only layer, rotated here (float32)."""
-        return self.k if self.rotation is None else self.slot_major_rope_keys.transpose(KEY_ONLY_LAYOUT)
-
-    @property
-    def slot_major_rope_keys(self) -> jax.Array:
-        """A K-only layer's keys rotated, float32, as laid out there: (batch, slots, kv_heads, head_dim)."""
-        return self.rotation.apply(self.k, self.pos[:, 0, :, None])  # every head holds the slot's token
+        if self.rotation is None:
+            return self.k
+        return self.rotation.apply(self.k, self.pos[:, 0, :, None]).transpose(KEY_ONLY_LAYOUT)  # slot-major
 
 
 def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *,

@@ -27,7 +27,7 @@ def measured_logits_by_distance(transformer: Transformer, tokens: Sequence[int],
     out = transformer.extend(None, tokens, positions, logits_at=jnp.zeros(1, jnp.int32), collect_pre_rope=True)
     cos, sin = rope_cos_sin(positions, transformer.inv_freq[...], transformer.attention_scaling)
     queries = np.asarray(apply_rope(out.queries[:, 0], cos[0, :, None], sin[0, :, None]), np.float64)  # (L,T,H,hd)
-    keys = np.asarray(out.k[:, 0], np.float64)  # (L,K,T,hd)
+    keys = np.asarray(jnp.stack(out.k)[:, 0], np.float64)  # (L,K,T,hd)
     group = config.num_heads // config.num_kv_heads
     result = np.zeros((config.num_layers, config.num_heads, len(distances)))
     for layer in range(config.num_layers):

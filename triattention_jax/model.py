@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from triattention_jax.cache import CacheLayer, KVCache
 from triattention_jax.config import ModelConfig
@@ -67,17 +68,17 @@ SLIM_AXES = ("kv_heads", "embed", "head_dim")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ExtendOutput:
-    """logits: float32 (batch, V) or (batch, T, V); k, v: (layers, batch, kv_heads, T, head_dim),
-    as the cache stores them, ready for `KVCache.append` (post-RoPE, but a K-only layer's
-    keys are pre-RoPE). When collected (else None): queries (layers, batch,
+    """logits: float32 (batch, V) or (batch, T, V); k, v: per layer (batch, kv_heads, T, head_dim),
+    post-RoPE, as the cache stores them, ready for `KVCache.append` (a K-only layer's keys
+    are pre-RoPE and slot-major, (batch, T, kv_heads, head_dim)). When collected (else None): queries (layers, batch,
     T, heads, head_dim) and keys (layers, batch, T, kv_heads, head_dim), float32 pre-RoPE;
     rope_queries, the post-RoPE queries; attention_cache (layers, batch, kv_heads, slots) and
     attention_new (layers, batch, kv_heads, T), the attention each cache slot and each new key
     received, summed over the queries of its GQA group."""
 
     logits: jax.Array
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     queries: jax.Array | None = None
     keys: jax.Array | None = None
     rope_queries: jax.Array | None = None
@@ -193,8 +194,11 @@ class Transformer(nnx.Module):
                 "attention_cache": received_cache,
                 "attention_new": received_new,
             }
-            cached_keys = k_pre if "w_kv" in w else k  # a K-only layer caches keys before RoPE
-            return x, (cached_keys.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extras)
+            # A K-only layer caches keys before RoPE, slot-major: as computed, so that the write
+            # into its buffer has no transpose (XLA had answered one by transposing the whole
+            # buffer at every step).
+            cached_keys = k_pre if "w_kv" in w else k.transpose(0, 2, 1, 3)
+            return x, (cached_keys, v.transpose(0, 2, 1, 3), extras)
 
         layer_weights = [layer_module.arrays() for layer_module in self.layers]
         cached_layers = [None] * cfg.num_layers if cache is None else list(cache.layers())
@@ -208,12 +212,14 @@ class Transformer(nnx.Module):
             stacked_weights = jax.tree.map(lambda *ws: jnp.stack(ws), *layer_weights)
             stacked_cache = None if cache is None else jax.tree.map(lambda *ys: jnp.stack(ys), *cached_layers)
             x, (new_k, new_v, extras) = jax.lax.scan(lambda x, xs: layer(x, *xs), x, (stacked_weights, stacked_cache))
+            new_k, new_v = tuple(new_k), tuple(new_v)
         else:
             outputs = []
             for weights, cached in zip(layer_weights, cached_layers):
                 x, output = layer(x, weights, cached)
                 outputs.append(output)
-            new_k, new_v, extras = jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
+            new_k, new_v = tuple(o[0] for o in outputs), tuple(o[1] for o in outputs)
+            extras = jax.tree.map(lambda *ys: jnp.stack(ys), *(o[2] for o in outputs))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self._weight("final_norm"), cfg.rms_norm_eps)
@@ -325,7 +331,9 @@ def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionB
     keys on the fly: when decoding (one query per KV head) as a multiply-and-sum, which XLA
     fuses into one read of K; otherwise the rotated keys feed a matrix product.
     """
-    keys = cached.k
+    # Pinned row-major: else XLA lays the loop-carried buffer out (B,K,S,hd) to suit the
+    # scores' reduction and transposes all of it for the values' product at every step.
+    keys = with_layout_constraint(cached.k, Layout(major_to_minor=(0, 1, 2, 3)))
     B, S, K, hd = keys.shape
 
     def values(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
@@ -339,7 +347,7 @@ def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionB
         return out
 
     def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-        rotated = cached.slot_major_rope_keys
+        rotated = cached.rotation.apply(keys, cached.pos[:, 0, :, None])  # every head holds the slot's token
         if qg.shape[1] * qg.shape[3] == 1:
             scores = jnp.sum(qg[:, :, :, 0].astype(jnp.float32) * rotated, axis=-1)  # (B, S, K)
             scores = scores.transpose(0, 2, 1)[:, :, None, None, :]
