@@ -70,8 +70,8 @@ SLIM_AXES = ("kv_heads", "embed", "head_dim")
 class ExtendOutput:
     """logits: float32 (batch, V) or (batch, T, V); k, v: per layer (batch, kv_heads, T, head_dim),
     post-RoPE, as the cache stores them, ready for `KVCache.append` (a K-only layer's keys
-    are pre-RoPE and slot-major, (batch, T, kv_heads, head_dim)). When collected (else None): queries (layers, batch,
-    T, heads, head_dim) and keys (layers, batch, T, kv_heads, head_dim), float32 pre-RoPE;
+    are pre-RoPE and slot-major, (batch, T, kv_heads, head_dim)). When collected (else None):
+    queries (layers, batch, T, heads, head_dim) and keys (layers, batch, T, kv_heads, head_dim), float32 pre-RoPE;
     rope_queries, the post-RoPE queries; attention_cache (layers, batch, kv_heads, slots) and
     attention_new (layers, batch, kv_heads, T), the attention each cache slot and each new key
     received, summed over the queries of its GQA group."""
@@ -270,8 +270,8 @@ def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: j
     return q, k
 
 
-# One block of keys for `_attention`: qg (B,T,K,G,hd) -> (scores (B,K,G,T,S) float32, scaled by
-# 1/sqrt(hd), unmasked; values: unnormalized weights p (B,K,G,T,S) -> Σ_s p_s·V_s (B,K,G,T,hd) float32).
+# One block of keys for `_attention`: (qg (B,T,K,G,hd), scale) -> (scores (B,K,G,T,S) float32,
+# scaled, unmasked; values: unnormalized weights p (B,K,G,T,S) -> Σ_s p_s·V_s (B,K,G,T,hd) float32).
 AttentionBlock = Callable[[jax.Array, float], tuple[jax.Array, Callable[[jax.Array], jax.Array]]]
 
 
