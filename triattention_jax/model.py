@@ -347,7 +347,7 @@ def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionB
         return out
 
     def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-        rotated = cached.rotation.apply(keys, cached.pos[:, 0, :, None])  # every head holds the slot's token
+        rotated = cached.slot_major_rope_keys(keys)
         if qg.shape[1] * qg.shape[3] == 1:
             scores = jnp.sum(qg[:, :, :, 0].astype(jnp.float32) * rotated, axis=-1)  # (B, S, K)
             scores = scores.transpose(0, 2, 1)[:, :, None, None, :]
