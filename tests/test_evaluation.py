@@ -9,11 +9,14 @@ import pytest
 
 from triattention_jax.errors import UserError
 from triattention_jax.evaluation import (
+    ResultStore,
     divergence_metrics,
     evaluate,
     fidelity_metrics,
     first_eviction_position,
+    paired_comparison,
     parse_method,
+    write_outputs,
 )
 from triattention_jax.policies import FullAttention, StreamingLLM
 
@@ -64,6 +67,11 @@ def test_fidelity_run_is_resumable(tmp_path):
     evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
              progress=lambda *event: events.append(event))
     assert events == []
+    # A folder whose cells were computed on another text (another Python's stdlib) is not extended.
+    cells["fidelity/streaming/64/0"]["input"] = "0" * 16
+    (out / "results.json").write_text(json.dumps(cells))
+    with pytest.raises(UserError, match="sample 0 computed on another text"):
+        evaluate(model, task="fidelity", methods=["streaming"], budgets=[128], num_samples=1, seq_len=448, out=out)
 
 
 def test_method_variants_for_ablations():
@@ -78,3 +86,24 @@ def test_method_variants_for_ablations():
         parse_method("triattention:span=4")
     with pytest.raises(UserError, match="bad value for window: 'x'"):
         parse_method("triattention:window=x")
+
+
+def test_paired_comparison_counts_samples_both_methods_have(tmp_path):
+    store = ResultStore(tmp_path)
+    kl = {("triattention", 0): 0.1, ("triattention", 1): 0.3, ("triattention", 2): 0.2,
+          ("streaming", 0): 0.2, ("streaming", 1): 0.25, ("h2o", 0): 0.4}
+    for (method, sample), value in kl.items():
+        store.put(store.key("fidelity", method, 512, sample), {"kl": value, "top1_agreement": 0.9, "delta_nll": value})
+    rows = paired_comparison(store, "fidelity", "triattention")
+    assert rows == [("h2o", 512, pytest.approx(0.4), pytest.approx(0.1), 1, 1),
+                    ("streaming", 512, pytest.approx(0.225), pytest.approx(0.2), 1, 2)]
+    table = write_outputs(store, "fidelity", tmp_path, "triattention")[0].read_text()
+    assert "| streaming | 512 | 0.2250 | 0.2000 | 0.89 | 1/2 |" in table
+    assert "| triattention | 512 | 0.2000 ± 0.0816 |" in table
+
+
+def test_paired_comparison_follows_the_metric_direction(tmp_path):
+    store = ResultStore(tmp_path)
+    for method, tokens in (("triattention", 40), ("streaming", 25)):
+        store.put(store.key("divergence", method, 256, 0), {"tokens_to_divergence": tokens, "agreement": 0.5})
+    assert paired_comparison(store, "divergence", "triattention") == [("streaming", 256, 25.0, 40.0, 1, 1)]

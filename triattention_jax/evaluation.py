@@ -16,8 +16,10 @@ Each (method, budget) runs its pending samples as one batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import pydoc_data.topics
 import sysconfig
 from pathlib import Path
@@ -108,6 +110,12 @@ def fidelity_metrics(full: np.ndarray, method: np.ndarray, targets: np.ndarray, 
     }
 
 
+def input_fingerprint(tokens: Any) -> str:
+    """A short hash of a sample's token ids, stored with each cell whose input depends on the
+    running Python (stdlib sources and pydoc prose change between versions)."""
+    return hashlib.sha256(np.asarray(tokens, np.int32).tobytes()).hexdigest()[:16]
+
+
 def divergence_metrics(full: list[int], method: list[int]) -> dict[str, float]:
     agree = [a == b for a, b in zip(full, method)]
     first = agree.index(False) if False in agree else len(agree)
@@ -131,6 +139,17 @@ class ResultStore:
         tmp = self.path.with_name(".results.json.tmp")
         tmp.write_text(json.dumps(self.cells, indent=1))
         os.replace(tmp, self.path)
+
+    def check_input(self, task: str, sample: int, fingerprint: str, budget: int | None = None) -> None:
+        """Refuses to mix, in one folder, cells of a sample computed on different inputs (at
+        `budget` only, for inputs that depend on it)."""
+        for key, cell in self.cells.items():
+            cell_task, _, cell_budget, cell_sample = key.split("/")
+            if (cell_task, int(cell_sample)) == (task, sample) and budget in (None, int(cell_budget)) \
+                    and cell.get("input", fingerprint) != fingerprint:
+                raise UserError(f"{self.path} holds {task} sample {sample} computed on another text (texts come from the "
+                                f"running Python's standard library; this is Python {platform.python_version()}): "
+                                f"use a new --out")
 
 
 def _boolean(text: str) -> bool:
@@ -213,13 +232,17 @@ def run_fidelity(model: LoadedModel, store: ResultStore, methods: list[str], bud
         return
     batch = fidelity_tokens(model, needed, seq_len)
     tokens = dict(zip(needed, batch))
+    fingerprints = {s: input_fingerprint(tokens[s]) for s in needed}
+    for sample, fingerprint in fingerprints.items():
+        store.check_input("fidelity", sample, fingerprint)
     reference = dict(zip(needed, teacher_force(model.transformer, batch, prefill_length=PREFILL_TOKENS)))
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
         policy = build_policy(model, method, budget)
         start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
         logprobs = teacher_force(model.transformer, np.stack([tokens[s] for s in group]), prefill_length=PREFILL_TOKENS, policy=policy)
-        return [fidelity_metrics(reference[s][:-1], row[:-1], tokens[s][1:], start) for s, row in zip(group, logprobs)]
+        return [fidelity_metrics(reference[s][:-1], row[:-1], tokens[s][1:], start) | {"input": fingerprints[s]}
+                for s, row in zip(group, logprobs)]
 
     _run_groups(store, "fidelity", groups, run_group, progress)
 
@@ -254,9 +277,13 @@ def run_needle(model: LoadedModel, store: ResultStore, methods: list[str], budge
         length = needle_length(seq_len, budget)
         streams = [needle_stream(model.tokenizer, needle_key(s), text_tokens(
             model.tokenizer, source_text("pydoc_prose", s), length, add_special_tokens=False), length) for s in group]
+        fingerprints = [input_fingerprint(stream.tokens) for stream in streams]
+        for sample, fingerprint in zip(group, fingerprints):
+            store.check_input("needle", sample, fingerprint, budget)
         logprobs = teacher_force(model.transformer, np.stack([st.tokens for st in streams]), prefill_length=PREFILL_TOKENS,
                                  policy=build_policy(model, method, budget))
-        return [needle_metrics(row, stream) for row, stream in zip(logprobs, streams)]
+        return [needle_metrics(row, stream) | {"input": fingerprint}
+                for row, stream, fingerprint in zip(logprobs, streams, fingerprints)]
 
     _run_groups(store, "needle", _pending_groups(store, "needle", methods, budgets, samples), run_group, progress)
 
@@ -302,22 +329,53 @@ TASK_METRICS = {
 GROUND_TRUTH_TASKS = ("needle", "dfs")
 
 
+# Each task's headline metric and whether lower is better, for the paired comparison.
+PAIRED_METRIC = {"fidelity": ("kl", True), "divergence": ("tokens_to_divergence", False),
+                 "needle": ("answer_accuracy", False), "dfs": ("stack_exact", False)}
+
+
+def _cells_by_group(store: ResultStore, task: str) -> dict[tuple[str, int], dict[int, dict]]:
+    grouped: dict[tuple[str, int], dict[int, dict]] = {}
+    for key, cell in store.cells.items():
+        cell_task, method, budget, sample = key.split("/")
+        if cell_task == task:
+            grouped.setdefault((method, int(budget)), {})[int(sample)] = cell
+    return dict(sorted(grouped.items()))
+
+
 def summarize(store: ResultStore, task: str) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
     """(method, budget) -> metric -> (mean, std over samples, samples)."""
-    grouped: dict[tuple[str, int], list[dict]] = {}
-    for key, cell in store.cells.items():
-        cell_task, method, budget, _ = key.split("/")
-        if cell_task == task:
-            grouped.setdefault((method, int(budget)), []).append(cell)
     return {
-        group: {m: (float(np.mean([c[m] for c in cells])), float(np.std([c[m] for c in cells])), len(cells))
+        group: {m: (float(np.mean([c[m] for c in cells.values()])), float(np.std([c[m] for c in cells.values()])),
+                    len(cells))
                 for m in TASK_METRICS[task]}
-        for group, cells in sorted(grouped.items())
+        for group, cells in _cells_by_group(store, task).items()
     }
 
 
-def write_outputs(store: ResultStore, task: str, folder: Path) -> list[Path]:
-    """A markdown table and one PNG per metric (metric against budget, a line per method)."""
+def paired_comparison(store: ResultStore, task: str, reference: str) -> list[tuple[str, int, float, float, int, int]]:
+    """Every other method against `reference` on the samples both have, per budget, on the
+    task's headline metric: (method, budget, method's mean, reference's mean, samples on which
+    the reference is better, shared samples). Spreads over samples mostly measure how hard
+    each text is; the paired count shows whether one method is better text by text."""
+    metric, lower_is_better = PAIRED_METRIC[task]
+    grouped = _cells_by_group(store, task)
+    rows = []
+    for (method, budget), cells in grouped.items():
+        base = grouped.get((reference, budget), {})
+        shared = sorted(set(cells) & set(base))
+        if method == reference or not shared:
+            continue
+        theirs = np.array([cells[s][metric] for s in shared])
+        ours = np.array([base[s][metric] for s in shared])
+        better = int(np.sum(ours < theirs if lower_is_better else ours > theirs))
+        rows.append((method, budget, float(theirs.mean()), float(ours.mean()), better, len(shared)))
+    return rows
+
+
+def write_outputs(store: ResultStore, task: str, folder: Path, reference: str | None = None) -> list[Path]:
+    """A markdown table (and, given a reference method, its paired comparison with the others)
+    and one PNG per metric (metric against budget, a line per method)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,6 +387,15 @@ def write_outputs(store: ResultStore, task: str, folder: Path) -> list[Path]:
     for (method, budget), values in summary.items():
         cells = " | ".join(f"{values[m][0]:.4f} ± {values[m][1]:.4f}" for m in metrics)
         lines.append(f"| {method} | {budget} | {cells} | {values[metrics[0]][2]} |")
+    paired = paired_comparison(store, task, reference) if reference else []
+    if paired:
+        metric = PAIRED_METRIC[task][0]
+        lines += ["", f"Paired with {reference}, on the samples both have ({reference}'s mean / the method's mean):", "",
+                  f"| method | budget | {metric} | {reference}'s {metric} | ratio | {reference} better on |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for method, budget, theirs, ours, better, shared in paired:
+            ratio = f"{ours / theirs:.2f}" if theirs else "—"
+            lines.append(f"| {method} | {budget} | {theirs:.4f} | {ours:.4f} | {ratio} | {better}/{shared} |")
     table = folder / f"{task}.md"
     table.write_text("\n".join(lines) + "\n")
     paths = [table]
@@ -359,17 +426,21 @@ def evaluate(model: LoadedModel, *, task: str, methods: list[str], budgets: list
     so a seed picks another set of samples and results of different seeds accumulate side by
     side. seq_len: tokens per sequence (fidelity; the needle's least length) or generated
     tokens (divergence; dfs at most). `progress(done, total, running)` is called before each
-    group of cells and once at the end.
+    group of cells and once at the end. The table compares the first method with each other
+    one, sample by sample.
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     for method in methods:
         parse_method(method)
+    if not methods:
+        raise UserError("no methods given: pass --methods, e.g. triattention,streaming")
+    reference = methods[0]
     if task in GROUND_TRUTH_TASKS and "full" not in methods:
         methods = ["full", *methods]
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
     TASKS[task](model, store, methods, budgets, range(seed, seed + num_samples), seq_len,
                 progress or (lambda done, total, running: None))
-    return [store.path, *write_outputs(store, task, out)]
+    return [store.path, *write_outputs(store, task, out, reference)]
 
