@@ -117,6 +117,8 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     numbers = json.loads((report / "report.json").read_text())
     assert numbers["num_tokens"] == 2048 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
+    assert len(numbers["key_norm_vs_attention"]["spearman_per_kv_head"]) == 30
+    assert -1 <= numbers["key_norm_vs_attention"]["spearman_median"] <= 1
     assert (report / "r_histogram.png").stat().st_size > 0 and (report / "reconstruction.png").stat().st_size > 0
 
     out = tmp_path / "out.json"
@@ -136,3 +138,20 @@ def test_decode_refuses_statistics_of_another_model(tmp_path, calibrated):
     decoded = _run("decode.py", "--prompt", "hi", "--method", "triattention", "--stats", str(tmp_path / "tiny.safetensors"))
     assert decoded.returncode == 2
     assert "were computed for another model" in decoded.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("direction, expected", [(-1.0, -1.0), (1.0, 1.0)])
+def test_key_norm_attention_correlation(direction, expected):
+    from triattention_jax.concentration import key_norm_attention
+
+    # One query direction; key s points along it (direction +1) or against it (-1) with norm
+    # 1 + s, so attention rises or falls with the norm and the first key has the smallest norm.
+    length, num_queries = 12, 4
+    queries = np.zeros((1, length, 2, 2))
+    queries[..., 0] = 1.0
+    keys = np.zeros((1, 1, length, 2))
+    keys[0, 0, :, 0] = direction * (1.0 + np.arange(length))
+    numbers = key_norm_attention(queries, keys, scale=0.5, num_queries=num_queries)
+    assert numbers["spearman_per_kv_head"] == [[pytest.approx(expected)]]
+    assert numbers["fraction_negative"] == (1.0 if expected < 0 else 0.0)
+    assert numbers["share_of_keys_larger_than_sink_median"] == pytest.approx(1 - 1 / (length - num_queries))

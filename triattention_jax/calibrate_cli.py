@@ -49,5 +49,8 @@ def run_calibration(
             f"reconstruction Pearson r over {len(sequence)} tokens: mean {numbers['reconstruction']['pearson_mean']:.3f}, "
             f"median {numbers['reconstruction']['pearson_median']:.3f}"
         )
+        norms = numbers["key_norm_vs_attention"]
+        lines.append(f"key norm vs attention received, Spearman: median {norms['spearman_median']:.3f}, negative in "
+                     f"{norms['fraction_negative']:.0%} of KV heads")
         lines.append("report: " + ", ".join(str(p) for p in paths))
     return lines

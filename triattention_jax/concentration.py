@@ -19,22 +19,64 @@ def log_spaced_distances(max_distance: int, count: int = 48) -> np.ndarray:
     return np.unique(np.geomspace(1, max_distance, count).astype(int))
 
 
-def measured_logits_by_distance(transformer: Transformer, tokens: Sequence[int], distances: np.ndarray) -> np.ndarray:
-    """Mean attention logit q_t·k_{t−Δ} per (layer, head, Δ) over one sequence, float64."""
-    config = transformer.config
+def attention_inputs(transformer: Transformer, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Post-RoPE queries (layers, T, heads, head_dim) and keys (layers, kv_heads, T, head_dim)
+    of one sequence, float64."""
     tokens = jnp.asarray([list(tokens)], jnp.int32)
     positions = jnp.arange(tokens.shape[1])[None]
     out = transformer.extend(None, tokens, positions, logits_at=jnp.zeros(1, jnp.int32), collect_pre_rope=True)
     cos, sin = rope_cos_sin(positions, transformer.inv_freq[...], transformer.attention_scaling)
-    queries = np.asarray(apply_rope(out.queries[:, 0], cos[0, :, None], sin[0, :, None]), np.float64)  # (L,T,H,hd)
-    keys = np.asarray(jnp.stack(out.k)[:, 0], np.float64)  # (L,K,T,hd)
-    group = config.num_heads // config.num_kv_heads
-    result = np.zeros((config.num_layers, config.num_heads, len(distances)))
-    for layer in range(config.num_layers):
-        for head in range(config.num_heads):
+    queries = np.asarray(apply_rope(out.queries[:, 0], cos[0, :, None], sin[0, :, None]), np.float64)
+    return queries, np.asarray(jnp.stack(out.k)[:, 0], np.float64)
+
+
+def measured_logits_by_distance(queries: np.ndarray, keys: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Mean attention logit q_t·k_{t−Δ} per (layer, head, Δ), from `attention_inputs`."""
+    layers, _, heads, _ = queries.shape
+    group = heads // keys.shape[1]
+    result = np.zeros((layers, heads, len(distances)))
+    for layer in range(layers):
+        for head in range(heads):
             logits = queries[layer, :, head] @ keys[layer, head // group].T  # (T query, T key)
             result[layer, head] = [np.diagonal(logits, offset=-int(d)).mean() for d in distances]
     return result
+
+
+def key_norm_attention(queries: np.ndarray, keys: np.ndarray, scale: float, num_queries: int) -> dict[str, Any]:
+    """How the attention a key receives relates to its norm, per (layer, KV head).
+
+    Attention received: the mean softmax weight from the GQA group's last `num_queries` queries,
+    over the keys before all of them. Returns the Spearman correlation of |k| with it, and the
+    share of those keys whose norm exceeds the first token's (the attention sink). A score
+    that rises with |k| alone keeps what attention ignores where the correlation is negative.
+    """
+    layers, length, heads, _ = queries.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    older = length - num_queries
+    visible = np.arange(length)[None] <= np.arange(older, length)[:, None]
+    rho = np.zeros((layers, kv_heads))
+    above_sink = np.zeros((layers, kv_heads))
+    for layer in range(layers):
+        for kv in range(kv_heads):
+            logits = np.einsum("thd,sd->hts", queries[layer, older:, kv * group:(kv + 1) * group], keys[layer, kv]) * scale
+            logits = np.where(visible, logits, -np.inf)
+            weights = np.exp(logits - logits.max(-1, keepdims=True))
+            received = (weights / weights.sum(-1, keepdims=True)).mean((0, 1))[:older]
+            norms = np.linalg.norm(keys[layer, kv, :older], axis=-1)
+            rho[layer, kv] = pearson(_ranks(norms), _ranks(received))
+            above_sink[layer, kv] = (norms > norms[0]).mean()
+    return {
+        "queries": num_queries,
+        "spearman_per_kv_head": rho.round(4).tolist(),
+        "spearman_median": float(np.median(rho)),
+        "fraction_negative": float((rho < 0).mean()),
+        "share_of_keys_larger_than_sink_median": float(np.median(above_sink)),
+    }
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x)).astype(np.float64)
 
 
 def predicted_logits_by_distance(moments: QueryMoments, inv_freq: np.ndarray, group: int, distances: np.ndarray) -> np.ndarray:
@@ -53,13 +95,15 @@ def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def concentration_report(transformer: Transformer, moments: QueryMoments, sequence: Sequence[int]) -> dict[str, Any]:
-    """Numbers of the report: R per head, R_f distribution, reconstruction correlations."""
+    """Numbers of the report: R per head, R_f distribution, reconstruction correlations, and
+    how key norms relate to the attention keys receive."""
     config = transformer.config
     r_head, r_band = moments.resultant_lengths()
     # Up to half the sequence, so every distance averages at least T/2 query-key pairs and
     # no single pair (such as the attention sink at position 0) dominates a point.
     distances = log_spaced_distances(len(sequence) // 2)
-    measured = measured_logits_by_distance(transformer, sequence, distances)
+    queries, keys = attention_inputs(transformer, sequence)
+    measured = measured_logits_by_distance(queries, keys, distances)
     predicted = predicted_logits_by_distance(moments, np.asarray(transformer.inv_freq[...]), config.num_heads // config.num_kv_heads, distances)
     correlation = pearson(predicted, measured)
     return {
@@ -79,6 +123,8 @@ def concentration_report(transformer: Transformer, moments: QueryMoments, sequen
             "pearson_median": float(np.median(correlation)),
             "fraction_pearson_above_0.5": float((correlation > 0.5).mean()),
         },
+        # The last quarter of the sequence attends over the first three quarters.
+        "key_norm_vs_attention": key_norm_attention(queries, keys, transformer.attention_scale, len(sequence) // 4),
         "_curves": {"measured": measured, "predicted": predicted},
     }
 
