@@ -366,10 +366,10 @@ def paired_comparison(store: ResultStore, task: str, reference: str) -> list[tup
         shared = sorted(set(cells) & set(base))
         if method == reference or not shared:
             continue
-        theirs = np.array([cells[s][metric] for s in shared])
-        ours = np.array([base[s][metric] for s in shared])
-        better = int(np.sum(ours < theirs if lower_is_better else ours > theirs))
-        rows.append((method, budget, float(theirs.mean()), float(ours.mean()), better, len(shared)))
+        other = np.array([cells[s][metric] for s in shared])
+        chosen = np.array([base[s][metric] for s in shared])
+        better = int(np.sum(chosen < other if lower_is_better else chosen > other))
+        rows.append((method, budget, float(other.mean()), float(chosen.mean()), better, len(shared)))
     return rows
 
 
@@ -393,9 +393,9 @@ def write_outputs(store: ResultStore, task: str, folder: Path, reference: str | 
         lines += ["", f"Paired with {reference}, on the samples both have ({reference}'s mean / the method's mean):", "",
                   f"| method | budget | {metric} | {reference}'s {metric} | ratio | {reference} better on |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for method, budget, theirs, ours, better, shared in paired:
-            ratio = f"{ours / theirs:.2f}" if theirs else "—"
-            lines.append(f"| {method} | {budget} | {theirs:.4f} | {ours:.4f} | {ratio} | {better}/{shared} |")
+        for method, budget, other, chosen, better, shared in paired:
+            ratio = f"{chosen / other:.2f}" if other else "—"
+            lines.append(f"| {method} | {budget} | {other:.4f} | {chosen:.4f} | {ratio} | {better}/{shared} |")
     table = folder / f"{task}.md"
     table.write_text("\n".join(lines) + "\n")
     paths = [table]
