@@ -5,12 +5,13 @@
   python -m triattention_jax.evaluate --task needle --budgets 64,128,256 --num_samples 8 --seq_len 1024 --out results/needle
   python -m triattention_jax.evaluate --task dfs --budgets 128,256 --num_samples 15 --seq_len 2048 --out results/dfs
   python -m triattention_jax.evaluate --task fidelity --budgets 512 --out results/fidelity_ablations \
-      --methods "triattention:aggregation=per_layer_per_head,triattention:max_offset=4096,triattention:window=64"
+      --methods "triattention,triattention:aggregation=per_layer_per_head,triattention:max_offset=4096,triattention:window=64"
 
 Tasks: fidelity and divergence compare each method with full attention; needle (pass-key
 retrieval across four budgets of filler) and dfs (the paper's recursive state query) score
 against the true answer, with full attention as a row. Finished (task, method, budget,
-sample) cells in <out>/results.json are not recomputed.
+sample) cells in <out>/results.json are not recomputed. The table ends with the first method
+compared with each other one on the samples both have.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
 flags.DEFINE_enum("task", "fidelity", ["fidelity", "divergence", "needle", "dfs"], "What to measure.")
 flags.DEFINE_list("methods", ["triattention", "streaming", "h2o", "snapkv", "rkv", "random"], "Methods compared with full "
-                  "attention; a variant for ablations: name:option=value;... (aggregation, window, max_offset, trig_term, "
+                  "attention, the first also with each other one; a variant for ablations: name:option=value;... (aggregation, window, max_offset, trig_term, "
                   "norm_weighting, protect_prompt), e.g. 'triattention:max_offset=4096;window=64'.")
 flags.DEFINE_list("budgets", ["128", "256", "512", "1024"], "KV budgets.")
 flags.DEFINE_integer("num_samples", 3, "Samples per (method, budget).")
