@@ -28,8 +28,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
 flags.DEFINE_enum("task", "fidelity", ["fidelity", "divergence", "needle", "dfs"], "What to measure.")
 flags.DEFINE_list("methods", ["triattention", "streaming", "h2o", "snapkv", "rkv", "random"], "Methods compared with full "
-                  "attention, the first also with each other one; a variant for ablations: name:option=value;... (aggregation, window, max_offset, trig_term, "
-                  "norm_weighting, protect_prompt), e.g. 'triattention:max_offset=4096;window=64'.")
+                  "attention, the first also with each other one; a variant for ablations: name:option=value;... "
+                  "(aggregation, window, max_offset, trig_term, norm_weighting, protect_prompt), e.g. "
+                  "'triattention:max_offset=4096;window=64'.")
 flags.DEFINE_list("budgets", ["128", "256", "512", "1024"], "KV budgets.")
 flags.DEFINE_integer("num_samples", 3, "Samples per (method, budget).")
 flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence (fidelity; needle: at least, its filler covers four budgets) "
