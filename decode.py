@@ -11,9 +11,8 @@ import sys
 from absl import flags
 
 from triattention_jax import embedded
-from triattention_jax.cli import run_cli
-from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH
-from triattention_jax.policies import policy_names
+from triattention_jax.cli import METHOD_NAMES, run_cli
+from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, orbax checkpoint folder (written by "
@@ -28,7 +27,7 @@ flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 disab
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 disables.")
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and KV cache dtype.")
-flags.DEFINE_enum("method", "full", policy_names(), "KV-cache policy.")
+flags.DEFINE_enum("method", "full", METHOD_NAMES, "KV-cache policy.")
 flags.DEFINE_integer("budget", 2048, "KV entries kept per (layer, KV head) by eviction methods.")
 flags.DEFINE_bool("protect_prompt", None, "Never evict prompt tokens (they count toward the budget); default: on for "
                   "triattention, off for the baselines.")

@@ -12,7 +12,7 @@ import transformers
 
 from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.checkpoint import load_transformer
-from triattention_jax.generate import _generation_round, _prefill, generate
+from triattention_jax.decoding import _generation_round, _prefill, generate
 from triattention_jax.policies import H2O, RKV, FullAttention, RandomEviction, RoundContext, SnapKV, StreamingLLM
 from triattention_jax.sampling import Sampler
 
@@ -167,7 +167,7 @@ def test_h2o_accumulates_exactly_the_attention_each_key_received(tiny, tiny_mode
     padded[:, :20] = prompt
     lengths = jnp.asarray([20], jnp.int32)
     logits, cache = _prefill(graphdef, state, policy, jnp.asarray(padded), lengths, num_slots=1000 + rounds)
-    from triattention_jax.generate import DecodeState
+    from triattention_jax.decoding import DecodeState
 
     decode = DecodeState(token=jnp.argmax(logits, -1).astype(jnp.int32), position=lengths, done=jnp.zeros(1, bool),
                          step=jnp.zeros((), jnp.int32))
@@ -198,8 +198,8 @@ EVICTION_POLICIES = {
 @pytest.mark.parametrize("name", sorted(EVICTION_POLICIES))
 def test_budget_covering_everything_equals_full_attention(tiny, name):
     prompts = np.random.default_rng(4).integers(3, 512, size=(2, 10)).tolist()
-    full = generate(tiny, prompts, max_new_tokens=100, divide_length=32)
-    compressed = generate(tiny, prompts, max_new_tokens=100, divide_length=32, policy=EVICTION_POLICIES[name](128))
+    full = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32)
+    compressed = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32, policy=EVICTION_POLICIES[name](128))
     assert compressed.token_ids == full.token_ids
 
 
@@ -207,9 +207,9 @@ def test_budget_covering_everything_equals_full_attention(tiny, name):
 def test_buffer_is_constant_over_four_budgets(tiny, name):
     prompts = np.random.default_rng(5).integers(3, 512, size=(2, 12)).tolist()
     policy = EVICTION_POLICIES[name](48)
-    long_run = generate(tiny, prompts, max_new_tokens=192, divide_length=16, policy=policy)
-    short_run = generate(tiny, prompts, max_new_tokens=16, divide_length=16, policy=policy)
+    long_run = generate(tiny, prompts, eos_ids=(), max_new_tokens=192, divide_length=16, policy=policy)
+    short_run = generate(tiny, prompts, eos_ids=(), max_new_tokens=16, divide_length=16, policy=policy)
     assert long_run.num_generated_tokens == [192, 192]
     assert long_run.kv_cache_bytes == short_run.kv_cache_bytes
     assert long_run.kv_cache_bytes >= cache_nbytes(tiny.config, 2, 48 + 16, jnp.float32)
-    assert long_run.kv_cache_bytes < generate(tiny, prompts, max_new_tokens=192, divide_length=16, policy=FullAttention()).kv_cache_bytes
+    assert long_run.kv_cache_bytes < generate(tiny, prompts, eos_ids=(), max_new_tokens=192, divide_length=16, policy=FullAttention()).kv_cache_bytes

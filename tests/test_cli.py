@@ -18,7 +18,7 @@ def _decode(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0
+    assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines, "no error message"
     return lines[-1]
@@ -106,3 +106,39 @@ def test_prompt_longer_than_context(tmp_path):
     assert "exceeds the model's context of 8192 tokens" in _error_line(result)
     assert not out.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _imported_modules(result: subprocess.CompletedProcess) -> set[str]:
+    """Module names from `python -X importtime`'s report on stderr."""
+    return {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_help_exits_zero_before_importing_jax():
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "decode.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0
+    assert "--max_new_tokens" in result.stdout
+    assert "jax" not in _imported_modules(result)
+
+
+def test_decoding_imports_no_torch_and_prints_no_torch_advice():
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "decode.py"), "--prompt",
+                             "What is the capital of France?", "--max_new_tokens", "8"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout
+    assert not {m for m in _imported_modules(result) if m == "torch" or m.startswith("torch.")}
+    assert "PyTorch was not found" not in result.stderr
+
+
+def test_a_budget_beyond_the_run_says_nothing_is_evicted():
+    result = _decode("--prompt", "Hi", "--method", "streaming", "--budget", "512", "--max_new_tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert "nothing will be evicted" in result.stderr
+
+
+def test_method_flag_lists_every_registered_policy():
+    from triattention_jax.cli import METHOD_NAMES
+    from triattention_jax.policies import policy_names
+
+    assert sorted(METHOD_NAMES) == sorted(policy_names())

@@ -20,7 +20,7 @@ from triattention_jax import sharding
 from triattention_jax.benchmark import random_stats
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
-from triattention_jax.generate import DecodeState, _generation_round, _prefill, generate, teacher_force
+from triattention_jax.decoding import DecodeState, _generation_round, _prefill, generate, teacher_force
 from triattention_jax.model import Transformer, weight_specs
 from triattention_jax.policies import FullAttention, TriAttention
 from triattention_jax.policies.snapkv import SnapKV
@@ -71,7 +71,7 @@ def test_sharded_decoding_gives_the_tokens_of_one_device(transformer, method, sp
     32, compacts at prefill and before the second and third)."""
     policy = _policy(method, transformer)
     prompts = _prompts(transformer.config.vocab_size)
-    options = dict(max_new_tokens=48, divide_length=16, policy=policy)
+    options = dict(eos_ids=(), max_new_tokens=48, divide_length=16, policy=policy)
     if method not in _reference:
         _reference[method] = generate(transformer, prompts, **options).token_ids
     mesh = sharding.make_mesh(spec)
@@ -85,9 +85,9 @@ sys.path.insert(0, sys.argv[1])
 from triattention_jax import sharding
 sharding.initialize_distributed()
 import test_sharding as t
-from triattention_jax.generate import generate
+from triattention_jax.decoding import generate
 transformer = t._random_transformer(t.WIDE)
-result = generate(transformer, t._prompts(transformer.config.vocab_size), max_new_tokens=48, divide_length=16,
+result = generate(transformer, t._prompts(transformer.config.vocab_size), eos_ids=(), max_new_tokens=48, divide_length=16,
                   policy=t._policy("triattention", transformer), mesh=sharding.make_mesh("data=2,model=4"))
 print(json.dumps(result.token_ids))
 """
@@ -114,7 +114,7 @@ def test_two_processes_decode_as_one_mesh(transformer):
     for child, (_, stderr) in zip(children, outputs):
         assert child.returncode == 0, stderr[-3000:]
     if "triattention" not in _reference:
-        _reference["triattention"] = generate(transformer, _prompts(transformer.config.vocab_size), max_new_tokens=48,
+        _reference["triattention"] = generate(transformer, _prompts(transformer.config.vocab_size), eos_ids=(), max_new_tokens=48,
                                               divide_length=16, policy=_policy("triattention", transformer)).token_ids
     for stdout, _ in outputs:
         assert json.loads(stdout.strip().splitlines()[-1]) == _reference["triattention"]
@@ -245,7 +245,7 @@ def test_model_and_batch_that_do_not_fit_the_mesh(transformer):
     with pytest.raises(UserError, match="does not divide the model's 130 MLP hidden units"):
         sharding.check_model_fits(narrow, sharding.make_mesh("model=4"))
     with pytest.raises(UserError, match="a batch of 3 rows does not split over the mesh's data axis of 2"):
-        generate(transformer, _prompts(256, lengths=(3, 4, 5)), max_new_tokens=4, mesh=sharding.make_mesh("data=2"))
+        generate(transformer, _prompts(256, lengths=(3, 4, 5)), eos_ids=(), max_new_tokens=4, mesh=sharding.make_mesh("data=2"))
 
 
 def _decode(*args: str) -> subprocess.CompletedProcess:

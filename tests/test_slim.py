@@ -21,7 +21,7 @@ from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.checkpoint import load_transformer
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
-from triattention_jax.generate import generate, teacher_force
+from triattention_jax.decoding import generate, teacher_force
 from triattention_jax.policies import RandomEviction, RoundContext, StreamingLLM, TriAttention
 from triattention_jax.slim import logprob_error, slim_transformer
 
@@ -50,7 +50,7 @@ def test_slim_decoding_matches_hf(slim_model_dirs, models, name):
     with torch.no_grad():
         expected = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=48, do_sample=False,
                                attention_mask=torch.ones(prompt.shape, dtype=torch.long))[0, 23:].tolist()
-    assert generate(slim, prompt.tolist(), max_new_tokens=48, divide_length=16).token_ids[0] == expected
+    assert generate(slim, prompt.tolist(), eos_ids=(), max_new_tokens=48, divide_length=16).token_ids[0] == expected
     # Every position after the first 8 is decoded one token at a time from the K-only cache.
     tokens = _tokens(0, 136)
     with torch.no_grad():
@@ -63,8 +63,8 @@ def test_slim_decoding_matches_hf(slim_model_dirs, models, name):
 def test_k_only_cache_holds_exactly_half_the_payload(models):
     standard, slim = models["llama-mha-yarn"]
     prompts = _tokens(3, 40, batch=2).tolist()
-    full = generate(standard, prompts, max_new_tokens=16, divide_length=16)
-    half = generate(slim, prompts, max_new_tokens=16, divide_length=16)
+    full = generate(standard, prompts, eos_ids=(), max_new_tokens=16, divide_length=16)
+    half = generate(slim, prompts, eos_ids=(), max_new_tokens=16, divide_length=16)
     assert half.token_ids == full.token_ids
     # K/V payload: exactly half. The whole buffer also holds int32 positions, which both keep.
     assert 2 * half.kv_payload_bytes == full.kv_payload_bytes
@@ -111,8 +111,8 @@ def test_layers_above_the_threshold_keep_values(models):
     a = teacher_force(standard, tokens, prefill_length=8, divide_length=32)
     b = teacher_force(mixed, tokens, prefill_length=8, divide_length=32)
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
-    full = generate(standard, tokens[:, :20].tolist(), max_new_tokens=12, divide_length=16)
-    part = generate(mixed, tokens[:, :20].tolist(), max_new_tokens=12, divide_length=16)
+    full = generate(standard, tokens[:, :20].tolist(), eos_ids=(), max_new_tokens=12, divide_length=16)
+    part = generate(mixed, tokens[:, :20].tolist(), eos_ids=(), max_new_tokens=12, divide_length=16)
     assert part.token_ids == full.token_ids
     layers = len(conds)
     assert 2 * layers * part.kv_payload_bytes == full.kv_payload_bytes * (layers + sum(mixed.value_layers))
@@ -135,7 +135,7 @@ def test_eviction_keeps_one_token_set_per_layer(models):
         b = teacher_force(slim, tokens, prefill_length=40, policy=policy, divide_length=16)
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
     with pytest.raises(UserError, match="--aggregation per_layer"):
-        generate(slim, tokens[:, :20].tolist(), max_new_tokens=4, policy=TriAttention.create(standard, stats, budget=64))
+        generate(slim, tokens[:, :20].tolist(), eos_ids=(), max_new_tokens=4, policy=TriAttention.create(standard, stats, budget=64))
 
 
 def test_per_head_scores_are_shared_across_heads_of_a_k_only_cache():

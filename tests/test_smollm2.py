@@ -8,7 +8,7 @@ import transformers
 
 from triattention_jax import embedded
 from triattention_jax.checkpoint import load_model
-from triattention_jax.generate import generate
+from triattention_jax.decoding import generate
 from triattention_jax.prompts import encode_prompts
 
 PROMPTS = [
@@ -48,7 +48,7 @@ def test_greedy_128_tokens_match_transformers(ours, reference):
                                     max_new_tokens=128, do_sample=False)
         expected.append(out[0, len(ids):].tolist())
     # Both prompts in one batch of different lengths, decoded past EOS like the reference.
-    result = generate(ours.transformer, prompt_ids, max_new_tokens=128)
+    result = generate(ours.transformer, prompt_ids, eos_ids=(), max_new_tokens=128)
     for got, want in zip(result.token_ids, expected):
         assert len(want) == 128
         assert got == want, f"diverged at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"

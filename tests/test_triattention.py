@@ -10,7 +10,7 @@ from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.checkpoint import load_transformer
 from triattention_jax.config import RopeConfig
 from triattention_jax.errors import UserError
-from triattention_jax.generate import generate
+from triattention_jax.decoding import generate
 from triattention_jax.policies import FullAttention, RoundContext, TriAttention
 from triattention_jax.rope import inverse_frequencies
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, aggregate, key_scores, normalized_scores, offset_phasors
@@ -171,11 +171,11 @@ def tiny(tiny_model_dirs):
 def test_budget_covering_everything_equals_full_attention(tiny):
     transformer, stats = tiny
     prompts = np.random.default_rng(4).integers(3, 512, size=(2, 10)).tolist()
-    full = generate(transformer, prompts, max_new_tokens=100, divide_length=32)
+    full = generate(transformer, prompts, eos_ids=(), max_new_tokens=100, divide_length=32)
     # Buffer 128 + 32 slots fills (the 64-slot prompt bucket holds padding) and compacts once,
     # but 10 + 100 real tokens always fit the budget, so nothing real is evicted.
     policy = TriAttention.create(transformer, stats, budget=128)
-    compressed = generate(transformer, prompts, max_new_tokens=100, divide_length=32, policy=policy)
+    compressed = generate(transformer, prompts, eos_ids=(), max_new_tokens=100, divide_length=32, policy=policy)
     assert compressed.token_ids == full.token_ids
     assert compressed.kv_cache_bytes == cache_nbytes(transformer.config, 2, 128 + 32, jnp.float32)
 
@@ -186,13 +186,13 @@ def test_constant_buffer_and_no_recompilation_over_four_budgets(tiny, compiles):
     policy = TriAttention.create(transformer, stats, budget=budget)
     prompts = np.random.default_rng(5).integers(3, 512, size=(2, 12)).tolist()
     after_round = []
-    long_run = generate(transformer, prompts, max_new_tokens=4 * budget, divide_length=divide, policy=policy,
+    long_run = generate(transformer, prompts, eos_ids=(), max_new_tokens=4 * budget, divide_length=divide, policy=policy,
                         on_round=lambda _: after_round.append(len(compiles)))
-    short_run = generate(transformer, prompts, max_new_tokens=divide, divide_length=divide, policy=policy)
+    short_run = generate(transformer, prompts, eos_ids=(), max_new_tokens=divide, divide_length=divide, policy=policy)
     assert long_run.num_generated_tokens == [4 * budget] * 2
     assert after_round[-1] == after_round[0], "rounds after the first compiled something"
     assert long_run.kv_cache_bytes == short_run.kv_cache_bytes == cache_nbytes(transformer.config, 2, budget + divide, jnp.float32)
-    full = generate(transformer, prompts, max_new_tokens=4 * budget, divide_length=divide, policy=FullAttention())
+    full = generate(transformer, prompts, eos_ids=(), max_new_tokens=4 * budget, divide_length=divide, policy=FullAttention())
     assert long_run.kv_cache_bytes < full.kv_cache_bytes
 
 
@@ -200,8 +200,8 @@ def test_prompt_longer_than_budget(tiny):
     transformer, stats = tiny
     prompts = np.random.default_rng(6).integers(3, 512, size=(1, 100)).tolist()
     with pytest.raises(UserError, match="does not fit budget 64 with the prompt protected"):
-        generate(transformer, prompts, max_new_tokens=8, policy=TriAttention.create(transformer, stats, budget=64))
-    result = generate(transformer, prompts, max_new_tokens=40, divide_length=16,
+        generate(transformer, prompts, eos_ids=(), max_new_tokens=8, policy=TriAttention.create(transformer, stats, budget=64))
+    result = generate(transformer, prompts, eos_ids=(), max_new_tokens=40, divide_length=16,
                       policy=TriAttention.create(transformer, stats, budget=64, protect_prompt=False))
     assert result.num_generated_tokens == [40]
     assert result.kv_cache_bytes == cache_nbytes(transformer.config, 1, 64 + 16, jnp.float32)

@@ -19,6 +19,7 @@ What it measures (on whatever device JAX has; see `speed.py` for how):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -213,7 +214,7 @@ RUN_COLUMNS = [("method", "method", ""), ("kv_cache", "kv_cache", ""), ("batch",
 def main(argv: list[str]) -> None:
     from triattention_jax import speed
     from triattention_jax.checkpoint import load_model
-    from triattention_jax.generate import buffer_schedule
+    from triattention_jax.decoding import buffer_schedule
     from triattention_jax.policies import policy_class
     from triattention_jax.prompts import check_writable, write_json_atomic
 
@@ -239,6 +240,8 @@ def main(argv: list[str]) -> None:
     hf_source = hf_source if FLAGS.preset else str(loaded.path)
     P, N, divide = FLAGS.prompt_tokens, FLAGS.new_tokens, FLAGS.divide_length
     hf_seconds = {}
+    if FLAGS.hf and importlib.util.find_spec("torch") is None:
+        raise UserError("--hf times transformers, which needs torch: pip install 'triattention-jax[torch]', or pass --nohf")
     if FLAGS.hf:
         # Before JAX takes the device: PyTorch runs in a child process that exits first.
         for batch in batches:

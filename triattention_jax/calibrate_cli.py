@@ -29,7 +29,8 @@ def run_calibration(
     if out:
         check_writable(out)
     loaded = load_model(model, dtype=dtype)
-    result, moments, sequences = calibrate(loaded, calib_files=calib_files, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size)
+    calibration = calibrate(loaded, calib_files=calib_files, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size)
+    result, moments, sequences = calibration.result, calibration.moments, calibration.sequences
     target = Path(out) if out else loaded.store_dir / STATS_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     save_stats(target, result)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from triattention_jax.checkpoint import LoadedModel
 from triattention_jax.errors import UserError
-from triattention_jax.generate import generate, prompt_bucket
+from triattention_jax.decoding import generate, prompt_bucket
 from triattention_jax.model import Transformer
 from triattention_jax.prompts import encode_prompts
 from triattention_jax.sampling import Sampler
@@ -171,12 +171,27 @@ def self_generated_sequences(model: LoadedModel, num_tokens: int, *, seed: int =
         bar.update(max(len(g) for g in generated) - bar.n)
 
     result = generate(
-        model.transformer, prompts, max_new_tokens=per_prompt, sampler=Sampler(temperature=0.7, top_p=0.95),
+        model.transformer, prompts, eos_ids=(), max_new_tokens=per_prompt, sampler=Sampler(temperature=0.7, top_p=0.95),
         seed=seed, on_round=on_round,
     )
     bar.close()
     for prompt, answer in zip(prompts, result.token_ids):
         yield prompt + answer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What `calibrate` measured: `result`, the statistics with their metadata (what
+    `save_stats` writes); `moments`, the raw sums (concentration diagnostics); `sequences`,
+    the token sequences they were computed on."""
+
+    result: CalibrationResult
+    moments: QueryMoments
+    sequences: list[list[int]]
+
+    @property
+    def stats(self) -> FrequencyStats:
+        return self.result.stats
 
 
 def calibrate(
@@ -187,12 +202,8 @@ def calibrate(
     seq_len: int = 1024,
     batch_size: int = 8,
     progress: bool = True,
-) -> tuple[CalibrationResult, QueryMoments, list[list[int]]]:
-    """Statistics from text files, or from the model's own generations when there are none.
-
-    Returns the statistics with metadata, the raw moments (for diagnostics) and the token
-    sequences they were computed on.
-    """
+) -> Calibration:
+    """Statistics from text files, or from the model's own generations when there are none."""
     if num_tokens < 1:
         raise UserError(f"--num_tokens must be positive, got {num_tokens}")
     if calib_files:
@@ -203,21 +214,35 @@ def calibrate(
         source = f"self-generated ({len(SELF_CALIBRATION_PROMPTS)} prompts, temperature 0.7, top_p 0.95)"
     moments = accumulate(model.transformer, sequences, batch_size=batch_size, progress=progress)
     metadata = {**model_metadata(model.transformer), "num_tokens": moments.count, "source": source, "model": model.name}
-    return CalibrationResult(stats=moments.stats(), metadata=metadata), moments, sequences
+    result = CalibrationResult(stats=moments.stats(), metadata=metadata)
+    return Calibration(result=result, moments=moments, sequences=sequences)
 
 
-def stats_for_model(model: LoadedModel, path: str | None) -> CalibrationResult:
-    """Statistics from `path`, else those that came with the checkpoint (orbax), else the model
-    folder's, calibrating (and saving) them on first use."""
+# Statistics that ship with the package, by model store name.
+BUNDLED_STATS_DIR = Path(__file__).resolve().parent / "data"
+
+
+def bundled_stats_path(name: str) -> Path | None:
+    """The packaged statistics of the model store entry `name`, if there are any."""
+    path = BUNDLED_STATS_DIR / f"{name}.{STATS_FILE}"
+    return path if path.exists() else None
+
+
+def stats_for_model(model: LoadedModel, path: str | None = None) -> CalibrationResult:
+    """TriAttention statistics for a model: from `path`, else those that came with the
+    checkpoint (orbax), else the model folder's, else the package's, else calibrated (and
+    saved in the model folder) on first use."""
     if path is not None:
         return load_stats(path, model.transformer)
     if model.stats is not None:
         check_compatible(model.stats.metadata, model.transformer, model.path)
         return model.stats
     default = model.store_dir / STATS_FILE
+    bundled = bundled_stats_path(model.name)
+    if not default.exists() and bundled is not None:
+        return load_stats(bundled, model.transformer)
     if not default.exists():
         print(f"no TriAttention statistics for {model.name} yet: calibrating once into {default}", file=sys.stderr)
-        result, _, _ = calibrate(model)
         default.parent.mkdir(parents=True, exist_ok=True)
-        save_stats(default, result)
+        save_stats(default, calibrate(model).result)
     return load_stats(default, model.transformer)

@@ -18,6 +18,7 @@ from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer, weight_specs
 from triattention_jax.safetensors_io import read_safetensors
 from triattention_jax.stats import CalibrationResult
+from triattention_jax.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -262,15 +263,6 @@ def store_name(model: str, model_dir: Path) -> str:
     if not Path(model).expanduser().is_dir() and model.count("/") == 1:
         return model.replace("/", "--")
     return model_dir.resolve().name
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise UserError(f"cannot load the tokenizer from {model_dir} ({type(e).__name__}: {e})") from e
 
 
 def _dtype(dtype: str | jnp.dtype) -> jnp.dtype:

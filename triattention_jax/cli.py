@@ -1,4 +1,7 @@
-"""Running an absl command line: every bad input ends in one `error: ...` line and exit code 2."""
+"""Running an absl command line: every bad input ends in one `error: ...` line and exit code 2.
+
+Nothing here imports jax, so flags (and `--help`) are parsed before the heavy imports.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,20 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from triattention_jax.compilation_cache import default_location, enable_compilation_cache
 from triattention_jax.errors import UserError
 
+# The registered policies' names (`policies.policy_names()`, which imports jax; a test keeps them equal).
+METHOD_NAMES = ("full", "h2o", "random", "rkv", "snapkv", "streaming", "triattention")
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+_HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?")
+
+flags.DEFINE_string(
+    "compilation_cache", default_location(),
+    "Folder of the persistent XLA compilation cache (a second run compiles nothing the first compiled); "
+    "'off' disables it. Default: $TRIATTENTION_COMPILATION_CACHE or ~/.cache/triattention_jax/xla.",
+)
 
 
 def _fail(message: str) -> None:
@@ -22,18 +36,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(f"{e} (see --helpshort)")
+    except SystemExit as e:
+        # absl prints the usage for --help and exits 1; asking for help is not a failure.
+        if any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
-    """app.run(main) with flag errors and `UserError`s reported as a single line."""
+    """app.run(main) with flag errors and `UserError`s reported as a single line, Ctrl-C as
+    one line with exit code 130, and the persistent compilation cache enabled."""
 
     def guarded(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}: every input is a --flag")
         try:
+            enable_compilation_cache(flags.FLAGS.compilation_cache)
             main(argv)
         except UserError as e:
             _fail(str(e))
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     app.run(guarded, flags_parser=_parse_flags)

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 from triattention_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Decode steps per round: eviction runs between rounds (the paper's default).
+DEFAULT_DIVIDE_LENGTH = 128
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 

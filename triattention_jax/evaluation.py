@@ -31,7 +31,8 @@ from triattention_jax.checkpoint import LoadedModel
 from triattention_jax.errors import UserError
 from triattention_jax.eval_tasks.dfs import dfs_metrics, dfs_problem, dfs_prompt, parse_dfs_answer
 from triattention_jax.eval_tasks.needle import needle_key, needle_length, needle_metrics, needle_stream
-from triattention_jax.generate import DEFAULT_DIVIDE_LENGTH, generate, prompt_bucket, teacher_force
+from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
+from triattention_jax.decoding import generate, prompt_bucket, teacher_force
 from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy, PolicySettings, policy_class
 from triattention_jax.prompts import encode_prompts, has_chat_template
 
@@ -76,7 +77,7 @@ def fidelity_tokens(model: LoadedModel, samples: list[int], seq_len: int) -> np.
     if generated:
         prompts = encode_prompts(model.tokenizer, [REASONING_PROMPTS[s // 3 % len(REASONING_PROMPTS)] for s in generated],
                                  chat=has_chat_template(model.tokenizer))
-        answers = generate(model.transformer, prompts, max_new_tokens=seq_len - min(map(len, prompts))).token_ids
+        answers = generate(model.transformer, prompts, eos_ids=(), max_new_tokens=seq_len - min(map(len, prompts))).token_ids
         rows |= {s: (prompt + answer)[:seq_len] for s, prompt, answer in zip(generated, prompts, answers)}
     for sample in samples:
         if len(rows[sample]) < seq_len:
@@ -255,11 +256,11 @@ def run_divergence(model: LoadedModel, store: ResultStore, methods: list[str], b
         return
     texts = [REASONING_PROMPTS[s % len(REASONING_PROMPTS)] for s in needed]
     prompts = dict(zip(needed, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
-    reference = dict(zip(needed, generate(model.transformer, list(prompts.values()), max_new_tokens=seq_len).token_ids))
+    reference = dict(zip(needed, generate(model.transformer, list(prompts.values()), eos_ids=(), max_new_tokens=seq_len).token_ids))
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
         policy = build_policy(model, method, budget)
-        answers = generate(model.transformer, [prompts[s] for s in group], max_new_tokens=seq_len, policy=policy).token_ids
+        answers = generate(model.transformer, [prompts[s] for s in group], eos_ids=(), max_new_tokens=seq_len, policy=policy).token_ids
         return [divergence_metrics(reference[s], answer) for s, answer in zip(group, answers)]
 
     _run_groups(store, "divergence", groups, run_group, progress)

@@ -114,7 +114,7 @@ def logprob_error(standard: Transformer, slim: Transformer, tokens: np.ndarray, 
     """Measured difference of the decode path's next-token log-probabilities, slim against
     standard cache (same weights and dtype), over the teacher-forced positions after
     `prefill_length`: max absolute, and relative to the largest |log-prob|."""
-    from triattention_jax.generate import teacher_force
+    from triattention_jax.decoding import teacher_force
 
     a = teacher_force(standard, tokens, prefill_length=prefill_length, divide_length=divide_length)[:, prefill_length:]
     b = teacher_force(slim, tokens, prefill_length=prefill_length, divide_length=divide_length)[:, prefill_length:]

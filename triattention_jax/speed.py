@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from triattention_jax import sharding
 from triattention_jax.cache import EMPTY_POSITION, KVCache
-from triattention_jax.generate import DecodeState, _generation_round, _prefill, _rows, _split, buffer_schedule, prompt_bucket
+from triattention_jax.decoding import DecodeState, _generation_round, _prefill, _rows, _split, buffer_schedule, prompt_bucket
 from triattention_jax.model import Transformer
 from triattention_jax.policies import EvictionPolicy, KVPolicy
 from triattention_jax.sampling import Sampler
@@ -276,11 +276,11 @@ def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt
     """One real `generate` run of random prompts (EOS ignored): its wall time, and its rate over
     the rounds that compiled nothing (not the first, nor those where the buffer grew), with the
     buffer size of each such round for comparing against step times."""
-    from triattention_jax.generate import generate
+    from triattention_jax.decoding import generate
 
     prompts = np.random.default_rng(1).integers(0, transformer.config.vocab_size, (batch, prompt_tokens)).tolist()
     ends: list[float] = []
-    result = generate(transformer, prompts, max_new_tokens=new_tokens, divide_length=divide_length, policy=policy,
+    result = generate(transformer, prompts, eos_ids=(), max_new_tokens=new_tokens, divide_length=divide_length, policy=policy,
                       on_round=lambda _: ends.append(time.perf_counter()), mesh=mesh)
     schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
     steady = [i for i in range(1, len(ends)) if schedule[i] == schedule[i - 1]]

@@ -163,5 +163,5 @@ def _torch():
     try:
         import torch
     except ImportError as e:
-        raise UserError("reading or writing .pt statistics needs torch: pip install torch") from e
+        raise UserError("reading or writing .pt statistics needs torch: pip install 'triattention-jax[torch]'") from e
     return torch

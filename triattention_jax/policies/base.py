@@ -80,6 +80,8 @@ class KVPolicy(abc.ABC):
     """
 
     observes: ClassVar[frozenset[str]] = frozenset()
+    # Whether `before_round` may change the cache (full attention's never does).
+    evicts: ClassVar[bool] = True
 
     @classmethod
     @abc.abstractmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from triattention_jax.cache import KVCache
 from triattention_jax.policies.base import KVPolicy, PolicySettings, RoundContext, policy_dataclass, register

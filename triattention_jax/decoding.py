@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +21,20 @@ from jax.sharding import Mesh
 
 from triattention_jax import sharding
 from triattention_jax.cache import KVCache, init_cache
+from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
 from triattention_jax.policies import FullAttention, KVPolicy
 from triattention_jax.policies.base import RoundContext
+from triattention_jax.prompts import encode_prompts, has_chat_template
 from triattention_jax.sampling import Sampler
 
-DEFAULT_DIVIDE_LENGTH = 128
+if TYPE_CHECKING:
+    from triattention_jax.checkpoint import LoadedModel
+
 MIN_PROMPT_BUCKET = 64
+# Streaming and early stop look at the tokens at least this often (steps).
+STREAM_STEPS = 16
 
 
 def prompt_bucket(length: int) -> int:
@@ -51,18 +57,21 @@ class DecodeState:
     step: jax.Array
 
 
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerationResult:
-    """Per prompt: generated ids (EOS included when emitted, nothing after it); kv_cache_bytes:
-    the largest buffer held (positions and policy statistics included); kv_payload_bytes: its
-    K and V entries alone (a K-only cache: K only)."""
+    """Per prompt: generated ids (EOS included when emitted, nothing after it) and, when the
+    model came with a tokenizer, their text (special tokens skipped); kv_cache_bytes: the
+    largest buffer held (positions and policy statistics included); kv_payload_bytes: its K
+    and V entries alone (a K-only cache: K only); num_decode_steps: the decode steps run (all
+    rows step together, until the longest row ends)."""
 
     token_ids: list[list[int]]
     num_prompt_tokens: list[int]
     kv_cache_bytes: int
     wall_seconds: float
     kv_payload_bytes: int = 0
+    texts: list[str] | None = None
+    num_decode_steps: int = 0
 
     @property
     def num_generated_tokens(self) -> list[int]:
@@ -126,14 +135,22 @@ def _sized(cache: KVCache, num_slots: int) -> KVCache:
     return cache if num_slots == cache.num_slots else _resized(cache, num_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "divide_length", "mesh"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sampler", "divide_length", "num_steps", "start_of_round", "mesh"),
+    donate_argnames=("cache",),
+)
 def _generation_round(
     graphdef, state, policy: KVPolicy, cache: KVCache, decode: DecodeState, prompt_lengths: jax.Array, key: jax.Array,
-    eos_ids: jax.Array, *, sampler: Sampler, divide_length: int, mesh: Mesh | None = None,
+    eos_ids: jax.Array, *, sampler: Sampler, divide_length: int, num_steps: int | None = None, start_of_round: bool = True,
+    mesh: Mesh | None = None,
 ):
+    """`num_steps` decode steps (default: a whole round of `divide_length`), preceded by the
+    policy's `before_round` when `start_of_round`; the later pieces of a round skip it, so a
+    round split into pieces evicts exactly as a whole one."""
     transformer = nnx.merge(graphdef, state)
-    context = RoundContext(prompt_lengths=prompt_lengths, position=decode.position)
-    cache = sharding.constrain_cache(policy.before_round(cache, divide_length, context), mesh)
+    if start_of_round:
+        context = RoundContext(prompt_lengths=prompt_lengths, position=decode.position)
+        cache = sharding.constrain_cache(policy.before_round(cache, divide_length, context), mesh)
 
     def step(carry, _):
         cache, d = carry
@@ -144,7 +161,7 @@ def _generation_round(
         token = sampler(logits, jax.random.fold_in(key, d.step))
         return (cache, DecodeState(token, d.position + 1, done, d.step + 1)), emitted
 
-    (cache, decode), emitted = jax.lax.scan(step, (cache, decode), length=divide_length)
+    (cache, decode), emitted = jax.lax.scan(step, (cache, decode), length=num_steps or divide_length)
     return cache, decode, emitted.T
 
 
@@ -176,26 +193,36 @@ def _rows(mesh: Mesh | None, *arrays: np.ndarray) -> list[jax.Array]:
 
 
 def generate(
-    transformer: Transformer,
-    prompts: Sequence[Sequence[int]],
+    model: Transformer | LoadedModel,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    eos_ids: Sequence[int] = (),
+    eos_ids: Sequence[int] | None = None,
     sampler: Sampler = Sampler(),
     policy: KVPolicy = FullAttention(),
     divide_length: int = DEFAULT_DIVIDE_LENGTH,
     seed: int = 0,
+    chat: bool | None = None,
     on_round: Callable[[list[list[int]]], None] | None = None,
     mesh: Mesh | None = None,
 ) -> GenerationResult:
-    """Generates up to `max_new_tokens` per prompt (token id lists of any lengths).
+    """Generates up to `max_new_tokens` per prompt.
 
-    Rows stop at their first EOS (pass no eos_ids to never stop); `on_round` receives the
-    tokens generated so far after every round, for streaming. With a `mesh`
-    (`sharding.make_mesh`), rows are split over its data axis (their number must be a
-    multiple of it) and heads over its model axis; weights not yet on it are placed.
+    model: a `Transformer`, or what `load_model` returns (then prompts may be strings, encoded
+    with the tokenizer's chat template unless `chat=False`, and the result carries texts).
+    prompts: strings, or token id lists of any lengths. Rows stop at their first EOS: by
+    default the model's (its generation config's), `eos_ids=()` never stops. `on_round`
+    receives the tokens generated so far at least every `STREAM_STEPS` steps, for streaming;
+    with EOS ids or `on_round`, decoding runs in pieces of that many steps, so it also stops
+    within one piece once every row has ended (eviction still runs every `divide_length`
+    steps). With a `mesh` (`sharding.make_mesh`), rows are split over its data axis (their
+    number must be a multiple of it) and heads over its model axis; weights not yet on it
+    are placed.
     """
+    transformer, tokenizer = _transformer_and_tokenizer(model)
+    prompts = _token_prompts(tokenizer, prompts, chat)
     config = transformer.config
+    eos_ids = config.eos_token_ids if eos_ids is None else tuple(eos_ids)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -230,51 +257,90 @@ def generate(
         step=jnp.zeros((), jnp.int32),
     )
     eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
+    piece = _piece_steps(divide_length) if eos_ids or on_round is not None else divide_length
     generated: list[list[int]] = [[] for _ in prompts]
     finished = np.zeros(len(prompts), bool)
-    rounds = 0
+    steps = 0
     schedule = buffer_schedule(policy, longest, max_new_tokens, divide_length)
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
-        cache = _sized(cache, schedule[rounds])
-        kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
-        kv_payload_bytes = max(kv_payload_bytes, cache.payload_nbytes)
-        rounds += 1
+        start_of_round = steps % divide_length == 0
+        if start_of_round:
+            cache = _sized(cache, schedule[steps // divide_length])
+            kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
+            kv_payload_bytes = max(kv_payload_bytes, cache.payload_nbytes)
         cache, decode, emitted = _generation_round(
             graphdef, state, policy, cache, decode, prompt_lengths, key, eos, sampler=sampler, divide_length=divide_length,
-            mesh=mesh,
+            num_steps=piece, start_of_round=start_of_round and policy.evicts, mesh=mesh,
         )
+        steps += piece
         for row, row_tokens in enumerate(sharding.to_host(emitted)):
             kept = [int(t) for t in row_tokens if t >= 0]
             generated[row].extend(kept[: max_new_tokens - len(generated[row])])
         finished = sharding.to_host(decode.done) | np.array([len(g) >= max_new_tokens for g in generated])
         if on_round is not None:
             on_round(generated)
+    texts = None if tokenizer is None else [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     return GenerationResult(
         token_ids=generated,
         num_prompt_tokens=lengths.tolist(),
         kv_cache_bytes=kv_cache_bytes,
         kv_payload_bytes=kv_payload_bytes,
         wall_seconds=time.perf_counter() - start,
+        texts=texts,
+        num_decode_steps=steps,
     )
 
 
+def _piece_steps(divide_length: int) -> int:
+    """The longest piece of at most `STREAM_STEPS` steps that divides a round evenly."""
+    return max(d for d in range(1, min(STREAM_STEPS, divide_length) + 1) if divide_length % d == 0)
+
+
+def _transformer_and_tokenizer(model: Transformer | LoadedModel) -> tuple[Transformer, Any]:
+    if isinstance(model, Transformer):
+        return model, None
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(transformer, Transformer):
+        raise UserError(f"expected a Transformer or what load_model returns, got {type(model).__name__}")
+    return transformer, getattr(model, "tokenizer", None)
+
+
+def _token_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]], chat: bool | None) -> list[list[int]]:
+    """Token id lists, encoding string prompts with the model's tokenizer."""
+    if isinstance(prompts, str):
+        raise UserError("prompts must be a list (of strings or of token id lists), not one string")
+    if not any(isinstance(p, str) for p in prompts):
+        return [list(p) for p in prompts]
+    if tokenizer is None:
+        raise UserError("string prompts need a tokenizer: pass what load_model returns, or token id lists")
+    if not all(isinstance(p, str) for p in prompts):
+        raise UserError("prompts must be all strings or all token id lists")
+    return encode_prompts(tokenizer, prompts, chat=has_chat_template(tokenizer) if chat is None else chat)
+
+
 def teacher_force(
-    transformer: Transformer,
+    model: Transformer | LoadedModel,
     tokens: np.ndarray,
     *,
     prefill_length: int,
     policy: KVPolicy = FullAttention(),
     divide_length: int = DEFAULT_DIVIDE_LENGTH,
+    targets_only: bool = False,
     mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Log-probabilities of the next token at every position of `tokens` (batch, T).
 
     The first `prefill_length` tokens are prefilled; the rest are fed one at a time through
     the same decode step, cache and eviction as generation. Returns float32 (batch, T, vocab):
-    row t is the distribution predicting token t + 1. `mesh` as in `generate`.
+    row t is the distribution predicting token t + 1; with `targets_only`, (batch, T - 1): the
+    log-probability of each actual next token (the vocabulary axis never reaches the host).
+    `model` and `mesh` as in `generate`.
     """
+    transformer, _ = _transformer_and_tokenizer(model)
     config = transformer.config
     tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2:
+        raise UserError(f"tokens must be a (batch, T) array of token ids, got shape {tokens.shape}")
     batch, total = tokens.shape
     if not 1 <= prefill_length <= total:
         raise UserError(f"prefill_length must be in [1, {total}], got {prefill_length}")
@@ -282,6 +348,17 @@ def teacher_force(
         raise UserError(f"sequence of {total} tokens exceeds the model's context of {config.max_position_embeddings}")
     if mesh is not None:
         sharding.check_batch(batch, mesh)
+    # The next token at every position, 0 past the end (those log-probs are dropped); a round's
+    # last piece may run past the sequence.
+    targets = np.zeros((batch, total + divide_length), np.int32)
+    targets[:, : total - 1] = tokens[:, 1:]
+
+    def to_host(logprobs: jax.Array, begin: int, width: int) -> np.ndarray:
+        if targets_only:
+            picked = targets[:, begin : begin + logprobs.shape[1]]
+            logprobs = jnp.take_along_axis(logprobs, jnp.asarray(picked)[..., None], axis=-1)[..., 0]
+        return sharding.to_host(logprobs)[:, :width]
+
     bucket = prompt_bucket(prefill_length)
     padded = np.zeros((batch, bucket), np.int32)
     padded[:, :prefill_length] = tokens[:, :prefill_length]
@@ -290,7 +367,7 @@ def teacher_force(
     graphdef, state = _split(transformer, mesh)
     padded, prompt_lengths = _rows(mesh, padded, np.full(batch, prefill_length, np.int32))
     logits, cache = _prefill(graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh)
-    pieces = [sharding.to_host(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1))]
+    pieces = [to_host(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1), 0, prefill_length)]
     schedule = buffer_schedule(policy, prefill_length, total - prefill_length, divide_length)
     for round_slots, begin in zip(schedule, range(prefill_length, total, divide_length)):
         cache = _sized(cache, round_slots)
@@ -302,5 +379,6 @@ def teacher_force(
         cache, logprobs = _teacher_forced_round(
             graphdef, state, policy, cache, chunk, positions, prompt_lengths, divide_length=divide_length, mesh=mesh
         )
-        pieces.append(sharding.to_host(logprobs)[:, :width])
-    return np.concatenate(pieces, axis=1)
+        pieces.append(to_host(logprobs, begin, width))
+    logprobs = np.concatenate(pieces, axis=1)
+    return logprobs[:, :-1] if targets_only else logprobs
