@@ -159,16 +159,24 @@ def read_hf_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     path = model_dir / "config.json"
     if not path.exists():
         raise UserError(f"{model_dir} has no config.json: point --model at a Hugging Face checkpoint folder")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}): re-download the checkpoint") from e
+    hf = _read_json(path)
     generation = model_dir / "generation_config.json"
     if generation.exists():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        if eos is not None:
+        settings = _read_json(generation)
+        eos = settings.get("eos_token_id") if isinstance(settings, dict) else None
+        if eos is not None and isinstance(hf, dict):
             hf = {**hf, "eos_token_id": eos}
-    return ModelConfig.from_hf(hf), hf
+    try:
+        return ModelConfig.from_hf(hf), hf
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} has a malformed value ({e}): fix or re-download the checkpoint's config") from e
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}): re-download the checkpoint") from e
 
 
 def resolve_model_dir(model: str) -> Path:

@@ -36,7 +36,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(f"{e} (see --helpshort)")
-    except SystemExit as e:
+    except SystemExit:
         # absl prints the usage for --help and exits 1; asking for help is not a failure.
         if any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
             sys.exit(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping
 
 from triattention_jax.errors import UserError
@@ -68,6 +69,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Builds a config from a Hugging Face `config.json` dict, refusing what we cannot run."""
+        if not isinstance(hf, Mapping):
+            raise UserError(f"config.json holds a {type(hf).__name__}, not a JSON object: re-download the checkpoint")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(
@@ -75,10 +78,10 @@ class ModelConfig:
                 "(DeepSeek-R1-Distill-Llama/Qwen load as llama/qwen2)"
             )
         _refuse_unsupported_features(model_type, hf)
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = int(hf.get("head_dim") or hidden // num_heads)
-        num_kv_heads = int(hf.get("num_key_value_heads") or num_heads)
+        num_heads = _positive_int(hf, "num_attention_heads")
+        hidden = _positive_int(hf, "hidden_size")
+        head_dim = hidden // num_heads if hf.get("head_dim") is None else _positive_int(hf, "head_dim")
+        num_kv_heads = _positive_int(hf, "num_key_value_heads", default=num_heads)
         if num_heads % num_kv_heads:
             raise UserError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         if head_dim % 2:
@@ -91,16 +94,16 @@ class ModelConfig:
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=_positive_int(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=_positive_int(hf, "intermediate_size"),
+            num_layers=_positive_int(hf, "num_hidden_layers"),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(hf),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_positive_int(hf, "max_position_embeddings", default=4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -108,6 +111,18 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+
+def _positive_int(hf: Mapping[str, Any], key: str, *, default: int | None = None) -> int:
+    """A positive integer field of config.json; `default` when the key is absent (required without one)."""
+    if key not in hf:
+        if default is None:
+            raise UserError(f"config.json lacks {key}: the checkpoint's config is incomplete")
+        return default
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise UserError(f"config.json sets {key} to {json.dumps(value)}, which is not a positive integer: fix the config")
+    return int(value)
 
 
 def _refuse_unsupported_features(model_type: str, hf: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
@@ -20,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from triattention_jax import sharding
-from triattention_jax.cache import KVCache, init_cache
+from triattention_jax.cache import KVCache, cache_nbytes, init_cache
 from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
@@ -243,8 +244,9 @@ def generate(
     tokens = np.zeros((len(prompts), bucket), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    policy.check(lengths.tolist(), divide_length, slim=transformer.slim)
+    policy.check(lengths.tolist(), divide_length, slim=transformer.slim, context_length=config.max_position_embeddings)
     num_slots = policy.num_slots(bucket, max_new_tokens, divide_length)
+    _check_buffer_fits(transformer, len(prompts), num_slots, mesh)
     graphdef, state = _split(transformer, mesh)
     tokens, prompt_lengths = _rows(mesh, tokens, lengths)
     key = jax.random.key(seed)
@@ -289,6 +291,33 @@ def generate(
         texts=texts,
         num_decode_steps=steps,
     )
+
+
+def _check_buffer_fits(transformer: Transformer, batch: int, num_slots: int, mesh: Mesh | None) -> None:
+    """Refuses, before allocating, a KV buffer larger than the memory free on a device."""
+    total = cache_nbytes(transformer.config, batch, num_slots, transformer.dtype, values=transformer.value_layers)
+    per_device = total // (1 if mesh is None else mesh.size)
+    free = _free_device_memory()
+    if free is not None and per_device > free:
+        raise UserError(
+            f"the KV buffer needs {per_device / 2**30:.2f} GiB per device ({batch} rows x {num_slots} slots), more than the "
+            f"{free / 2**30:.2f} GiB free: lower --budget, --max_new_tokens or the number of prompts"
+        )
+
+
+def _free_device_memory() -> int | None:
+    """Bytes free on the first local device: the accelerator's allocator limit, or the host's
+    available memory on the CPU; None when neither is known."""
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _piece_steps(divide_length: int) -> int:
@@ -362,8 +391,10 @@ def teacher_force(
     bucket = prompt_bucket(prefill_length)
     padded = np.zeros((batch, bucket), np.int32)
     padded[:, :prefill_length] = tokens[:, :prefill_length]
-    policy.check([prefill_length] * batch, divide_length, slim=transformer.slim)
+    policy.check([prefill_length] * batch, divide_length, slim=transformer.slim,
+                 context_length=config.max_position_embeddings)
     num_slots = policy.num_slots(bucket, total - prefill_length, divide_length)
+    _check_buffer_fits(transformer, batch, num_slots, mesh)
     graphdef, state = _split(transformer, mesh)
     padded, prompt_lengths = _rows(mesh, padded, np.full(batch, prefill_length, np.int32))
     logits, cache = _prefill(graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def gguf_path() -> Path:
 
 def ensure_converted(target: Path) -> Path:
     """Converts the GGUF into `target` (HF layout) unless it is already there."""
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _is_converted(target):
         return target
     convert_gguf(gguf_path(), target)
     return target
@@ -114,7 +115,9 @@ def convert_gguf(source: Path, target: Path) -> None:
         "eos_token_id": int(meta["tokenizer.ggml.eos_token_id"]),
         "torch_dtype": "float32",
     }
-    staging = target.with_name(f".{target.name}.partial")
+    # A staging folder per process: two first-use conversions at once each write their own and
+    # the first to finish wins; the other's identical copy is discarded.
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -122,10 +125,19 @@ def convert_gguf(source: Path, target: Path) -> None:
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         print("writing model.safetensors", file=sys.stderr)
         write_safetensors(staging / "model.safetensors", tensors, metadata={"format": "pt", "source": source.name})
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        if not _is_converted(target):
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not _is_converted(target):
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
 
 
 if __name__ == "__main__":

@@ -44,10 +44,11 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
 
     from triattention_jax.checkpoint import load_model
-    from triattention_jax.evaluation import evaluate
+    from triattention_jax.evaluation import check_output_folder, evaluate
 
     if not FLAGS.out:
         raise UserError("--out is required: the folder that receives results.json, the table and the plots")
+    check_output_folder(Path(FLAGS.out))
     try:
         budgets = [int(b) for b in FLAGS.budgets]
     except ValueError as e:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import pydoc_data.topics
 import sysconfig
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from triattention_jax.checkpoint import LoadedModel
@@ -34,7 +34,8 @@ from triattention_jax.eval_tasks.needle import needle_key, needle_length, needle
 from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.decoding import generate, prompt_bucket, teacher_force
 from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy, PolicySettings, policy_class
-from triattention_jax.prompts import encode_prompts, has_chat_template
+from triattention_jax.prompts import encode_prompts, has_chat_template, write_json_atomic
+from triattention_jax.stats import model_fingerprint
 
 PREFILL_TOKENS = 64
 REASONING_PROMPTS = (
@@ -125,11 +126,25 @@ def divergence_metrics(full: list[int], method: list[int]) -> dict[str, float]:
 
 class ResultStore:
     """results.json: one entry per finished cell, rewritten atomically after each, so a rerun
-    skips what is done."""
+    skips what is done. settings.json beside it records what every cell's numbers depend on
+    besides its key (model, dtype, sequence length, ...); a run with other settings is refused
+    rather than shown the old numbers."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, settings: dict[str, Any]):
         self.path = folder / "results.json"
-        self.cells: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.settings_path = folder / "settings.json"
+        self.cells: dict[str, Any] = _read_json_object(self.path) if self.path.exists() else {}
+        if self.cells:
+            if not self.settings_path.exists():
+                raise UserError(f"{folder} holds results without a record of their settings (model, dtype, --seq_len): "
+                                "use a new --out")
+            recorded = _read_json_object(self.settings_path)
+            for name, value in settings.items():
+                if recorded.get(name) != value:
+                    raise UserError(f"{folder} holds results computed with {name}={recorded.get(name)!r}, this run has "
+                                    f"{name}={value!r}: use a new --out, or the same settings to add cells")
+        else:
+            write_json_atomic(str(self.settings_path), settings)
 
     @staticmethod
     def key(task: str, method: str, budget: int, sample: int) -> str:
@@ -137,9 +152,7 @@ class ResultStore:
 
     def put(self, key: str, cell: dict[str, Any]) -> None:
         self.cells[key] = cell
-        tmp = self.path.with_name(".results.json.tmp")
-        tmp.write_text(json.dumps(self.cells, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(str(self.path), self.cells)
 
     def check_input(self, task: str, sample: int, fingerprint: str, budget: int | None = None) -> None:
         """Refuses to mix, in one folder, cells of a sample computed on different inputs (at
@@ -151,6 +164,28 @@ class ResultStore:
                 raise UserError(f"{self.path} holds {task} sample {sample} computed on another text (texts come from the "
                                 f"running Python's standard library; this is Python {platform.python_version()}): "
                                 f"use a new --out")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}): use a new --out") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object: use a new --out")
+    return value
+
+
+def run_settings(model: LoadedModel, seq_len: int) -> dict[str, Any]:
+    """Everything besides (task, method, budget, sample) that a cell's numbers depend on."""
+    return {
+        "model": model.name,
+        "weights": model_fingerprint(model.transformer),
+        "dtype": str(model.transformer.dtype),
+        "seq_len": seq_len,
+        "divide_length": DEFAULT_DIVIDE_LENGTH,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
 
 
 def _boolean(text: str) -> bool:
@@ -419,6 +454,12 @@ def write_outputs(store: ResultStore, task: str, folder: Path, reference: str | 
     return paths
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuses, before any work, an --out that is a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: give a folder name")
+
+
 def evaluate(model: LoadedModel, *, task: str, methods: list[str], budgets: list[int], num_samples: int, seq_len: int,
              out: Path, seed: int = 0, progress: Progress | None = None) -> list[Path]:
     """Runs the cells not in out/results.json yet; writes the table and plots; returns the files.
@@ -439,8 +480,9 @@ def evaluate(model: LoadedModel, *, task: str, methods: list[str], budgets: list
     reference = methods[0]
     if task in GROUND_TRUTH_TASKS and "full" not in methods:
         methods = ["full", *methods]
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out)
+    store = ResultStore(out, run_settings(model, seq_len))
     TASKS[task](model, store, methods, budgets, range(seed, seed + num_samples), seq_len,
                 progress or (lambda done, total, running: None))
     return [store.path, *write_outputs(store, task, out, reference)]

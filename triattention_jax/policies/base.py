@@ -92,9 +92,11 @@ class KVPolicy(abc.ABC):
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         """Slots per (layer, row, KV head) for a prompt bucket and a generation length."""
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False) -> None:
+    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False,
+              context_length: int | None = None) -> None:
         """Raises `UserError` when the settings cannot be met for these prompts (slim: with a
-        K-only cache, where every head of a layer must keep the same tokens)."""
+        K-only cache, where every head of a layer must keep the same tokens; context_length:
+        the model's, which no budget needs to exceed)."""
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
         """Sets up the policy's slot_stats/state after the prompt was appended (out: its `ExtendOutput`)."""
@@ -147,11 +149,16 @@ class EvictionPolicy(KVPolicy):
         """Importance of every slot, float32 (layers, batch, kv_heads, slots); invalid slots are ignored."""
 
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
-        return self.budget + divide_length
+        """budget + divide_length, or fewer when the whole run fits (then nothing is evicted)."""
+        whole_run = prompt_slots + -(-max_new_tokens // divide_length) * divide_length
+        return min(self.budget + divide_length, whole_run)
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False) -> None:
+    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False,
+              context_length: int | None = None) -> None:
         if self.budget < 1:
             raise UserError(f"budget must be at least 1, got {self.budget}")
+        if context_length is not None and self.budget > context_length:
+            raise UserError(f"budget {self.budget} exceeds the model's context of {context_length} tokens: lower --budget")
         if not 0 <= self.window < self.budget:
             raise UserError(f"window must be in [0, budget={self.budget}), got {self.window}")
         longest = max(prompt_lengths)

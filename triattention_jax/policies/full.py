@@ -17,6 +17,8 @@ class FullAttention(KVPolicy):
     round it grows to the next size of the form 2^e or 1.5 * 2^e that holds the round (at
     most a third unused, two compiled sizes per doubling), capped at the whole sequence."""
 
+    evicts: ClassVar[bool] = False
+
     @classmethod
     def from_settings(cls, model: Any, settings: PolicySettings) -> "FullAttention":
         return cls()

@@ -63,13 +63,14 @@ class TriAttention(EvictionPolicy):
             **options,
         )
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False) -> None:
+    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False,
+              context_length: int | None = None) -> None:
         if slim and self.aggregation != "per_layer":
             raise UserError(
                 f"--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep the same "
                 f"tokens: pass --aggregation per_layer (got {self.aggregation})"
             )
-        super().check(prompt_lengths, divide_length, slim=slim)
+        super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     @classmethod
     def from_settings(cls, model: Any, settings: PolicySettings) -> "TriAttention":
