@@ -1,41 +1,17 @@
-"""Calibrate TriAttention: per-head pre-RoPE query statistics, and a concentration report.
+"""Calibrate TriAttention: per-head pre-RoPE query statistics, and a concentration report
+(see `triattention_jax.cli.calibrate`).
 
   python calibrate.py                                   # default model, self-generated text
   python calibrate.py --model Qwen/Qwen3-0.6B --calib_file a.txt --calib_file b.txt --num_tokens 50000
   python calibrate.py --report --report_dir reports/smollm2
 """
 
-from __future__ import annotations
-
-
 from absl import flags
 
-from triattention_jax import embedded
-from triattention_jax.cli import run_cli
+from triattention_jax.cli import calibrate as command
+from triattention_jax.cli.run import run_cli
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", embedded.DEFAULT_MODEL_NAME, "HF checkpoint folder, hub id, or a folder name under models/.")
-flags.DEFINE_multi_string("calib_file", [], "Text file(s) to calibrate on; none: the model generates its own text.")
-flags.DEFINE_integer("num_tokens", 16384, "Calibration tokens to use.")
-flags.DEFINE_integer("seq_len", 1024, "Tokens per calibration sequence taken from text files.")
-flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
-flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Weights dtype during calibration.")
-flags.DEFINE_string("out", None, "Where to write the statistics (.safetensors, or .pt for the reference format); "
-                    "default: the model's folder under models/.")
-flags.DEFINE_bool("report", False, "Also write the concentration report (JSON and PNG plots).")
-flags.DEFINE_string("report_dir", None, "Folder for the report; default: <model folder>/report.")
-
-
-def main(argv: list[str]) -> None:
-    from triattention_jax.calibrate_cli import run_calibration
-
-    summary = run_calibration(
-        model=FLAGS.model, calib_files=FLAGS.calib_file, num_tokens=FLAGS.num_tokens, seq_len=FLAGS.seq_len,
-        batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, out=FLAGS.out, report=FLAGS.report, report_dir=FLAGS.report_dir,
-    )
-    for line in summary:
-        print(line)
-
+flags.adopt_module_key_flags(command)
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(command.main)

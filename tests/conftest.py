@@ -30,21 +30,55 @@ TINY_COMMON = dict(
 # name -> (model_type, extra config); covers llama3 RoPE scaling, Qwen2 biases, Qwen3 qk-norm,
 # tied and untied embeddings.
 TINY_MODELS = {
-    "llama3-untied": ("llama", dict(tie_word_embeddings=False, rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=256))),
-    "llama-tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
-    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
-    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "llama3-untied": (
+        "llama",
+        dict(
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=256,
+            ),
+        ),
+    ),
+    "llama-tied": (
+        "llama",
+        dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    ),
+    "qwen2-untied": (
+        "qwen2",
+        dict(tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    ),
+    "qwen3-tied": (
+        "qwen3",
+        dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    ),
 }
 
 # Multi-head attention (KV heads = query heads, heads·head_dim = hidden) for the K-only cache:
 # YaRN RoPE (attention_scaling ≠ 1) and Qwen2's q/k/v biases.
 SLIM_MODELS = {
-    "llama-mha-yarn": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=False, rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=512))),
-    "qwen2-mha": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=True,
-                                rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "llama-mha-yarn": (
+        "llama",
+        dict(
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=512
+            ),
+        ),
+    ),
+    "qwen2-mha": (
+        "qwen2",
+        dict(
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
 }
 
 

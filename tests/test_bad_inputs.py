@@ -16,21 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
+
 from triattention_jax import decoding
-from triattention_jax.checkpoint import load_transformer
+from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
+from triattention_jax.checkpoints.stats import CalibrationResult, load_stats, save_stats
 from triattention_jax.errors import UserError
-from triattention_jax.evaluation import ResultStore
+from triattention_jax.eval.store import ResultStore
 from triattention_jax.policies import StreamingLLM
-from triattention_jax.safetensors_io import read_safetensors, write_safetensors
-from triattention_jax.stats import CalibrationResult, load_stats, save_stats
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """A top-level script, or a package module given as "-m name"."""
     command = script.split() if script.startswith("-m ") else [str(REPO_ROOT / script)]
-    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, *command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
 
 
 def _one_error_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -49,8 +51,14 @@ def _one_line(error: UserError) -> str:
 
 # --- 1. evaluate never reports numbers computed under other settings --------------------------
 
-SETTINGS = {"model": "m", "weights": "abc", "dtype": "float32", "seq_len": 4096, "divide_length": 128,
-            "matmul_precision": "None"}
+SETTINGS = {
+    "model": "m",
+    "weights": "abc",
+    "dtype": "float32",
+    "seq_len": 4096,
+    "divide_length": 128,
+    "matmul_precision": "None",
+}
 
 
 @pytest.mark.parametrize("changed", [{"seq_len": 2048}, {"dtype": "bfloat16"}, {"model": "other"}, {"weights": "def"}])
@@ -71,15 +79,18 @@ def test_a_results_folder_without_recorded_settings_is_refused(tmp_path):
 def test_evaluate_out_naming_a_file_is_refused_before_loading(tmp_path):
     out = tmp_path / "results"
     out.write_text("not a folder")
-    assert "is a file, not a folder" in _one_error_line(_run("-m triattention_jax.evaluate", "--out", str(out),
-                                                             "--model", "/no/such/model"))
+    assert "is a file, not a folder" in _one_error_line(
+        _run("-m triattention_jax.cli.evaluate", "--out", str(out), "--model", "/no/such/model")
+    )
 
 
 # --- 2. damaged safetensors files ----------------------------------------------------------------
 
+
 def _valid_file(path: Path) -> Path:
-    write_safetensors(path, {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.int32)},
-                      metadata={"note": "x"})
+    write_safetensors(
+        path, {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.int32)}, metadata={"note": "x"}
+    )
     return path
 
 
@@ -98,7 +109,9 @@ def test_damaged_safetensors_named_in_one_line(tmp_path, damage):
     damaged = {
         "half": lambda: raw[: len(raw) // 2],
         "wrong_shape": lambda: _edited_header(source, lambda h: {**h, "a": {**h["a"], "shape": [4, 4]}}),
-        "no_dtype": lambda: _edited_header(source, lambda h: {**h, "a": {k: v for k, v in h["a"].items() if k != "dtype"}}),
+        "no_dtype": lambda: _edited_header(
+            source, lambda h: {**h, "a": {k: v for k, v in h["a"].items() if k != "dtype"}}
+        ),
         "list_header": lambda: _edited_header(source, lambda h: [1, 2]),
         "huge_length": lambda: struct.pack("<Q", 2**40) + raw[8:],
         "empty": lambda: b"",
@@ -119,8 +132,8 @@ def test_randomly_damaged_safetensors_and_statistics_end_in_user_error(tmp_path,
     stats_file = tmp_path / "stats.safetensors"
     rng = np.random.default_rng(0)
     stats = {name: rng.normal(size=shape).astype(np.float32) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
+    from triattention_jax.checkpoints.stats import model_metadata
     from triattention_jax.scoring import FrequencyStats
-    from triattention_jax.stats import model_metadata
 
     save_stats(stats_file, CalibrationResult(stats=FrequencyStats(**stats), metadata=model_metadata(transformer)))
     weights_file = _valid_file(tmp_path / "weights.safetensors")
@@ -153,6 +166,7 @@ def test_randomly_damaged_safetensors_and_statistics_end_in_user_error(tmp_path,
 
 # --- 3. --output_json checked before any work -----------------------------------------------------
 
+
 @pytest.mark.parametrize("target, message", [("folder", "it is a folder"), ("/sys/a.json", "cannot write /sys/a.json")])
 def test_unwritable_output_json_refused_up_front(tmp_path, target, message):
     path = str(tmp_path) if target == "folder" else target
@@ -165,6 +179,7 @@ def test_unwritable_output_json_refused_up_front(tmp_path, target, message):
 
 # --- 4. budgets and buffers beyond what the run can use ------------------------------------------
 
+
 def test_budget_beyond_the_context_is_refused():
     result = _run("decode.py", "--prompt", "x", "--method", "streaming", "--budget", "100000", "--max_new_tokens", "2")
     assert "exceeds the model's context of 8192 tokens" in _one_error_line(result)
@@ -174,8 +189,9 @@ def test_budget_beyond_the_run_gets_a_buffer_of_the_runs_size(tiny_model_dirs):
     transformer = load_transformer(tiny_model_dirs["llama-tied"], dtype="float32")
     prompts = [[5, 6, 7]]
     full = decoding.generate(transformer, prompts, eos_ids=(), max_new_tokens=2, divide_length=16)
-    capped = decoding.generate(transformer, prompts, eos_ids=(), max_new_tokens=2, divide_length=16,
-                               policy=StreamingLLM(budget=2000))
+    capped = decoding.generate(
+        transformer, prompts, eos_ids=(), max_new_tokens=2, divide_length=16, policy=StreamingLLM(budget=2000)
+    )
     assert capped.kv_cache_bytes <= full.kv_cache_bytes
     assert capped.token_ids == full.token_ids
 
@@ -190,13 +206,17 @@ def test_a_buffer_larger_than_free_memory_is_refused(tiny_model_dirs, monkeypatc
 
 # --- 5. malformed config.json ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"}, "lacks num_attention_heads"),
-    (lambda c: {**c, "max_position_embeddings": None}, "max_position_embeddings to null"),
-    (lambda c: [c], "not a JSON object"),
-    (lambda c: {**c, "num_key_value_heads": 0}, "num_key_value_heads to 0"),
-    (lambda c: {**c, "rms_norm_eps": "tiny"}, "malformed value"),
-])
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"}, "lacks num_attention_heads"),
+        (lambda c: {**c, "max_position_embeddings": None}, "max_position_embeddings to null"),
+        (lambda c: [c], "not a JSON object"),
+        (lambda c: {**c, "num_key_value_heads": 0}, "num_key_value_heads to 0"),
+        (lambda c: {**c, "rms_norm_eps": "tiny"}, "malformed value"),
+    ],
+)
 def test_malformed_config_named_in_one_line(tmp_path, tiny_model_dirs, edit, message):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dirs["llama-tied"], model)
@@ -209,6 +229,7 @@ def test_malformed_config_named_in_one_line(tmp_path, tiny_model_dirs, edit, mes
 
 # --- 6. malformed statistics ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_transformer(tiny_model_dirs):
     return load_transformer(tiny_model_dirs["llama-tied"], dtype="float32")
@@ -216,8 +237,10 @@ def tiny_transformer(tiny_model_dirs):
 
 def _stats_arrays(transformer):
     c = transformer.config
-    return {name: np.ones((c.num_layers, c.num_heads, c.head_dim // 2), np.float32)
-            for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
+    return {
+        name: np.ones((c.num_layers, c.num_heads, c.head_dim // 2), np.float32)
+        for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")
+    }
 
 
 @pytest.mark.parametrize("metadata, message", [("{not json", "not valid JSON"), ('"a string"', "not a JSON object")])
@@ -234,10 +257,18 @@ def _reference_pt(path: Path, transformer, entries=None, metadata=None) -> Path:
     c = transformer.config
     half = c.head_dim // 2
     if entries is None:
-        entries = {f"layer{l:02d}_head{h:02d}": {n: torch.ones(half) for n in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
-                   for l in range(c.num_layers) for h in range(c.num_heads)}
-    torch.save({"metadata": {"rope_style": "half", "head_dim": c.head_dim} if metadata is None else metadata,
-                "stats": entries}, path)
+        entries = {
+            f"layer{l:02d}_head{h:02d}": {n: torch.ones(half) for n in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
+            for l in range(c.num_layers)
+            for h in range(c.num_heads)
+        }
+    torch.save(
+        {
+            "metadata": {"rope_style": "half", "head_dim": c.head_dim} if metadata is None else metadata,
+            "stats": entries,
+        },
+        path,
+    )
     return path
 
 
@@ -280,12 +311,23 @@ def test_pickled_code_in_statistics_refused_in_one_line_without_unsafe_advice(tm
 
 # --- 7. two first-use conversions at once ---------------------------------------------------------
 
+
 def test_concurrent_first_use_conversions_both_succeed(tmp_path):
-    code = ("import sys; from triattention_jax import embedded; from pathlib import Path; "
-            "embedded.ensure_converted(Path(sys.argv[1]))")
+    code = (
+        "import sys; from triattention_jax.checkpoints import gguf; from pathlib import Path; "
+        "gguf.ensure_converted(Path(sys.argv[1]))"
+    )
     target = tmp_path / "smollm2"
-    runs = [subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(target)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for run in runs:
         _, stderr = run.communicate(timeout=600)
         assert run.returncode == 0, stderr[-2000:]
@@ -295,10 +337,25 @@ def test_concurrent_first_use_conversions_both_succeed(tmp_path):
 
 # --- 10. Ctrl-C ------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_ends_in_one_line_and_exit_130():
-    run = subprocess.Popen([sys.executable, str(REPO_ROOT / "decode.py"), "--prompt", "Count to a thousand.",
-                            "--max_new_tokens", "4000", "--ignore_eos", "--compilation_cache", "off"],
-                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "decode.py"),
+            "--prompt",
+            "Count to a thousand.",
+            "--max_new_tokens",
+            "4000",
+            "--ignore_eos",
+            "--compilation_cache",
+            "off",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert run.stdout.read(1), "no text was generated"  # decoding is under way
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=300)

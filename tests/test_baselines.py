@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,8 @@ import torch
 import transformers
 
 from triattention_jax.cache import KVCache, cache_nbytes
-from triattention_jax.checkpoint import load_transformer
-from triattention_jax.decoding import _generation_round, _prefill, generate
+from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.decoding import decode_round, generate, prefill
 from triattention_jax.policies import H2O, RKV, FullAttention, RandomEviction, RoundContext, SnapKV, StreamingLLM
 from triattention_jax.sampling import Sampler
 
@@ -29,11 +30,17 @@ def cache_problem():
     keys[:, :, :, 10] = keys[:, :, :, 2] * 1.01  # a near-duplicate, for R-KV's redundancy
     window_positions = np.stack([positions[0, b, 0][positions[0, b, 0] >= 0][-W:] for b in range(B)])
     queries = rng.normal(size=(L, B, W, K * G, HD)).astype(np.float32)
-    cache = KVCache.from_stacked(k=jnp.asarray(keys), v=jnp.asarray(keys), pos=jnp.asarray(positions, jnp.int32),
-                    cursor=jnp.asarray(S, jnp.int32),
-                    state={"window_queries": jnp.asarray(queries), "window_positions": jnp.asarray(window_positions, jnp.int32)})
+    cache = KVCache.from_stacked(
+        k=jnp.asarray(keys),
+        v=jnp.asarray(keys),
+        pos=jnp.asarray(positions, jnp.int32),
+        cursor=jnp.asarray(S, jnp.int32),
+        state={"window_queries": jnp.asarray(queries), "window_positions": jnp.asarray(window_positions, jnp.int32)},
+    )
     context = RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray(window_positions[:, -1] + 1))
-    return dict(positions=positions, keys=keys, queries=queries, window_positions=window_positions, cache=cache, context=context)
+    return dict(
+        positions=positions, keys=keys, queries=queries, window_positions=window_positions, cache=cache, context=context
+    )
 
 
 def reference_window_attention(p, pool=7):
@@ -53,7 +60,7 @@ def reference_window_attention(p, pool=7):
                         total += weights / weights.sum()
                     best = np.maximum(best, total / W)
                 half = pool // 2
-                importance[l, b, k] = [best[max(0, i - half): i + half + 1].max() for i in range(S)]
+                importance[l, b, k] = [best[max(0, i - half) : i + half + 1].max() for i in range(S)]
     return importance
 
 
@@ -100,14 +107,16 @@ def test_streaming_keeps_sinks_and_the_most_recent(cache_problem):
     for index in np.ndindex(L, B, K):
         valid = np.sort(p["positions"][index][p["positions"][index] >= 0])
         sinks = valid[valid < 4]
-        recent = valid[valid >= 4][-(12 - len(sinks)):]
+        recent = valid[valid >= 4][-(12 - len(sinks)) :]
         assert list(kept[index]) == list(sinks) + list(recent)
 
 
 def test_snapkv_matches_reference(cache_problem):
     p = cache_problem
     policy = SnapKV(budget=12, window=W)
-    np.testing.assert_allclose(np.asarray(policy.window_attention(p["cache"])), reference_window_attention(p), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(policy.window_attention(p["cache"])), reference_window_attention(p), atol=1e-5
+    )
     recent = p["positions"] >= (np.asarray(p["context"].position) - W)[None, :, None, None]
     expected = expected_kept(reference_window_attention(p), p, 12, recent)
     np.testing.assert_array_equal(kept_positions(policy, p), expected)
@@ -142,8 +151,11 @@ def test_random_keeps_budget_and_differs_between_rounds(cache_problem):
     p = cache_problem
     policy = RandomEviction(budget=12)
     first = kept_positions(policy, p)
-    later = np.asarray(policy.compact(p["cache"], RoundContext(prompt_lengths=p["context"].prompt_lengths,
-                                                                position=p["context"].position + 128)).stacked("pos"))
+    later = np.asarray(
+        policy.compact(
+            p["cache"], RoundContext(prompt_lengths=p["context"].prompt_lengths, position=p["context"].position + 128)
+        ).stacked("pos")
+    )
     valid = (p["positions"] >= 0).sum(-1)
     assert ((first >= 0).sum(-1) == np.minimum(valid, 12)).all()
     assert not np.array_equal(first, later)
@@ -166,21 +178,37 @@ def test_h2o_accumulates_exactly_the_attention_each_key_received(tiny, tiny_mode
     padded = np.zeros((1, bucket), np.int32)
     padded[:, :20] = prompt
     lengths = jnp.asarray([20], jnp.int32)
-    logits, cache = _prefill(graphdef, state, policy, jnp.asarray(padded), lengths, num_slots=1000 + rounds)
+    logits, cache = prefill(graphdef, state, policy, jnp.asarray(padded), lengths, num_slots=1000 + rounds)
     from triattention_jax.decoding import DecodeState
 
-    decode = DecodeState(token=jnp.argmax(logits, -1).astype(jnp.int32), position=lengths, done=jnp.zeros(1, bool),
-                         step=jnp.zeros((), jnp.int32))
-    cache, decode, emitted = _generation_round(graphdef, state, policy, cache, decode, lengths, jax.random.key(0),
-                                               jnp.asarray([-2]), sampler=Sampler(), divide_length=rounds)
+    decode = DecodeState(
+        token=jnp.argmax(logits, -1).astype(jnp.int32),
+        position=lengths,
+        done=jnp.zeros(1, bool),
+        step=jnp.zeros((), jnp.int32),
+    )
+    cache, decode, emitted = decode_round(
+        graphdef,
+        state,
+        policy,
+        cache,
+        decode,
+        lengths,
+        jax.random.key(0),
+        jnp.asarray([-2]),
+        sampler=Sampler(),
+        divide_length=rounds,
+    )
     sequence = np.concatenate([prompt[0], np.asarray(emitted)[0]])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama-tied"], dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_model_dirs["llama-tied"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         attentions = hf(torch.tensor(sequence[None]), output_attentions=True).attentions
     config = transformer.config
-    expected = np.stack([a[0].numpy().reshape(config.num_kv_heads, -1, len(sequence), len(sequence)).sum((1, 2))
-                         for a in attentions])  # (L, K, keys)
+    expected = np.stack(
+        [a[0].numpy().reshape(config.num_kv_heads, -1, len(sequence), len(sequence)).sum((1, 2)) for a in attentions]
+    )  # (L, K, keys)
     got = np.asarray(cache.slot_stats["attention"])[:, 0]
     slots = np.concatenate([np.arange(20), bucket + np.arange(rounds)])
     np.testing.assert_allclose(got[:, :, slots], expected, rtol=1e-4, atol=1e-5)
@@ -199,7 +227,9 @@ EVICTION_POLICIES = {
 def test_budget_covering_everything_equals_full_attention(tiny, name):
     prompts = np.random.default_rng(4).integers(3, 512, size=(2, 10)).tolist()
     full = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32)
-    compressed = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32, policy=EVICTION_POLICIES[name](128))
+    compressed = generate(
+        tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32, policy=EVICTION_POLICIES[name](128)
+    )
     assert compressed.token_ids == full.token_ids
 
 
@@ -212,4 +242,9 @@ def test_buffer_is_constant_over_four_budgets(tiny, name):
     assert long_run.num_generated_tokens == [192, 192]
     assert long_run.kv_cache_bytes == short_run.kv_cache_bytes
     assert long_run.kv_cache_bytes >= cache_nbytes(tiny.config, 2, 48 + 16, jnp.float32)
-    assert long_run.kv_cache_bytes < generate(tiny, prompts, eos_ids=(), max_new_tokens=192, divide_length=16, policy=FullAttention()).kv_cache_bytes
+    assert (
+        long_run.kv_cache_bytes
+        < generate(
+            tiny, prompts, eos_ids=(), max_new_tokens=192, divide_length=16, policy=FullAttention()
+        ).kv_cache_bytes
+    )

@@ -9,9 +9,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
-from triattention_jax.benchmark import PRESETS, random_transformer
+
+from triattention_jax.bench.presets import PRESETS, random_transformer
 from triattention_jax.cache import cache_nbytes
 from triattention_jax.config import ModelConfig
 from triattention_jax.model import weight_specs
@@ -33,10 +33,36 @@ def test_presets_build_real_shapes():
 def test_tiny_preset_report_is_consistent(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "triattention_jax.benchmark", "--preset", "tiny", "--methods", "full,triattention,h2o",
-         "--budget", "64", "--new_tokens", "1536", "--batch", "2", "--dtype", "float32", "--prompt_tokens", "32",
-         "--divide_length", "32", "--e2e_tokens", "256", "--nohf", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        [
+            sys.executable,
+            "-m",
+            "triattention_jax.cli.benchmark",
+            "--preset",
+            "tiny",
+            "--methods",
+            "full,triattention,h2o",
+            "--budget",
+            "64",
+            "--new_tokens",
+            "1536",
+            "--batch",
+            "2",
+            "--dtype",
+            "float32",
+            "--prompt_tokens",
+            "32",
+            "--divide_length",
+            "32",
+            "--e2e_tokens",
+            "256",
+            "--nohf",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -64,6 +90,8 @@ def test_tiny_preset_report_is_consistent(tmp_path):
     for step in steps:
         assert step["bytes_per_step"] == weights + cache_nbytes(config, 2, step["slots"], jnp.float32)
         assert step["tokens_per_second"] == pytest.approx(2 / step["step_seconds"], rel=1e-9)
-        assert step["roofline_fraction"] == pytest.approx(step["bytes_per_second"] / report["copy_bytes_per_second"], rel=1e-9)
+        assert step["roofline_fraction"] == pytest.approx(
+            step["bytes_per_second"] / report["copy_bytes_per_second"], rel=1e-9
+        )
         assert (step["eviction_share"] is None) == (step["method"] == "full")
     assert "tok/s" in result.stdout and "roofline" in result.stdout

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import REPO_ROOT
+
 from triattention_jax.calibration import accumulate
-from triattention_jax.checkpoint import load_transformer
+from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.checkpoints.stats import CalibrationResult, load_stats, model_metadata, save_stats
 from triattention_jax.errors import UserError
-from triattention_jax.stats import CalibrationResult, load_stats, model_metadata, save_stats
 
 
 def _sequences(lengths, seed=0):
@@ -46,7 +46,11 @@ def test_queries_are_taken_after_every_pre_rope_transform(tiny_model_dirs, name,
     with torch.no_grad():
         hf(torch.tensor([tokens]))
     config = hf.config
-    q = torch.stack(captured).reshape(config.num_hidden_layers, len(tokens), config.num_attention_heads, config.head_dim).numpy()
+    q = (
+        torch.stack(captured)
+        .reshape(config.num_hidden_layers, len(tokens), config.num_attention_heads, config.head_dim)
+        .numpy()
+    )
     half = config.head_dim // 2
     expected = (q[..., :half] + 1j * q[..., half:]).mean(1)
     moments = accumulate(load_transformer(tiny_model_dirs[name], dtype="float32"), [tokens], progress=False)
@@ -102,7 +106,9 @@ def test_statistics_of_another_model_are_refused(tmp_path, calibrated, tiny_mode
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *args], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT
+    )
 
 
 @pytest.mark.slow
@@ -110,8 +116,20 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     source = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
     stats = tmp_path / "stats.safetensors"
     report = tmp_path / "report"
-    result = _run("calibrate.py", "--calib_file", str(source), "--num_tokens", "2048", "--seq_len", "512", "--out", str(stats),
-                  "--report", "--report_dir", str(report))
+    result = _run(
+        "calibrate.py",
+        "--calib_file",
+        str(source),
+        "--num_tokens",
+        "2048",
+        "--seq_len",
+        "512",
+        "--out",
+        str(stats),
+        "--report",
+        "--report_dir",
+        str(report),
+    )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
     numbers = json.loads((report / "report.json").read_text())
@@ -122,9 +140,26 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     assert (report / "r_histogram.png").stat().st_size > 0 and (report / "reconstruction.png").stat().st_size > 0
 
     out = tmp_path / "out.json"
-    result = _run("decode.py", "--prompt", "Count from one to fifty in words.", "--method", "triattention", "--stats", str(stats),
-                  "--budget", "96", "--divide_length", "32", "--max_new_tokens", "160", "--ignore_eos", "--dtype", "float32",
-                  "--output_json", str(out))
+    result = _run(
+        "decode.py",
+        "--prompt",
+        "Count from one to fifty in words.",
+        "--method",
+        "triattention",
+        "--stats",
+        str(stats),
+        "--budget",
+        "96",
+        "--divide_length",
+        "32",
+        "--max_new_tokens",
+        "160",
+        "--ignore_eos",
+        "--dtype",
+        "float32",
+        "--output_json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     decoded = json.loads(out.read_text())
     assert decoded["num_generated_tokens"] == [160]
@@ -135,7 +170,9 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
 def test_decode_refuses_statistics_of_another_model(tmp_path, calibrated):
     _, result = calibrated
     save_stats(tmp_path / "tiny.safetensors", result)
-    decoded = _run("decode.py", "--prompt", "hi", "--method", "triattention", "--stats", str(tmp_path / "tiny.safetensors"))
+    decoded = _run(
+        "decode.py", "--prompt", "hi", "--method", "triattention", "--stats", str(tmp_path / "tiny.safetensors")
+    )
     assert decoded.returncode == 2
     assert "were computed for another model" in decoded.stderr.strip().splitlines()[-1]
 

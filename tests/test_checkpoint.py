@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import TINY_COMMON
-from triattention_jax.checkpoint import convert_hf_weights, load_transformer, read_hf_config, read_hf_tensors, resolve_model_dir
+
+from triattention_jax.checkpoints.gguf import unpermute_rope_rows
+from triattention_jax.checkpoints.hf import convert_hf_weights, load_transformer, read_hf_config, read_hf_tensors
+from triattention_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
+from triattention_jax.checkpoints.store import resolve_model_dir
 from triattention_jax.config import ModelConfig
-from triattention_jax.embedded import unpermute_rope_rows
 from triattention_jax.errors import UserError
-from triattention_jax.safetensors_io import read_safetensors, write_safetensors
 
 
 def test_bf16_and_sharded_safetensors_read_without_torch(tmp_path, tiny_model_dirs):
@@ -40,7 +41,11 @@ def test_other_safetensors_files_beside_the_weights_are_ignored(tmp_path, tiny_m
 def test_safetensors_round_trip(tmp_path):
     import ml_dtypes
 
-    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, ml_dtypes.bfloat16), "c": np.arange(3)}
+    tensors = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.ones(5, ml_dtypes.bfloat16),
+        "c": np.arange(3),
+    }
     write_safetensors(tmp_path / "x.safetensors", tensors)
     back = read_safetensors(tmp_path / "x.safetensors")
     for name, value in tensors.items():

@@ -8,13 +8,17 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 
 def _decode(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "decode.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "decode.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
@@ -28,11 +32,21 @@ def test_default_model_writes_the_report(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is the capital of France?\nName a primary color.\n")
     out = tmp_path / "out.json"
-    result = _decode("--prompt_file", str(prompts), "--max_new_tokens", "24", "--dtype", "float32", "--output_json", str(out))
+    result = _decode(
+        "--prompt_file", str(prompts), "--max_new_tokens", "24", "--dtype", "float32", "--output_json", str(out)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    for key in ("prompts", "generated_token_ids", "texts", "num_prompt_tokens", "num_generated_tokens", "kv_cache_bytes",
-                "wall_seconds", "tokens_per_second"):
+    for key in (
+        "prompts",
+        "generated_token_ids",
+        "texts",
+        "num_prompt_tokens",
+        "num_generated_tokens",
+        "kv_cache_bytes",
+        "wall_seconds",
+        "tokens_per_second",
+    ):
         assert key in report
     assert report["prompts"] == ["What is the capital of France?", "Name a primary color."]
     assert "Paris" in report["texts"][0]
@@ -46,7 +60,9 @@ def test_default_model_writes_the_report(tmp_path):
 
 def test_ignore_eos_generates_exactly_max_new_tokens(tmp_path):
     out = tmp_path / "out.json"
-    result = _decode("--prompt", "Hi", "--max_new_tokens", "40", "--ignore_eos", "--divide_length", "16", "--output_json", str(out))
+    result = _decode(
+        "--prompt", "Hi", "--max_new_tokens", "40", "--ignore_eos", "--divide_length", "16", "--output_json", str(out)
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["num_generated_tokens"] == [40]
 
@@ -114,17 +130,35 @@ def _imported_modules(result: subprocess.CompletedProcess) -> set[str]:
 
 
 def test_help_exits_zero_before_importing_jax():
-    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "decode.py"), "--help"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO_ROOT / "decode.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0
     assert "--max_new_tokens" in result.stdout
     assert "jax" not in _imported_modules(result)
 
 
 def test_decoding_imports_no_torch_and_prints_no_torch_advice():
-    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "decode.py"), "--prompt",
-                             "What is the capital of France?", "--max_new_tokens", "8"],
-                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(REPO_ROOT / "decode.py"),
+            "--prompt",
+            "What is the capital of France?",
+            "--max_new_tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in result.stdout
     assert not {m for m in _imported_modules(result) if m == "torch" or m.startswith("torch.")}
@@ -138,7 +172,7 @@ def test_a_budget_beyond_the_run_says_nothing_is_evicted():
 
 
 def test_method_flag_lists_every_registered_policy():
-    from triattention_jax.cli import METHOD_NAMES
+    from triattention_jax.cli.run import METHOD_NAMES
     from triattention_jax.policies import policy_names
 
     assert sorted(METHOD_NAMES) == sorted(policy_names())

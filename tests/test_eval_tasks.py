@@ -7,11 +7,28 @@ import json
 import numpy as np
 import pytest
 
-from triattention_jax.eval_tasks.dfs import (
-    MAX_STEPS, NUM_NODES, DfsState, dfs_metrics, dfs_problem, dfs_prompt, dfs_state, parse_dfs_answer, random_graph,
+from triattention_jax.eval.runner import evaluate
+from triattention_jax.eval.store import run_settings
+from triattention_jax.eval.tasks.dfs import (
+    MAX_STEPS,
+    NUM_NODES,
+    DfsState,
+    dfs_metrics,
+    dfs_problem,
+    dfs_prompt,
+    dfs_state,
+    parse_dfs_answer,
+    random_graph,
 )
-from triattention_jax.eval_tasks.needle import FILLER_PER_BUDGET, NeedleStream, needle_key, needle_length, needle_metrics, needle_stream
-from triattention_jax.evaluation import evaluate, source_text, text_tokens
+from triattention_jax.eval.tasks.needle import (
+    FILLER_PER_BUDGET,
+    NeedleStream,
+    needle_key,
+    needle_length,
+    needle_metrics,
+    needle_stream,
+)
+from triattention_jax.eval.texts import source_text, text_tokens
 
 # 0 - 1 - 3, 0 - 2, 1 - 4: DFS goes 0, 1, 3, back to 1, 4, back to 1 and 0, then 2.
 GRAPH = {0: (1, 2), 1: (0, 3, 4), 2: (0,), 3: (1,), 4: (1,)}
@@ -19,14 +36,15 @@ GRAPH = {0: (1, 2), 1: (0, 3, 4), 2: (0,), 3: (1,), 4: (1,)}
 
 @pytest.fixture(scope="module")
 def model():
-    from triattention_jax.checkpoint import load_model
+    from triattention_jax.checkpoints.store import load_model
 
     return load_model("smollm2-135m-instruct", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from triattention_jax.checkpoint import load_tokenizer, resolve_model_dir
+    from triattention_jax.checkpoints.store import resolve_model_dir
+    from triattention_jax.checkpoints.tokenizer import load_tokenizer
 
     return load_tokenizer(resolve_model_dir("smollm2-135m-instruct"))
 
@@ -38,15 +56,20 @@ def test_needle_stream_layout(tokenizer):
     filler = text_tokens(tokenizer, source_text("pydoc_prose", 0), length, add_special_tokens=False)
     stream = needle_stream(tokenizer, "4817263", filler, length)
     assert len(stream.tokens) == length and stream.tokens.dtype == np.int32
-    assert "The pass key is 4817263." in tokenizer.decode(stream.tokens[stream.fact[0]:stream.fact[1]])
+    assert "The pass key is 4817263." in tokenizer.decode(stream.tokens[stream.fact[0] : stream.fact[1]])
     assert stream.fact[1] < 64  # stated within the prefill
     assert stream.question_start - stream.fact[1] >= FILLER_PER_BUDGET * budget
-    assert stream.tokens[stream.fact[1]:stream.question_start].tolist() == filler[:stream.question_start - stream.fact[1]]
+    assert (
+        stream.tokens[stream.fact[1] : stream.question_start].tolist()
+        == filler[: stream.question_start - stream.fact[1]]
+    )
     # The scored span is the key's digits, the last tokens of the stream, after the question.
-    assert tokenizer.decode(stream.tokens[stream.answer[0]:stream.answer[1]]) == "4817263"
+    assert tokenizer.decode(stream.tokens[stream.answer[0] : stream.answer[1]]) == "4817263"
     assert stream.answer[1] == length
-    assert tokenizer.decode(stream.tokens[stream.question_start:stream.answer[0]]).strip() == \
-        "What is the pass key? The pass key is"
+    assert (
+        tokenizer.decode(stream.tokens[stream.question_start : stream.answer[0]]).strip()
+        == "What is the pass key? The pass key is"
+    )
     assert needle_key(3) == needle_key(3) != needle_key(4) and len(needle_key(3)) == 7
 
 
@@ -55,7 +78,11 @@ def test_needle_metrics():
     logprobs = np.log(np.full((5, 6), 0.1))
     # Row t predicts token t + 1: right on the key's first two tokens, wrong on the third.
     logprobs[1, 2] = logprobs[2, 3] = logprobs[3, 0] = np.log(0.5)
-    assert needle_metrics(logprobs, stream) == {"answer_accuracy": pytest.approx(2 / 3), "exact_match": 0.0, "length": 5}
+    assert needle_metrics(logprobs, stream) == {
+        "answer_accuracy": pytest.approx(2 / 3),
+        "exact_match": 0.0,
+        "length": 5,
+    }
     logprobs[3, 4] = 0.0
     assert needle_metrics(logprobs, stream)["exact_match"] == 1.0
 
@@ -90,7 +117,9 @@ def test_dfs_answer_parser():
     answer = "Step 1: push 2\nStep 2: pop 2\nCurrent: 0\nStack: [0]\nVisited: {0, 2}\n"
     assert parse_dfs_answer(answer) == DfsState(0, (0,), frozenset({0, 2}))
     # The last statement of each field counts; case, spacing and a [] visited list are accepted.
-    final = "current node: 5\nSTACK: [0, 2]\nvisited = {0}\n...\nCurrent node = 7\nstack:[0,3 , 7]\nVisited set: [7, 0, 3]"
+    final = (
+        "current node: 5\nSTACK: [0, 2]\nvisited = {0}\n...\nCurrent node = 7\nstack:[0,3 , 7]\nVisited set: [7, 0, 3]"
+    )
     assert parse_dfs_answer(final) == DfsState(7, (0, 3, 7), frozenset({0, 3, 7}))
     assert parse_dfs_answer("Stack: []") == DfsState(None, (), None)
     assert parse_dfs_answer("Stack: [0, 2]\nVisited: {}").as_json() == {"current": None, "stack": [0, 2], "visited": []}
@@ -98,9 +127,16 @@ def test_dfs_answer_parser():
     assert parse_dfs_answer("Current: x\nStack: [0, a]\nVisited: {0, 1") == DfsState(None, None, None)
     assert parse_dfs_answer("Stack: 0, 1, 2\nVisited: {0,,1}") == DfsState(None, None, None)
     truth = DfsState(3, (0, 1, 3), frozenset({0, 1, 3}))
-    assert dfs_metrics(truth, DfsState(3, (0, 1, 3), frozenset({3, 1, 0}))) == \
-        {"stack_exact": 1.0, "current_exact": 1.0, "visited_exact": 1.0}
-    assert dfs_metrics(truth, DfsState(3, (1, 0, 3), None)) == {"stack_exact": 0.0, "current_exact": 1.0, "visited_exact": 0.0}
+    assert dfs_metrics(truth, DfsState(3, (0, 1, 3), frozenset({3, 1, 0}))) == {
+        "stack_exact": 1.0,
+        "current_exact": 1.0,
+        "visited_exact": 1.0,
+    }
+    assert dfs_metrics(truth, DfsState(3, (1, 0, 3), None)) == {
+        "stack_exact": 0.0,
+        "current_exact": 1.0,
+        "visited_exact": 0.0,
+    }
 
 
 @pytest.mark.slow
@@ -110,13 +146,25 @@ def test_needle_run(model, tmp_path):
     # A cell from an earlier run is kept, and its sample leaves the batch of that group.
     earlier = {"answer_accuracy": 0.5, "exact_match": 0.0, "length": 192}
     (out / "results.json").write_text(json.dumps({"needle/full/16/0": earlier}))
+    (out / "settings.json").write_text(json.dumps(run_settings(model, 128)))
     events = []
-    evaluate(model, task="needle", methods=["streaming"], budgets=[16], num_samples=2, seq_len=128, out=out,
-             progress=lambda *event: events.append(event))
+    evaluate(
+        model,
+        task="needle",
+        methods=["streaming"],
+        budgets=[16],
+        num_samples=2,
+        seq_len=128,
+        out=out,
+        progress=lambda *event: events.append(event),
+    )
     assert events == [(0, 3, "needle/full/16 (1 samples)"), (1, 3, "needle/streaming/16 (2 samples)"), (3, 3, "")]
     cells = json.loads((out / "results.json").read_text())
     assert cells["needle/full/16/0"] == earlier
-    assert all(cells[f"needle/{m}/16/{s}"]["length"] == 4 * 16 + 128 for m, s in [("full", 1), ("streaming", 0), ("streaming", 1)])
+    assert all(
+        cells[f"needle/{m}/16/{s}"]["length"] == 4 * 16 + 128
+        for m, s in [("full", 1), ("streaming", 0), ("streaming", 1)]
+    )
     # Full attention recalls the key across four budgets of filler; StreamingLLM's 16 entries cannot.
     assert cells["needle/full/16/1"]["exact_match"] == 1.0
     assert all(cells[f"needle/streaming/16/{s}"]["exact_match"] == 0.0 for s in (0, 1))
@@ -129,7 +177,9 @@ def test_needle_run(model, tmp_path):
 @pytest.mark.slow
 def test_dfs_run(model, tmp_path):
     out = tmp_path / "dfs"
-    paths = evaluate(model, task="dfs", methods=["streaming"], budgets=[64], num_samples=2, seq_len=48, out=out, seed=14)
+    paths = evaluate(
+        model, task="dfs", methods=["streaming"], budgets=[64], num_samples=2, seq_len=48, out=out, seed=14
+    )
     cells = json.loads((out / "results.json").read_text())
     assert sorted(cells) == ["dfs/full/64/14", "dfs/full/64/15", "dfs/streaming/64/14", "dfs/streaming/64/15"]
     assert [cells[f"dfs/full/64/{s}"]["steps"] for s in (14, 15)] == [MAX_STEPS, 6]

@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 
 from triattention_jax.errors import UserError
-from triattention_jax.evaluation import (
-    ResultStore,
-    divergence_metrics,
-    evaluate,
-    fidelity_metrics,
-    first_eviction_position,
-    paired_comparison,
-    parse_method,
-    write_outputs,
-)
+from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics
+from triattention_jax.eval.report import paired_comparison, write_outputs
+from triattention_jax.eval.runner import evaluate, first_eviction_position
+from triattention_jax.eval.store import ResultStore
+from triattention_jax.methods import parse_method
 from triattention_jax.policies import FullAttention, StreamingLLM
 
 
@@ -33,7 +28,11 @@ def test_fidelity_metrics():
 
 
 def test_divergence_metrics():
-    assert divergence_metrics([1, 2, 3, 4], [1, 2, 9, 4]) == {"tokens_to_divergence": 2, "agreement": 0.75, "positions": 4}
+    assert divergence_metrics([1, 2, 3, 4], [1, 2, 9, 4]) == {
+        "tokens_to_divergence": 2,
+        "agreement": 0.75,
+        "positions": 4,
+    }
 
 
 def test_first_eviction_follows_the_schedule():
@@ -46,14 +45,26 @@ def test_first_eviction_follows_the_schedule():
 
 @pytest.mark.slow
 def test_fidelity_run_is_resumable(tmp_path):
-    from triattention_jax.checkpoint import load_model
+    from triattention_jax.checkpoints.store import load_model
 
     model = load_model("smollm2-135m-instruct", dtype="float32")
     out = tmp_path / "fidelity"
     events = []
-    paths = evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
-                     progress=lambda *event: events.append(event))
-    assert events == [(0, 2, "fidelity/streaming/64 (1 samples)"), (1, 2, "fidelity/streaming/256 (1 samples)"), (2, 2, "")]
+    paths = evaluate(
+        model,
+        task="fidelity",
+        methods=["streaming"],
+        budgets=[64, 256],
+        num_samples=1,
+        seq_len=448,
+        out=out,
+        progress=lambda *event: events.append(event),
+    )
+    assert events == [
+        (0, 2, "fidelity/streaming/64 (1 samples)"),
+        (1, 2, "fidelity/streaming/256 (1 samples)"),
+        (2, 2, ""),
+    ]
     cells = json.loads((out / "results.json").read_text())
     assert sorted(cells) == ["fidelity/streaming/256/0", "fidelity/streaming/64/0"]
     small, large = cells["fidelity/streaming/64/0"], cells["fidelity/streaming/256/0"]
@@ -64,8 +75,16 @@ def test_fidelity_run_is_resumable(tmp_path):
     assert all(p.exists() for p in paths)
     assert "| streaming | 64 |" in (out / "fidelity.md").read_text()
     events.clear()
-    evaluate(model, task="fidelity", methods=["streaming"], budgets=[64, 256], num_samples=1, seq_len=448, out=out,
-             progress=lambda *event: events.append(event))
+    evaluate(
+        model,
+        task="fidelity",
+        methods=["streaming"],
+        budgets=[64, 256],
+        num_samples=1,
+        seq_len=448,
+        out=out,
+        progress=lambda *event: events.append(event),
+    )
     assert events == []
     # A folder whose cells were computed on another text (another Python's stdlib) is not extended.
     cells["fidelity/streaming/64/0"]["input"] = "0" * 16
@@ -78,8 +97,12 @@ def test_method_variants_for_ablations():
     assert parse_method("streaming") == ("streaming", {})
     name, settings = parse_method("triattention:aggregation=per_layer;max_offset=4096;window=64;trig_term=false")
     assert name == "triattention"
-    assert settings == {"aggregation": "per_layer", "offsets": tuple(2**i for i in range(13)), "window": 64,
-                        "trigonometric": False}
+    assert settings == {
+        "aggregation": "per_layer",
+        "offsets": tuple(2**i for i in range(13)),
+        "window": 64,
+        "trigonometric": False,
+    }
     with pytest.raises(UserError, match="unknown method 'tri'"):
         parse_method("tri:window=4")
     with pytest.raises(UserError, match=r"options are aggregation=\.\.\., .*got 'span=4'"):
@@ -89,21 +112,29 @@ def test_method_variants_for_ablations():
 
 
 def test_paired_comparison_counts_samples_both_methods_have(tmp_path):
-    store = ResultStore(tmp_path)
-    kl = {("triattention", 0): 0.1, ("triattention", 1): 0.3, ("triattention", 2): 0.2,
-          ("streaming", 0): 0.2, ("streaming", 1): 0.25, ("h2o", 0): 0.4}
+    store = ResultStore(tmp_path, {"model": "test"})
+    kl = {
+        ("triattention", 0): 0.1,
+        ("triattention", 1): 0.3,
+        ("triattention", 2): 0.2,
+        ("streaming", 0): 0.2,
+        ("streaming", 1): 0.25,
+        ("h2o", 0): 0.4,
+    }
     for (method, sample), value in kl.items():
         store.put(store.key("fidelity", method, 512, sample), {"kl": value, "top1_agreement": 0.9, "delta_nll": value})
     rows = paired_comparison(store, "fidelity", "triattention")
-    assert rows == [("h2o", 512, pytest.approx(0.4), pytest.approx(0.1), 1, 1),
-                    ("streaming", 512, pytest.approx(0.225), pytest.approx(0.2), 1, 2)]
+    assert rows == [
+        ("h2o", 512, pytest.approx(0.4), pytest.approx(0.1), 1, 1),
+        ("streaming", 512, pytest.approx(0.225), pytest.approx(0.2), 1, 2),
+    ]
     table = write_outputs(store, "fidelity", tmp_path, "triattention")[0].read_text()
     assert "| streaming | 512 | 0.2250 | 0.2000 | 0.89 | 1/2 |" in table
     assert "| triattention | 512 | 0.2000 ± 0.0816 |" in table
 
 
 def test_paired_comparison_follows_the_metric_direction(tmp_path):
-    store = ResultStore(tmp_path)
+    store = ResultStore(tmp_path, {"model": "test"})
     for method, tokens in (("triattention", 40), ("streaming", 25)):
         store.put(store.key("divergence", method, 256, 0), {"tokens_to_divergence": tokens, "agreement": 0.5})
     assert paired_comparison(store, "divergence", "triattention") == [("streaming", 256, 25.0, 40.0, 1, 1)]

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from triattention_jax.checkpoint import load_transformer
+from triattention_jax.checkpoints.hf import load_transformer
 from triattention_jax.decoding import STREAM_STEPS, generate, teacher_force
 from triattention_jax.policies import StreamingLLM
 from triattention_jax.sampling import Sampler
@@ -52,9 +52,15 @@ def test_max_new_tokens_not_a_multiple_of_divide_length(transformer):
 def test_same_seed_same_tokens_different_seed_different(transformer):
     prompts = _prompts([11, 4], seed=5)
     sampler = Sampler(temperature=1.0, top_k=50, top_p=0.95)
-    first = generate(transformer, prompts, eos_ids=(), max_new_tokens=48, sampler=sampler, seed=7, divide_length=16).token_ids
-    again = generate(transformer, prompts, eos_ids=(), max_new_tokens=48, sampler=sampler, seed=7, divide_length=16).token_ids
-    other = generate(transformer, prompts, eos_ids=(), max_new_tokens=48, sampler=sampler, seed=8, divide_length=16).token_ids
+    first = generate(
+        transformer, prompts, eos_ids=(), max_new_tokens=48, sampler=sampler, seed=7, divide_length=16
+    ).token_ids
+    again = generate(
+        transformer, prompts, eos_ids=(), max_new_tokens=48, sampler=sampler, seed=7, divide_length=16
+    ).token_ids
+    other = generate(
+        transformer, prompts, eos_ids=(), max_new_tokens=48, sampler=sampler, seed=8, divide_length=16
+    ).token_ids
     greedy = generate(transformer, prompts, eos_ids=(), max_new_tokens=48, divide_length=16).token_ids
     assert first == again
     assert first != other
@@ -63,7 +69,9 @@ def test_same_seed_same_tokens_different_seed_different(transformer):
 
 def test_top_k_one_is_greedy(transformer):
     prompts = _prompts([13])
-    sampled = generate(transformer, prompts, eos_ids=(), max_new_tokens=24, sampler=Sampler(temperature=1.0, top_k=1), seed=3)
+    sampled = generate(
+        transformer, prompts, eos_ids=(), max_new_tokens=24, sampler=Sampler(temperature=1.0, top_k=1), seed=3
+    )
     assert sampled.token_ids == generate(transformer, prompts, eos_ids=(), max_new_tokens=24).token_ids
 
 
@@ -85,8 +93,14 @@ def test_top_k_draws_only_the_k_largest():
 def test_many_rounds_compile_nothing_new(transformer, compiles):
     prompts = _prompts([10, 12])
     after_each_round = []
-    long_run = generate(transformer, prompts, eos_ids=(), max_new_tokens=200, divide_length=8,
-                        on_round=lambda _: after_each_round.append(len(compiles)))
+    long_run = generate(
+        transformer,
+        prompts,
+        eos_ids=(),
+        max_new_tokens=200,
+        divide_length=8,
+        on_round=lambda _: after_each_round.append(len(compiles)),
+    )
     assert long_run.num_generated_tokens == [200, 200]
     assert len(after_each_round) == 25
     assert after_each_round[0] > 0
@@ -112,8 +126,15 @@ def test_streaming_reports_every_piece_and_evicts_as_whole_rounds(transformer):
     whole = generate(transformer, prompts, eos_ids=(), max_new_tokens=160, divide_length=32, policy=policy)
     assert whole.num_decode_steps == 160
     seen = []
-    streamed = generate(transformer, prompts, eos_ids=(), max_new_tokens=160, divide_length=32, policy=policy,
-                        on_round=lambda generated: seen.append(len(generated[0])))
+    streamed = generate(
+        transformer,
+        prompts,
+        eos_ids=(),
+        max_new_tokens=160,
+        divide_length=32,
+        policy=policy,
+        on_round=lambda generated: seen.append(len(generated[0])),
+    )
     assert seen == list(range(STREAM_STEPS, 161, STREAM_STEPS))
     assert streamed.token_ids == whole.token_ids
     assert streamed.kv_cache_bytes == whole.kv_cache_bytes

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import TINY_MODELS
-from triattention_jax.checkpoint import load_transformer
+
+from triattention_jax.checkpoints.hf import load_transformer
 from triattention_jax.decoding import generate, teacher_force
 
 SEQ_LEN = 576
@@ -56,8 +56,12 @@ def test_greedy_matches_hf_generate(tiny_model_dirs, name):
     hf = _hf_model(tiny_model_dirs[name])
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        expected = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=64, do_sample=False,
-                               attention_mask=torch.ones(prompt.shape, dtype=torch.long))[0, 23:].tolist()
+        expected = hf.generate(
+            torch.tensor(prompt, dtype=torch.long),
+            max_new_tokens=64,
+            do_sample=False,
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+        )[0, 23:].tolist()
     transformer = load_transformer(tiny_model_dirs[name], dtype="float32")
     ours = generate(transformer, prompt.tolist(), eos_ids=(), max_new_tokens=64, divide_length=16).token_ids[0]
     assert ours == expected

@@ -48,7 +48,10 @@ def test_notebook_is_stored_without_outputs():
 def test_notebook_runs_on_cpu():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
-        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}},
+        nb,
+        timeout=900,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(REPO_ROOT)}},
     )
     start = time.perf_counter()
     client.execute(env=_kernel_env())  # raises CellExecutionError on the first failing cell

@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from triattention_jax import orbax_store, sharding
-from triattention_jax.benchmark import random_stats
+from triattention_jax import sharding
+from triattention_jax.bench.presets import random_stats
+from triattention_jax.bench.reload import time_reload
 from triattention_jax.calibration import stats_for_model
-from triattention_jax.checkpoint import LoadedModel, load_transformer
+from triattention_jax.checkpoints import orbax as orbax_store
+from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.checkpoints.stats import CalibrationResult, model_metadata
+from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.errors import UserError
-from triattention_jax.stats import CalibrationResult, model_metadata
 
 
 def _flat(transformer) -> dict:
@@ -27,7 +30,9 @@ def saved(tiny_model_dirs, tmp_path_factory):
     """qwen2 (biases, untied head) in float32 with statistics, as an orbax checkpoint."""
     source = tiny_model_dirs["qwen2-untied"]
     transformer = load_transformer(source, dtype="float32")
-    stats = CalibrationResult(stats=random_stats(transformer, seed=3), metadata={**model_metadata(transformer), "num_tokens": 7})
+    stats = CalibrationResult(
+        stats=random_stats(transformer, seed=3), metadata={**model_metadata(transformer), "num_tokens": 7}
+    )
     out = orbax_store.save_orbax(transformer, source, tmp_path_factory.mktemp("orbax") / "qwen2", stats=stats)
     return transformer, stats, out
 
@@ -44,7 +49,9 @@ def test_round_trip_is_bit_exact_with_statistics(saved):
         assert found[path].dtype == value.dtype, path
         np.testing.assert_array_equal(np.asarray(found[path]), np.asarray(value), err_msg=str(path))
     for name in orbax_store.STATS_FIELDS:
-        np.testing.assert_array_equal(np.asarray(getattr(restored_stats.stats, name)), np.asarray(getattr(stats.stats, name)))
+        np.testing.assert_array_equal(
+            np.asarray(getattr(restored_stats.stats, name)), np.asarray(getattr(stats.stats, name))
+        )
     assert restored_stats.metadata == stats.metadata
 
 
@@ -73,15 +80,18 @@ def test_restore_casts_to_the_requested_dtype(saved):
     transformer, _, out = saved
     restored, _ = orbax_store.restore_transformer(out, dtype="bfloat16")
     assert restored.dtype == np.dtype("bfloat16")
-    np.testing.assert_array_equal(np.asarray(restored.layers[1].wq.get_value()),
-                                  np.asarray(transformer.layers[1].wq.get_value()).astype(restored.dtype))
+    np.testing.assert_array_equal(
+        np.asarray(restored.layers[1].wq.get_value()),
+        np.asarray(transformer.layers[1].wq.get_value()).astype(restored.dtype),
+    )
 
 
 def test_statistics_travel_with_the_checkpoint(saved):
     transformer, stats, out = saved
     restored, restored_stats = orbax_store.restore_transformer(out)
-    model = LoadedModel(config=restored.config, transformer=restored, tokenizer=None, path=out, name="orbax-test",
-                        stats=restored_stats)
+    model = LoadedModel(
+        config=restored.config, transformer=restored, tokenizer=None, path=out, name="orbax-test", stats=restored_stats
+    )
     assert stats_for_model(model, None) is restored_stats
 
 
@@ -113,8 +123,9 @@ def test_decode_reads_an_orbax_checkpoint_on_a_mesh_with_its_statistics(saved, t
     """What `decode.py --model <orbax folder> --mesh ... --method triattention` runs: the folder is
     recognised, restored onto the mesh, and TriAttention takes the statistics saved in it (it
     would otherwise calibrate and write them to the model store)."""
-    from triattention_jax.checkpoint import resolve_model_dir
-    from triattention_jax.decode_cli import decode_prompts
+    from triattention_jax.checkpoints.store import resolve_model_dir
+    from triattention_jax.methods import PolicySettings
+    from triattention_jax.pipeline import DecodeRequest, decode_prompts
 
     _, _, out = saved
     source = tmp_path / "with-tokenizer"
@@ -126,19 +137,35 @@ def test_decode_reads_an_orbax_checkpoint_on_a_mesh_with_its_statistics(saved, t
     monkeypatch.setenv("TRIATTENTION_MODELS", str(store))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one two three\nfour five six seven\n")
-    report = decode_prompts(
-        model=str(source), prompt=None, prompt_file=str(prompts), chat=False, max_new_tokens=20, ignore_eos=True,
-        temperature=0.0, top_k=0, top_p=1.0, seed=0, dtype="float32", method="triattention", budget=16,
-        protect_prompt=None, window=None, stats=None, aggregation="per_head", offsets=None, trig_term=True,
-        norm_weighting=True, divide_length=8, output_json=None, mesh="data=2,model=2")
+    request = DecodeRequest(
+        model=str(source),
+        prompt=None,
+        prompt_file=str(prompts),
+        chat=False,
+        max_new_tokens=20,
+        ignore_eos=True,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        dtype="float32",
+        method="triattention",
+        divide_length=8,
+        kv_cache="standard",
+        slim_max_cond=None,
+        output_json=None,
+        mesh="data=2,model=2",
+    )
+    report = decode_prompts(request, PolicySettings(budget=16))
     assert report["mesh"] == "data=2,model=2"
     assert report["num_generated_tokens"] == [20, 20]
     assert list(store.iterdir()) == []
 
 
 def test_time_reload_reports_both_sources(tiny_model_dirs):
-    result = orbax_store.time_reload(str(tiny_model_dirs["llama-tied"]), dtype="float32", repeats=1,
-                                     mesh=sharding.make_mesh("data=2,model=2"))
+    result = time_reload(
+        str(tiny_model_dirs["llama-tied"]), dtype="float32", repeats=1, mesh=sharding.make_mesh("data=2,model=2")
+    )
     assert [row["source"] for row in result["rows"]] == ["safetensors", "orbax"]
     assert all(len(times) == 1 and min(times) > 0 for times in result["seconds"].values())
     assert result["mesh"] == "data=2,model=2"

@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO_ROOT
 from triattention_jax import sharding
-from triattention_jax.benchmark import random_stats
+from triattention_jax.bench.presets import random_stats
 from triattention_jax.config import ModelConfig
+from triattention_jax.decoding import DecodeState, decode_round, generate, prefill, teacher_force
 from triattention_jax.errors import UserError
-from triattention_jax.decoding import DecodeState, _generation_round, _prefill, generate, teacher_force
 from triattention_jax.model import Transformer, weight_specs
 from triattention_jax.policies import FullAttention, TriAttention
 from triattention_jax.policies.snapkv import SnapKV
@@ -28,16 +28,31 @@ from triattention_jax.sampling import Sampler
 
 # Eight query heads over four KV heads, so a model axis of 4 fits (the conftest checkpoints
 # have two KV heads).
-WIDE = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=1024, rms_norm_eps=1e-6,
-            tie_word_embeddings=False, rope_theta=10000.0)
+WIDE = dict(
+    model_type="qwen3",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=8,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+)
 
 
 def _random_transformer(hf: dict) -> Transformer:
     config = ModelConfig.from_hf(hf)
     rng = np.random.default_rng(0)
-    weights = {name: (1.0 + 0.1 * rng.normal(size=shape) if name.endswith("norm") else 0.2 * rng.normal(size=shape)).astype(np.float32)
-               for name, (shape, _) in weight_specs(config).items()}
+    weights = {
+        name: (1.0 + 0.1 * rng.normal(size=shape) if name.endswith("norm") else 0.2 * rng.normal(size=shape)).astype(
+            np.float32
+        )
+        for name, (shape, _) in weight_specs(config).items()
+    }
     return Transformer(config, weights, dtype=jnp.float32)
 
 
@@ -60,12 +75,15 @@ def _prompts(vocab: int, lengths=(5, 19, 11, 24)) -> list[list[int]]:
 _reference: dict[str, list[list[int]]] = {}
 
 
-@pytest.mark.parametrize("method, spec", [
-    ("full", "data=4,model=2"),
-    ("full", "data=2,model=4"),
-    ("triattention", "data=2,model=4"),
-    ("triattention", "data=4,model=2"),
-])
+@pytest.mark.parametrize(
+    "method, spec",
+    [
+        ("full", "data=4,model=2"),
+        ("full", "data=2,model=4"),
+        ("triattention", "data=2,model=4"),
+        ("triattention", "data=4,model=2"),
+    ],
+)
 def test_sharded_decoding_gives_the_tokens_of_one_device(transformer, method, spec):
     """float32, greedy, four prompts of different lengths, three rounds (TriAttention, budget
     32, compacts at prefill and before the second and third)."""
@@ -87,8 +105,9 @@ sharding.initialize_distributed()
 import test_sharding as t
 from triattention_jax.decoding import generate
 transformer = t._random_transformer(t.WIDE)
-result = generate(transformer, t._prompts(transformer.config.vocab_size), eos_ids=(), max_new_tokens=48, divide_length=16,
-                  policy=t._policy("triattention", transformer), mesh=sharding.make_mesh("data=2,model=4"))
+result = generate(transformer, t._prompts(transformer.config.vocab_size), eos_ids=(), max_new_tokens=48,
+                  divide_length=16, policy=t._policy("triattention", transformer),
+                  mesh=sharding.make_mesh("data=2,model=4"))
 print(json.dumps(result.token_ids))
 """
 
@@ -105,17 +124,36 @@ def test_two_processes_decode_as_one_mesh(transformer):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
-    children = [subprocess.Popen([sys.executable, "-c", _TWO_HOST_CHILD, str(REPO_ROOT / "tests")], cwd=REPO_ROOT,
-                                 env={**env, "JAX_PROCESS_ID": str(index)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for index in range(2)]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+        "JAX_NUM_PROCESSES": "2",
+    }
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_HOST_CHILD, str(REPO_ROOT / "tests")],
+            cwd=REPO_ROOT,
+            env={**env, "JAX_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
     outputs = [child.communicate(timeout=600) for child in children]
     for child, (_, stderr) in zip(children, outputs):
         assert child.returncode == 0, stderr[-3000:]
     if "triattention" not in _reference:
-        _reference["triattention"] = generate(transformer, _prompts(transformer.config.vocab_size), eos_ids=(), max_new_tokens=48,
-                                              divide_length=16, policy=_policy("triattention", transformer)).token_ids
+        _reference["triattention"] = generate(
+            transformer,
+            _prompts(transformer.config.vocab_size),
+            eos_ids=(),
+            max_new_tokens=48,
+            divide_length=16,
+            policy=_policy("triattention", transformer),
+        ).token_ids
     for stdout, _ in outputs:
         assert json.loads(stdout.strip().splitlines()[-1]) == _reference["triattention"]
 
@@ -133,7 +171,7 @@ def _prefilled(transformer: Transformer, policy, mesh, batch: int = 4):
     graphdef, state = nnx.split(sharding.shard_transformer(transformer, mesh))
     tokens = sharding.put_batch(np.ones((batch, 64), np.int32), mesh)
     lengths = sharding.put_batch(np.full(batch, 40, np.int32), mesh)
-    _, cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=64 + 16, mesh=mesh)
+    _, cache = prefill(graphdef, state, policy, tokens, lengths, num_slots=64 + 16, mesh=mesh)
     return graphdef, state, cache, lengths
 
 
@@ -145,10 +183,25 @@ def test_cache_is_laid_out_by_batch_and_kv_heads(transformer):
     mesh = sharding.make_mesh("data=2,model=4")
     policy = SnapKV(budget=48)
     graphdef, state, cache, lengths = _prefilled(transformer, policy, mesh)
-    decode = DecodeState(token=sharding.put_batch(np.ones(4, np.int32), mesh), position=lengths,
-                         done=sharding.put_batch(np.zeros(4, bool), mesh), step=jnp.zeros((), jnp.int32))
-    cache, _, _ = _generation_round(graphdef, state, policy, cache, decode, lengths, jax.random.key(0),
-                                    jnp.asarray([-2], jnp.int32), sampler=Sampler(), divide_length=16, mesh=mesh)
+    decode = DecodeState(
+        token=sharding.put_batch(np.ones(4, np.int32), mesh),
+        position=lengths,
+        done=sharding.put_batch(np.zeros(4, bool), mesh),
+        step=jnp.zeros((), jnp.int32),
+    )
+    cache, _, _ = decode_round(
+        graphdef,
+        state,
+        policy,
+        cache,
+        decode,
+        lengths,
+        jax.random.key(0),
+        jnp.asarray([-2], jnp.int32),
+        sampler=Sampler(),
+        divide_length=16,
+        mesh=mesh,
+    )
     for layer in range(transformer.config.num_layers):
         assert _laid_out(cache.k[layer], mesh, "data", "model", None, None)
         assert _laid_out(cache.v[layer], mesh, "data", "model", None, None)
@@ -156,7 +209,12 @@ def test_cache_is_laid_out_by_batch_and_kv_heads(transformer):
     assert _laid_out(cache.state["window_queries"], mesh, None, "data", None, "model", None)
     assert _laid_out(cache.state["window_positions"], mesh, "data", None)
     assert _laid_out(cache.cursor, mesh)
-    assert cache.k[0].addressable_shards[0].data.shape == (4 // mesh.shape["data"], 4 // mesh.shape["model"], cache.num_slots, 8)
+    assert cache.k[0].addressable_shards[0].data.shape == (
+        4 // mesh.shape["data"],
+        4 // mesh.shape["model"],
+        cache.num_slots,
+        8,
+    )
 
 
 def test_weights_follow_the_logical_axis_rules(transformer):
@@ -186,10 +244,29 @@ def test_decode_round_with_eviction_never_moves_cache_entries(transformer):
     mesh = sharding.make_mesh("data=2,model=4")
     policy = TriAttention.create(transformer, random_stats(transformer), budget=64)
     graphdef, state, cache, lengths = _prefilled(transformer, policy, mesh)
-    decode = DecodeState(token=sharding.put_batch(np.ones(4, np.int32), mesh), position=lengths,
-                         done=sharding.put_batch(np.zeros(4, bool), mesh), step=jnp.zeros((), jnp.int32))
-    hlo = _generation_round.lower(graphdef, state, policy, cache, decode, lengths, jax.random.key(0),
-                                  jnp.asarray([-2], jnp.int32), sampler=Sampler(), divide_length=16, mesh=mesh).compile().as_text()
+    decode = DecodeState(
+        token=sharding.put_batch(np.ones(4, np.int32), mesh),
+        position=lengths,
+        done=sharding.put_batch(np.zeros(4, bool), mesh),
+        step=jnp.zeros((), jnp.int32),
+    )
+    hlo = (
+        decode_round.lower(
+            graphdef,
+            state,
+            policy,
+            cache,
+            decode,
+            lengths,
+            jax.random.key(0),
+            jnp.asarray([-2], jnp.int32),
+            sampler=Sampler(),
+            divide_length=16,
+            mesh=mesh,
+        )
+        .compile()
+        .as_text()
+    )
     shapes = _collective_shapes(hlo)
     assert shapes, "tensor parallelism needs collectives: the HLO pattern no longer matches"
     slots, head_dim = cache.num_slots, transformer.config.head_dim
@@ -200,14 +277,16 @@ def test_decode_round_with_eviction_never_moves_cache_entries(transformer):
 def test_benchmark_step_on_a_mesh_counts_one_devices_bytes(transformer):
     """`benchmark --mesh` times rounds on the mesh; a device streams its weight shards (heads,
     MLP and vocabulary split four ways) and its rows' and heads' K, V and positions."""
-    from triattention_jax.speed import measure_step
+    from triattention_jax.bench.speed import measure_step
 
     mesh = sharding.make_mesh("data=2,model=4")
     policy = TriAttention.create(transformer, random_stats(transformer), budget=64)
     step = measure_step(transformer, policy, "triattention", batch=4, slots=80, divide_length=16, mesh=mesh)
     split = {"vocab", "q_heads", "kv_heads", "mlp"}
-    weights = sum(4 * int(np.prod(shape)) // (4 if split & set(axes) else 1)
-                  for shape, axes in weight_specs(transformer.config).values())
+    weights = sum(
+        4 * int(np.prod(shape)) // (4 if split & set(axes) else 1)
+        for shape, axes in weight_specs(transformer.config).values()
+    )
     config = transformer.config
     cache = config.num_layers * (4 // 2) * (config.num_kv_heads // 4) * 80 * (2 * config.head_dim * 4 + 4)
     assert step.bytes_per_step == weights + cache
@@ -221,22 +300,27 @@ def test_mesh_spec_parsing():
     assert dict(mesh.shape) == {"data": 2, "model": 1} and mesh.devices.size == 2
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("data=2,pipeline=2", "unknown axis 'pipeline'"),
-    ("data=2,data=2", "axis 'data' is given twice"),
-    ("data=two", "must be a positive integer"),
-    ("model=0", "must be a positive integer"),
-    ("data", "expected comma-separated axis=size entries"),
-    ("data=3", "needs 3 devices, which does not divide the 8 devices"),
-    ("data=4,model=4", "needs 16 devices, more than the 8"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("data=2,pipeline=2", "unknown axis 'pipeline'"),
+        ("data=2,data=2", "axis 'data' is given twice"),
+        ("data=two", "must be a positive integer"),
+        ("model=0", "must be a positive integer"),
+        ("data", "expected comma-separated axis=size entries"),
+        ("data=3", "needs 3 devices, which does not divide the 8 devices"),
+        ("data=4,model=4", "needs 16 devices, more than the 8"),
+    ],
+)
 def test_bad_mesh_specs(spec, message):
     with pytest.raises(UserError, match=re.escape(message)):
         sharding.make_mesh(spec)
 
 
 def test_model_and_batch_that_do_not_fit_the_mesh(transformer):
-    with pytest.raises(UserError, match="model axis of 8 does not divide the model's 4 KV heads: .* \\(here: 1, 2, 4\\)"):
+    with pytest.raises(
+        UserError, match="model axis of 8 does not divide the model's 4 KV heads: .* \\(here: 1, 2, 4\\)"
+    ):
         sharding.check_model_fits(transformer.config, sharding.make_mesh("model=8"))
     six_heads = ModelConfig.from_hf({**WIDE, "num_attention_heads": 6, "num_key_value_heads": 6})
     with pytest.raises(UserError, match="model axis of 4 does not divide the model's 6 KV heads: .* \\(here: 1, 2\\)"):
@@ -245,19 +329,33 @@ def test_model_and_batch_that_do_not_fit_the_mesh(transformer):
     with pytest.raises(UserError, match="does not divide the model's 130 MLP hidden units"):
         sharding.check_model_fits(narrow, sharding.make_mesh("model=4"))
     with pytest.raises(UserError, match="a batch of 3 rows does not split over the mesh's data axis of 2"):
-        generate(transformer, _prompts(256, lengths=(3, 4, 5)), eos_ids=(), max_new_tokens=4, mesh=sharding.make_mesh("data=2"))
+        generate(
+            transformer,
+            _prompts(256, lengths=(3, 4, 5)),
+            eos_ids=(),
+            max_new_tokens=4,
+            mesh=sharding.make_mesh("data=2"),
+        )
 
 
 def _decode(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "decode.py"), *args], capture_output=True, text=True,
-                          timeout=600, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "decode.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--mesh", "data=2,tensor=4"], "unknown axis 'tensor'"),
-    (["--prompt", "x", "--mesh", "data=2"], "a batch of 1 rows does not split over the mesh's data axis of 2"),
-    (["--prompt", "x", "--mesh", "model=2"], "does not divide the model's 3 KV heads"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--mesh", "data=2,tensor=4"], "unknown axis 'tensor'"),
+        (["--prompt", "x", "--mesh", "data=2"], "a batch of 1 rows does not split over the mesh's data axis of 2"),
+        (["--prompt", "x", "--mesh", "model=2"], "does not divide the model's 3 KV heads"),
+    ],
+)
 def test_decode_cli_mesh_errors(args, message):
     result = _decode(*args)
     assert result.returncode == 2

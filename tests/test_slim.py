@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import REPO_ROOT, SLIM_MODELS
 from test_cli import _decode, _error_line
-from triattention_jax.benchmark import PRESETS, random_stats
+
+from triattention_jax.bench.presets import PRESETS, random_stats
 from triattention_jax.cache import KVCache, cache_nbytes
-from triattention_jax.checkpoint import load_transformer
+from triattention_jax.checkpoints.hf import load_transformer
 from triattention_jax.config import ModelConfig
-from triattention_jax.errors import UserError
 from triattention_jax.decoding import generate, teacher_force
+from triattention_jax.errors import UserError
 from triattention_jax.policies import RandomEviction, RoundContext, StreamingLLM, TriAttention
 from triattention_jax.slim import logprob_error, slim_transformer
 
@@ -48,8 +48,12 @@ def test_slim_decoding_matches_hf(slim_model_dirs, models, name):
     hf.generation_config.eos_token_id = None
     prompt = _tokens(2, 23)
     with torch.no_grad():
-        expected = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=48, do_sample=False,
-                               attention_mask=torch.ones(prompt.shape, dtype=torch.long))[0, 23:].tolist()
+        expected = hf.generate(
+            torch.tensor(prompt, dtype=torch.long),
+            max_new_tokens=48,
+            do_sample=False,
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+        )[0, 23:].tolist()
     assert generate(slim, prompt.tolist(), eos_ids=(), max_new_tokens=48, divide_length=16).token_ids[0] == expected
     # Every position after the first 8 is decoded one token at a time from the K-only cache.
     tokens = _tokens(0, 136)
@@ -130,12 +134,21 @@ def test_eviction_keeps_one_token_set_per_layer(models):
     standard, slim = models["llama-mha-yarn"]
     stats = random_stats(standard)
     tokens = _tokens(5, 120, batch=2)
-    for policy in (TriAttention.create(standard, stats, budget=48, aggregation="per_layer"), StreamingLLM(budget=48, window=16)):
+    for policy in (
+        TriAttention.create(standard, stats, budget=48, aggregation="per_layer"),
+        StreamingLLM(budget=48, window=16),
+    ):
         a = teacher_force(standard, tokens, prefill_length=40, policy=policy, divide_length=16)
         b = teacher_force(slim, tokens, prefill_length=40, policy=policy, divide_length=16)
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
     with pytest.raises(UserError, match="--aggregation per_layer"):
-        generate(slim, tokens[:, :20].tolist(), eos_ids=(), max_new_tokens=4, policy=TriAttention.create(standard, stats, budget=64))
+        generate(
+            slim,
+            tokens[:, :20].tolist(),
+            eos_ids=(),
+            max_new_tokens=4,
+            policy=TriAttention.create(standard, stats, budget=64),
+        )
 
 
 def test_per_head_scores_are_shared_across_heads_of_a_k_only_cache():
@@ -163,10 +176,38 @@ def test_cli_refuses_gqa_model():
 def test_benchmark_times_both_cache_layouts(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "triattention_jax.benchmark", "--preset", "tiny-mha", "--methods", "streaming",
-         "--kv_cache", "standard,slim", "--budget", "64", "--new_tokens", "128", "--batch", "1", "--dtype", "float32",
-         "--prompt_tokens", "32", "--divide_length", "32", "--e2e_tokens", "0", "--nohf", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        [
+            sys.executable,
+            "-m",
+            "triattention_jax.cli.benchmark",
+            "--preset",
+            "tiny-mha",
+            "--methods",
+            "streaming",
+            "--kv_cache",
+            "standard,slim",
+            "--budget",
+            "64",
+            "--new_tokens",
+            "128",
+            "--batch",
+            "1",
+            "--dtype",
+            "float32",
+            "--prompt_tokens",
+            "32",
+            "--divide_length",
+            "32",
+            "--e2e_tokens",
+            "0",
+            "--nohf",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     runs = {(row["method"], row["kv_cache"]): row for row in json.loads(out.read_text())["runs"]}
@@ -183,7 +224,8 @@ def test_benchmark_times_both_cache_layouts(tmp_path):
 def test_cli_reports_fallback_layers_and_measured_error(tmp_path, slim_model_dirs, models):
     """decode.py --kv_cache slim on a tiny MHA checkpoint given a byte-level tokenizer: the
     layers above --slim_max_cond keep V, and the measured log-prob error is printed and saved."""
-    from tokenizers import Tokenizer, decoders, models as token_models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as token_models
 
     model = tmp_path / "mha"
     shutil.copytree(slim_model_dirs["llama-mha-yarn"], model)
@@ -194,9 +236,24 @@ def test_cli_reports_fallback_layers_and_measured_error(tmp_path, slim_model_dir
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(model)
     conds = slim_transformer(models["llama-mha-yarn"][0])[1].cond
     out = tmp_path / "out.json"
-    result = _decode("--model", str(model), "--prompt", "Hello there", "--chat=false", "--kv_cache", "slim", "--dtype",
-                     "float32", "--slim_max_cond", str(float(np.median(conds))), "--max_new_tokens", "24", "--ignore_eos",
-                     "--output_json", str(out))
+    result = _decode(
+        "--model",
+        str(model),
+        "--prompt",
+        "Hello there",
+        "--chat=false",
+        "--kv_cache",
+        "slim",
+        "--dtype",
+        "float32",
+        "--slim_max_cond",
+        str(float(np.median(conds))),
+        "--max_new_tokens",
+        "24",
+        "--ignore_eos",
+        "--output_json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     fallback = [i for i, c in enumerate(conds) if c > np.median(conds)]
     assert f"layers keeping K and V: {', '.join(map(str, fallback))}" in result.stderr

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from triattention_jax import embedded
-from triattention_jax.checkpoint import load_model
+from triattention_jax.checkpoints import gguf
+from triattention_jax.checkpoints.store import load_model
 from triattention_jax.decoding import generate
 from triattention_jax.prompts import encode_prompts
 
@@ -19,14 +19,16 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours():
-    return load_model(embedded.DEFAULT_MODEL_NAME, dtype="float32")
+    return load_model(gguf.DEFAULT_MODEL_NAME, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def reference():
-    gguf = embedded.gguf_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    path = gguf.gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     return tokenizer, model
 
 
@@ -44,9 +46,13 @@ def test_greedy_128_tokens_match_transformers(ours, reference):
     expected = []
     for ids in prompt_ids:
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=128, do_sample=False)
-        expected.append(out[0, len(ids):].tolist())
+            out = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=128,
+                do_sample=False,
+            )
+        expected.append(out[0, len(ids) :].tolist())
     # Both prompts in one batch of different lengths, decoded past EOS like the reference.
     result = generate(ours.transformer, prompt_ids, eos_ids=(), max_new_tokens=128)
     for got, want in zip(result.token_ids, expected):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from tokenizers import pre_tokenizers
 
-from triattention_jax import embedded
+from triattention_jax.checkpoints import gguf
+from triattention_jax.checkpoints.tokenizer import tokenizer_from_gguf
 from triattention_jax.errors import UserError
-from triattention_jax.tokenizer import tokenizer_from_gguf
 
 _STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS = [
@@ -30,7 +30,7 @@ CORPUS = [
 def gguf_metadata():
     from gguf import GGUFReader
 
-    reader = GGUFReader(embedded.gguf_path())
+    reader = GGUFReader(gguf.gguf_path())
     return {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
 
 
@@ -42,8 +42,8 @@ def ours(gguf_metadata):
 @pytest.fixture(scope="module")
 def reference():
     transformers = pytest.importorskip("transformers")
-    gguf = embedded.gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    path = gguf.gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def test_ids_equal_transformers_reader_with_the_files_digit_split(ours, reference):
@@ -68,9 +68,9 @@ def test_special_tokens_and_chat_template_equal_the_reader(ours, reference):
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         assert getattr(ours, name) == getattr(reference, name)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == reference.apply_chat_template(
+    assert ours.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False
-    )
+    ) == reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def test_unsupported_tokenizers_are_refused(gguf_metadata):

@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 
 from triattention_jax.cache import KVCache, cache_nbytes
-from triattention_jax.checkpoint import load_transformer
+from triattention_jax.checkpoints.hf import load_transformer
 from triattention_jax.config import RopeConfig
-from triattention_jax.errors import UserError
 from triattention_jax.decoding import generate
+from triattention_jax.errors import UserError
 from triattention_jax.policies import FullAttention, RoundContext, TriAttention
 from triattention_jax.rope import inverse_frequencies
-from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, aggregate, key_scores, normalized_scores, offset_phasors
+from triattention_jax.scoring import (
+    DEFAULT_OFFSETS,
+    FrequencyStats,
+    aggregate,
+    key_scores,
+    normalized_scores,
+    offset_phasors,
+)
 
 L, B, K, G, HD, S = 3, 2, 2, 3, 16, 40
 F = HD // 2
@@ -69,10 +76,19 @@ def problem():
     post_keys = np.concatenate([re * c - im * s, re * s + im * c], axis=-1)
     qm = rng.normal(size=(L, K * G, F)) + 1j * rng.normal(size=(L, K * G, F))
     qa = np.abs(qm) * (1 + rng.uniform(0.05, 1.0, size=qm.shape))
-    stats = FrequencyStats(q_mean_real=qm.real.astype(np.float32), q_mean_imag=qm.imag.astype(np.float32),
-                           q_abs_mean=qa.astype(np.float32))
-    return dict(inv_freq=inv_freq, pre_keys=pre_keys, post_keys=post_keys.astype(np.float32), positions=positions, t0=t0,
-                qm=qm, qa=qa, stats=stats)
+    stats = FrequencyStats(
+        q_mean_real=qm.real.astype(np.float32), q_mean_imag=qm.imag.astype(np.float32), q_abs_mean=qa.astype(np.float32)
+    )
+    return dict(
+        inv_freq=inv_freq,
+        pre_keys=pre_keys,
+        post_keys=post_keys.astype(np.float32),
+        positions=positions,
+        t0=t0,
+        qm=qm,
+        qa=qa,
+        stats=stats,
+    )
 
 
 @pytest.mark.parametrize("mode", ["per_head", "per_layer_per_head", "per_layer"])
@@ -80,11 +96,27 @@ def problem():
 def test_scores_match_float64_reference(problem, mode, trigonometric, norm_weighting):
     p = problem
     offsets = DEFAULT_OFFSETS
-    raw_ref, final_ref = reference_scores(p["pre_keys"], p["positions"], p["qm"], p["qa"], p["inv_freq"].astype(np.float64),
-                                          p["t0"], offsets, trigonometric=trigonometric, norm_weighting=norm_weighting, mode=mode)
-    raw = key_scores(jnp.asarray(p["post_keys"]), p["stats"], jnp.asarray(p["inv_freq"]),
-                     jnp.asarray(offset_phasors(p["inv_freq"], offsets)), jnp.asarray(p["t0"]),
-                     trigonometric=trigonometric, norm_weighting=norm_weighting)
+    raw_ref, final_ref = reference_scores(
+        p["pre_keys"],
+        p["positions"],
+        p["qm"],
+        p["qa"],
+        p["inv_freq"].astype(np.float64),
+        p["t0"],
+        offsets,
+        trigonometric=trigonometric,
+        norm_weighting=norm_weighting,
+        mode=mode,
+    )
+    raw = key_scores(
+        jnp.asarray(p["post_keys"]),
+        p["stats"],
+        jnp.asarray(p["inv_freq"]),
+        jnp.asarray(offset_phasors(p["inv_freq"], offsets)),
+        jnp.asarray(p["t0"]),
+        trigonometric=trigonometric,
+        norm_weighting=norm_weighting,
+    )
     np.testing.assert_allclose(np.asarray(raw), raw_ref, atol=2e-3 * np.abs(raw_ref).max())
     valid = jnp.asarray(p["positions"] >= 0)
     final = np.asarray(aggregate(normalized_scores(raw, valid, K), valid, mode))
@@ -109,12 +141,26 @@ def test_compaction_keeps_top_budget_sorted_with_rows_moving_with_positions(prob
     policy = _policy(p, budget=budget, protect_prompt=True, aggregation=mode)
     prompt_lengths = np.array([200, 0])
     values = np.random.default_rng(1).normal(size=p["post_keys"].shape).astype(np.float32)
-    cache = KVCache.from_stacked(k=jnp.asarray(p["post_keys"]), v=jnp.asarray(values), pos=jnp.asarray(p["positions"], jnp.int32),
-                    cursor=jnp.asarray(S, jnp.int32))
+    cache = KVCache.from_stacked(
+        k=jnp.asarray(p["post_keys"]),
+        v=jnp.asarray(values),
+        pos=jnp.asarray(p["positions"], jnp.int32),
+        cursor=jnp.asarray(S, jnp.int32),
+    )
     context = RoundContext(prompt_lengths=jnp.asarray(prompt_lengths), position=jnp.asarray(p["t0"]))
     kept = policy.compact(cache, context)
-    _, final_ref = reference_scores(p["pre_keys"], p["positions"], p["qm"], p["qa"], p["inv_freq"].astype(np.float64),
-                                    p["t0"], DEFAULT_OFFSETS, trigonometric=True, norm_weighting=True, mode=mode)
+    _, final_ref = reference_scores(
+        p["pre_keys"],
+        p["positions"],
+        p["qm"],
+        p["qa"],
+        p["inv_freq"].astype(np.float64),
+        p["t0"],
+        DEFAULT_OFFSETS,
+        trigonometric=True,
+        norm_weighting=True,
+        mode=mode,
+    )
     final_ref = np.where(p["positions"] < prompt_lengths[None, :, None, None], np.inf, final_ref)
     final_ref = np.where(p["positions"] >= 0, final_ref, -np.inf)
     kept_pos = np.asarray(kept.stacked("pos"))
@@ -150,11 +196,19 @@ def test_compaction_keeps_top_budget_sorted_with_rows_moving_with_positions(prob
 def test_window_protects_recent_tokens(problem):
     p = problem
     policy = _policy(p, budget=10, protect_prompt=False, window=6)
-    cache = KVCache.from_stacked(k=jnp.asarray(p["post_keys"]), v=jnp.asarray(p["post_keys"]), pos=jnp.asarray(p["positions"], jnp.int32),
-                    cursor=jnp.asarray(S, jnp.int32))
+    cache = KVCache.from_stacked(
+        k=jnp.asarray(p["post_keys"]),
+        v=jnp.asarray(p["post_keys"]),
+        pos=jnp.asarray(p["positions"], jnp.int32),
+        cursor=jnp.asarray(S, jnp.int32),
+    )
     recent_cut = np.sort(p["positions"][0, 0, 0])[-6]
     t0 = np.array([recent_cut + 6, 10**6])
-    kept = np.asarray(policy.compact(cache, RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray(t0))).stacked("pos"))
+    kept = np.asarray(
+        policy.compact(cache, RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray(t0))).stacked(
+            "pos"
+        )
+    )
     recent = np.sort(p["positions"][0, 0, 0])[-6:]
     assert set(recent) <= set(kept[0, 0, 0])
 
@@ -186,13 +240,26 @@ def test_constant_buffer_and_no_recompilation_over_four_budgets(tiny, compiles):
     policy = TriAttention.create(transformer, stats, budget=budget)
     prompts = np.random.default_rng(5).integers(3, 512, size=(2, 12)).tolist()
     after_round = []
-    long_run = generate(transformer, prompts, eos_ids=(), max_new_tokens=4 * budget, divide_length=divide, policy=policy,
-                        on_round=lambda _: after_round.append(len(compiles)))
+    long_run = generate(
+        transformer,
+        prompts,
+        eos_ids=(),
+        max_new_tokens=4 * budget,
+        divide_length=divide,
+        policy=policy,
+        on_round=lambda _: after_round.append(len(compiles)),
+    )
     short_run = generate(transformer, prompts, eos_ids=(), max_new_tokens=divide, divide_length=divide, policy=policy)
     assert long_run.num_generated_tokens == [4 * budget] * 2
     assert after_round[-1] == after_round[0], "rounds after the first compiled something"
-    assert long_run.kv_cache_bytes == short_run.kv_cache_bytes == cache_nbytes(transformer.config, 2, budget + divide, jnp.float32)
-    full = generate(transformer, prompts, eos_ids=(), max_new_tokens=4 * budget, divide_length=divide, policy=FullAttention())
+    assert (
+        long_run.kv_cache_bytes
+        == short_run.kv_cache_bytes
+        == cache_nbytes(transformer.config, 2, budget + divide, jnp.float32)
+    )
+    full = generate(
+        transformer, prompts, eos_ids=(), max_new_tokens=4 * budget, divide_length=divide, policy=FullAttention()
+    )
     assert long_run.kv_cache_bytes < full.kv_cache_bytes
 
 
@@ -200,8 +267,20 @@ def test_prompt_longer_than_budget(tiny):
     transformer, stats = tiny
     prompts = np.random.default_rng(6).integers(3, 512, size=(1, 100)).tolist()
     with pytest.raises(UserError, match="does not fit budget 64 with the prompt protected"):
-        generate(transformer, prompts, eos_ids=(), max_new_tokens=8, policy=TriAttention.create(transformer, stats, budget=64))
-    result = generate(transformer, prompts, eos_ids=(), max_new_tokens=40, divide_length=16,
-                      policy=TriAttention.create(transformer, stats, budget=64, protect_prompt=False))
+        generate(
+            transformer,
+            prompts,
+            eos_ids=(),
+            max_new_tokens=8,
+            policy=TriAttention.create(transformer, stats, budget=64),
+        )
+    result = generate(
+        transformer,
+        prompts,
+        eos_ids=(),
+        max_new_tokens=40,
+        divide_length=16,
+        policy=TriAttention.create(transformer, stats, budget=64, protect_prompt=False),
+    )
     assert result.num_generated_tokens == [40]
     assert result.kv_cache_bytes == cache_nbytes(transformer.config, 1, 64 + 16, jnp.float32)

@@ -1,6 +1,6 @@
 """TriAttention KV-cache compression for Llama / Qwen decoders in JAX.
 
-The public API is resolved on first use, so `import triattention_jax` (and a command line's
+The curated public API, resolved on first use: `import triattention_jax` (and a command line's
 `--help`) does not pay for importing jax until something that needs it is touched.
 """
 
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 # Public name -> the module that defines it.
 _PUBLIC = {
     "Calibration": "triattention_jax.calibration",
-    "CalibrationResult": "triattention_jax.stats",
+    "CalibrationResult": "triattention_jax.checkpoints.stats",
+    "DecodeState": "triattention_jax.decoding",
     "EvictionPolicy": "triattention_jax.policies",
     "FrequencyStats": "triattention_jax.scoring",
     "FullAttention": "triattention_jax.policies",
@@ -20,8 +21,9 @@ _PUBLIC = {
     "H2O": "triattention_jax.policies",
     "KVCache": "triattention_jax.cache",
     "KVPolicy": "triattention_jax.policies",
-    "LoadedModel": "triattention_jax.checkpoint",
+    "LoadedModel": "triattention_jax.checkpoints.store",
     "ModelConfig": "triattention_jax.config",
+    "PolicySettings": "triattention_jax.methods",
     "RKV": "triattention_jax.policies",
     "RandomEviction": "triattention_jax.policies",
     "RopeConfig": "triattention_jax.config",
@@ -31,17 +33,23 @@ _PUBLIC = {
     "Transformer": "triattention_jax.model",
     "TriAttention": "triattention_jax.policies",
     "UserError": "triattention_jax.errors",
+    "build_policy": "triattention_jax.methods",
     "calibrate": "triattention_jax.calibration",
+    "decode_round": "triattention_jax.decoding",
     "enable_compilation_cache": "triattention_jax.compilation_cache",
     "encode_prompts": "triattention_jax.prompts",
     "generate": "triattention_jax.decoding",
     "init_cache": "triattention_jax.cache",
-    "load_model": "triattention_jax.checkpoint",
-    "load_stats": "triattention_jax.stats",
-    "load_transformer": "triattention_jax.checkpoint",
-    "save_stats": "triattention_jax.stats",
+    "load_model": "triattention_jax.checkpoints.store",
+    "load_stats": "triattention_jax.checkpoints.stats",
+    "load_transformer": "triattention_jax.checkpoints.hf",
+    "make_mesh": "triattention_jax.sharding",
+    "prefill": "triattention_jax.decoding",
+    "save_stats": "triattention_jax.checkpoints.stats",
+    "slim_transformer": "triattention_jax.slim",
     "stats_for_model": "triattention_jax.calibration",
     "teacher_force": "triattention_jax.decoding",
+    "teacher_forced_round": "triattention_jax.decoding",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -62,16 +70,36 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from triattention_jax.cache import KVCache, init_cache
     from triattention_jax.calibration import Calibration, calibrate, stats_for_model
-    from triattention_jax.checkpoint import LoadedModel, load_model, load_transformer
+    from triattention_jax.checkpoints.hf import load_transformer
+    from triattention_jax.checkpoints.stats import CalibrationResult, load_stats, save_stats
+    from triattention_jax.checkpoints.store import LoadedModel, load_model
     from triattention_jax.compilation_cache import enable_compilation_cache
     from triattention_jax.config import ModelConfig, RopeConfig
-    from triattention_jax.decoding import GenerationResult, generate, teacher_force
+    from triattention_jax.decoding import (
+        DecodeState,
+        GenerationResult,
+        decode_round,
+        generate,
+        prefill,
+        teacher_force,
+        teacher_forced_round,
+    )
     from triattention_jax.errors import UserError
+    from triattention_jax.methods import PolicySettings, build_policy
     from triattention_jax.model import Transformer
     from triattention_jax.policies import (
-        H2O, RKV, EvictionPolicy, FullAttention, KVPolicy, RandomEviction, SnapKV, StreamingLLM, TriAttention,
+        H2O,
+        RKV,
+        EvictionPolicy,
+        FullAttention,
+        KVPolicy,
+        RandomEviction,
+        SnapKV,
+        StreamingLLM,
+        TriAttention,
     )
     from triattention_jax.prompts import encode_prompts
     from triattention_jax.sampling import Sampler
     from triattention_jax.scoring import FrequencyStats
-    from triattention_jax.stats import CalibrationResult, load_stats, save_stats
+    from triattention_jax.sharding import make_mesh
+    from triattention_jax.slim import slim_transformer

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,13 @@ from triattention_jax.rope import Rotation
 T = TypeVar("T")
 
 EMPTY_POSITION = -1
+
+# Logical axes of the cache's arrays, which `sharding` maps to mesh axes: rows over "data", KV
+# heads over "model", layers and slots whole. A policy declares its own state's axes
+# (`KVCache.with_state`); state it declares none for is left to XLA's sharding propagation.
+ENTRY_AXES = ("batch", "kv_heads", "slots", "head_dim")
+POSITION_AXES = ("batch", "kv_heads", "slots")
+SLOT_STATS_AXES = ("layers", "batch", "kv_heads", "slots")
 
 # A K-only layer's keys are slot-major, (batch, slots, kv_heads, head_dim): all heads' K of a
 # slot are then one row of the values' matrix product (`model.key_only_block`). Laid out like
@@ -59,6 +67,7 @@ class KVCache:
             slots); they move with their slots on compaction and start at 0 for new slots.
     state:  any other arrays a policy carries from step to step (e.g. recent queries).
     key_rotation: the model's RoPE when some layer is K-only, else None (static).
+    state_axes: the logical axes of each state array the policy declared (static pairs).
     """
 
     k: tuple[jax.Array, ...]
@@ -68,17 +77,47 @@ class KVCache:
     slot_stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     state: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     key_rotation: Rotation | None = dataclasses.field(default=None, metadata={"static": True})
+    state_axes: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(default=(), metadata={"static": True})
 
     @classmethod
-    def from_stacked(cls, k: jax.Array, v: jax.Array | None, pos: jax.Array, cursor: jax.Array | int, **fields) -> "KVCache":
+    def from_stacked(
+        cls, k: jax.Array, v: jax.Array | None, pos: jax.Array, cursor: jax.Array | int, **fields
+    ) -> KVCache:
         """A cache from layer-stacked arrays: k, v (layers, batch, kv_heads, slots, head_dim) (v None:
         K only, laid out slot-major here), pos (layers, batch, kv_heads, slots)."""
+
         def split(x: jax.Array) -> tuple[jax.Array, ...]:
             return tuple(x[index] for index in range(x.shape[0]))
 
         keys = split(k) if v is not None else tuple(x.transpose(KEY_ONLY_LAYOUT) for x in split(k))
-        return cls(k=keys, v=(None,) * k.shape[0] if v is None else split(v), pos=split(pos),
-                   cursor=jnp.asarray(cursor, jnp.int32), **fields)
+        return cls(
+            k=keys,
+            v=(None,) * k.shape[0] if v is None else split(v),
+            pos=split(pos),
+            cursor=jnp.asarray(cursor, jnp.int32),
+            **fields,
+        )
+
+    def with_state(self, state: dict[str, jax.Array], axes: Mapping[str, tuple[str, ...]]) -> KVCache:
+        """The cache carrying a policy's `state`, whose arrays have the logical `axes` given."""
+        return dataclasses.replace(self, state=state, state_axes=tuple(sorted(axes.items())))
+
+    def constrained(self, pin: Callable[[jax.Array, tuple[str, ...]], jax.Array]) -> KVCache:
+        """The cache with `pin(array, logical_axes)` applied to each of its arrays (for sharding
+        constraints); K-only layers' keys are slot-major, state without declared axes is left."""
+        key_only_axes = tuple(ENTRY_AXES[axis] for axis in KEY_ONLY_LAYOUT)
+        declared = dict(self.state_axes)
+        return dataclasses.replace(
+            self,
+            k=tuple(
+                pin(x, key_only_axes if key_only else ENTRY_AXES) for x, key_only in zip(self.k, self.key_only_layers)
+            ),
+            v=tuple(None if x is None else pin(x, ENTRY_AXES) for x in self.v),
+            pos=tuple(pin(x, POSITION_AXES) for x in self.pos),
+            cursor=pin(self.cursor, ()),
+            slot_stats={name: pin(x, SLOT_STATS_AXES) for name, x in self.slot_stats.items()},
+            state={name: pin(x, declared[name]) if name in declared else x for name, x in self.state.items()},
+        )
 
     @property
     def num_layers(self) -> int:
@@ -97,15 +136,17 @@ class KVCache:
         """Per layer: whether it holds K only (V recomputed; every head keeps the same tokens)."""
         return tuple(v is None for v in self.v)
 
-    def layers(self) -> tuple["CacheLayer", ...]:
+    def layers(self) -> tuple[CacheLayer, ...]:
         """Each layer's k, v and pos, with the rotation its keys still need (K-only layers)."""
         if any(self.key_only_layers) and self.key_rotation is None:
             raise ValueError("a cache with K-only layers needs key_rotation: their keys are cached before RoPE")
-        return tuple(CacheLayer(k=k, v=v, pos=pos, rotation=self.key_rotation if v is None else None)
-                     for k, v, pos in zip(self.k, self.v, self.pos))
+        return tuple(
+            CacheLayer(k=k, v=v, pos=pos, rotation=self.key_rotation if v is None else None)
+            for k, v, pos in zip(self.k, self.v, self.pos)
+        )
 
     def stacked(self, name: str) -> jax.Array:
-        """"k", "v" or "pos" stacked over layers (a copy): (layers, batch, kv_heads, slots[, head_dim]),
+        """ "k", "v" or "pos" stacked over layers (a copy): (layers, batch, kv_heads, slots[, head_dim]),
         but K-only layers' keys slot-major; "v" needs every layer to hold V, "k" layers alike."""
         return jnp.stack(getattr(self, name))
 
@@ -123,15 +164,19 @@ class KVCache:
     def _map_layers(self, fn, *per_layer: Sequence) -> dict[str, tuple[jax.Array, ...] | None]:
         """k, v (when present) and pos through fn(entry array, its slot axis, is_pos, *per-layer
         args), one layer after another (`layer_by_layer`)."""
+
         def one_layer(arrays: tuple[jax.Array | None, ...], *args) -> tuple[jax.Array | None, ...]:
             k, v, pos = arrays
-            return (fn(k, 2 if v is not None else KEY_ONLY_SLOT_AXIS, False, *args),
-                    None if v is None else fn(v, 2, False, *args), fn(pos, 2, True, *args))
+            return (
+                fn(k, 2 if v is not None else KEY_ONLY_SLOT_AXIS, False, *args),
+                None if v is None else fn(v, 2, False, *args),
+                fn(pos, 2, True, *args),
+            )
 
         layers = layer_by_layer(one_layer, list(zip(self.k, self.v, self.pos)), *per_layer)
         return {name: tuple(layer[i] for layer in layers) for i, name in enumerate(("k", "v", "pos"))}
 
-    def append(self, k: Sequence[jax.Array], v: Sequence[jax.Array] | None, pos: jax.Array) -> "KVCache":
+    def append(self, k: Sequence[jax.Array], v: Sequence[jax.Array] | None, pos: jax.Array) -> KVCache:
         """Writes T new entries at slots [cursor, cursor + T) of every layer.
 
         k, v: per layer (batch, kv_heads, T, head_dim), but a K-only layer's keys slot-major, (batch,
@@ -149,16 +194,20 @@ class KVCache:
         fresh = jnp.zeros((self.num_layers, *pos.shape), jnp.float32)
         return dataclasses.replace(
             self,
-            k=tuple(write(x, k[i], KEY_ONLY_SLOT_AXIS if key_only else 2) for i, (x, key_only) in
-                    enumerate(zip(self.k, self.key_only_layers))),
+            k=tuple(
+                write(x, k[i], KEY_ONLY_SLOT_AXIS if key_only else 2)
+                for i, (x, key_only) in enumerate(zip(self.k, self.key_only_layers))
+            ),
             v=tuple(None if x is None else write(x, v[i]) for i, x in enumerate(self.v)),
             pos=tuple(write(x, pos) for x in self.pos),
             cursor=self.cursor + T,
-            slot_stats={name: jax.lax.dynamic_update_slice(x, fresh, (zero, zero, zero, self.cursor))
-                        for name, x in self.slot_stats.items()},
+            slot_stats={
+                name: jax.lax.dynamic_update_slice(x, fresh, (zero, zero, zero, self.cursor))
+                for name, x in self.slot_stats.items()
+            },
         )
 
-    def resized(self, num_slots: int) -> "KVCache":
+    def resized(self, num_slots: int) -> KVCache:
         """The same entries in a buffer of `num_slots` slots (padding with empty slots)."""
         extra = num_slots - self.num_slots
         if extra < 0:
@@ -172,7 +221,7 @@ class KVCache:
             self, **self._map_layers(grow), slot_stats={name: grow(x, 3, False) for name, x in self.slot_stats.items()}
         )
 
-    def gather(self, slots: jax.Array, *, in_place: bool = False) -> "KVCache":
+    def gather(self, slots: jax.Array, *, in_place: bool = False) -> KVCache:
         """Keeps the given slots, in the given order: slots is (layers, batch, kv_heads, keep).
 
         The cursor ends up at `keep`. By default the result has `keep` slots. With in_place,
@@ -186,8 +235,9 @@ class KVCache:
         def take(x: jax.Array, slot_axis: int, is_pos: bool, layer_slots: jax.Array) -> jax.Array:
             if slot_axis != layer_slots.ndim - 1:  # a K-only layer's slot-major keys
                 layer_slots = layer_slots.transpose(KEY_ONLY_LAYOUT[:3])
-            kept = jnp.take_along_axis(x, layer_slots.reshape(layer_slots.shape + (1,) * (x.ndim - layer_slots.ndim)),
-                                       axis=slot_axis)
+            kept = jnp.take_along_axis(
+                x, layer_slots.reshape(layer_slots.shape + (1,) * (x.ndim - layer_slots.ndim)), axis=slot_axis
+            )
             if not in_place:
                 return kept
             if is_pos:
@@ -227,16 +277,19 @@ class CacheLayer:
         return self.rotation.apply(keys, self.pos[:, 0, :, None])
 
 
-def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *,
-               values: bool | Sequence[bool] = True) -> KVCache:
+def init_cache(
+    config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *, values: bool | Sequence[bool] = True
+) -> KVCache:
     """An empty cache with `num_slots` slots per (layer, row, KV head); `values` says, for all
     layers or per layer, which hold V (the others hold K only)."""
     shape = (batch, config.num_kv_heads, num_slots, config.head_dim)
     layers = range(config.num_layers)
     values = [values] * config.num_layers if isinstance(values, bool) else list(values)
     return KVCache(
-        k=tuple(jnp.zeros(shape if has_values else tuple(shape[axis] for axis in KEY_ONLY_LAYOUT), dtype)
-                for has_values in values),
+        k=tuple(
+            jnp.zeros(shape if has_values else tuple(shape[axis] for axis in KEY_ONLY_LAYOUT), dtype)
+            for has_values in values
+        ),
         v=tuple(jnp.zeros(shape, dtype) if has_values else None for has_values in values),
         pos=tuple(jnp.full(shape[:-1], EMPTY_POSITION, jnp.int32) for _ in layers),
         cursor=jnp.zeros((), jnp.int32),
@@ -244,8 +297,9 @@ def init_cache(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype
     )
 
 
-def cache_nbytes(config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *,
-                 values: bool | Sequence[bool] = True) -> int:
+def cache_nbytes(
+    config: ModelConfig, batch: int, num_slots: int, dtype: jnp.dtype, *, values: bool | Sequence[bool] = True
+) -> int:
     """What `init_cache(..., values=values).nbytes` would be, without allocating."""
     values = [values] * config.num_layers if isinstance(values, bool) else list(values)
     per_layer = batch * config.num_kv_heads * num_slots

@@ -10,22 +10,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from triattention_jax.checkpoint import LoadedModel
-from triattention_jax.errors import UserError
+from triattention_jax.checkpoints.stats import (
+    STATS_FILE,
+    CalibrationResult,
+    check_compatible,
+    load_stats,
+    model_metadata,
+    save_stats,
+)
+from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.decoding import generate, prompt_bucket
+from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
 from triattention_jax.prompts import encode_prompts
 from triattention_jax.sampling import Sampler
 from triattention_jax.scoring import FrequencyStats
-from triattention_jax.stats import STATS_FILE, CalibrationResult, check_compatible, load_stats, model_metadata, save_stats
 
 # Varied prompts (reasoning, code, chat) for self-generated calibration text.
 SELF_CALIBRATION_PROMPTS = (
@@ -55,7 +62,7 @@ class QueryMoments:
     count: int = 0
 
     @classmethod
-    def zeros(cls, transformer: Transformer) -> "QueryMoments":
+    def zeros(cls, transformer: Transformer) -> QueryMoments:
         c = transformer.config
         half = c.head_dim // 2
         return cls(
@@ -116,7 +123,9 @@ def _batch_sums(graphdef, state, tokens: jax.Array, lengths: jax.Array) -> dict[
     }
 
 
-def accumulate(transformer: Transformer, sequences: Iterable[Sequence[int]], *, batch_size: int = 8, progress: bool = True) -> QueryMoments:
+def accumulate(
+    transformer: Transformer, sequences: Iterable[Sequence[int]], *, batch_size: int = 8, progress: bool = True
+) -> QueryMoments:
     """Moments over token sequences, batched and right-padded to a bucketed length."""
     from tqdm import tqdm
 
@@ -124,7 +133,9 @@ def accumulate(transformer: Transformer, sequences: Iterable[Sequence[int]], *, 
     moments = QueryMoments.zeros(transformer)
     sequences = [list(s) for s in sequences if len(s)]
     limit = transformer.config.max_position_embeddings
-    with tqdm(total=sum(len(s) for s in sequences), desc="calibrating", unit="tok", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=sum(len(s) for s in sequences), desc="calibrating", unit="tok", disable=not progress, file=sys.stderr
+    ) as bar:
         for begin in range(0, len(sequences), batch_size):
             chunk = sequences[begin : begin + batch_size]
             width = min(prompt_bucket(max(len(s) for s in chunk)), limit)
@@ -156,7 +167,9 @@ def text_file_sequences(model: LoadedModel, paths: Sequence[str], num_tokens: in
     return sequences
 
 
-def self_generated_sequences(model: LoadedModel, num_tokens: int, *, seed: int = 0, progress: bool = True) -> Iterator[list[int]]:
+def self_generated_sequences(
+    model: LoadedModel, num_tokens: int, *, seed: int = 0, progress: bool = True
+) -> Iterator[list[int]]:
     """The model's own sampled answers to SELF_CALIBRATION_PROMPTS, prompt included, about `num_tokens` in all."""
     from tqdm import tqdm
 
@@ -171,8 +184,13 @@ def self_generated_sequences(model: LoadedModel, num_tokens: int, *, seed: int =
         bar.update(max(len(g) for g in generated) - bar.n)
 
     result = generate(
-        model.transformer, prompts, eos_ids=(), max_new_tokens=per_prompt, sampler=Sampler(temperature=0.7, top_p=0.95),
-        seed=seed, on_round=on_round,
+        model.transformer,
+        prompts,
+        eos_ids=(),
+        max_new_tokens=per_prompt,
+        sampler=Sampler(temperature=0.7, top_p=0.95),
+        seed=seed,
+        on_round=on_round,
     )
     bar.close()
     for prompt, answer in zip(prompts, result.token_ids):

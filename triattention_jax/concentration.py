@@ -4,13 +4,15 @@ built from the query and key centres reconstructs real attention logits against 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from triattention_jax.calibration import QueryMoments
+from triattention_jax.files import pyplot
 from triattention_jax.model import Transformer
 from triattention_jax.rope import apply_rope, rope_cos_sin
 
@@ -59,7 +61,9 @@ def key_norm_attention(queries: np.ndarray, keys: np.ndarray, scale: float, num_
     above_sink = np.zeros((layers, kv_heads))
     for layer in range(layers):
         for kv in range(kv_heads):
-            logits = np.einsum("thd,sd->hts", queries[layer, older:, kv * group:(kv + 1) * group], keys[layer, kv]) * scale
+            logits = (
+                np.einsum("thd,sd->hts", queries[layer, older:, kv * group : (kv + 1) * group], keys[layer, kv]) * scale
+            )
             logits = np.where(visible, logits, -np.inf)
             weights = np.exp(logits - logits.max(-1, keepdims=True))
             received = (weights / weights.sum(-1, keepdims=True)).mean((0, 1))[:older]
@@ -79,7 +83,9 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(x)).astype(np.float64)
 
 
-def predicted_logits_by_distance(moments: QueryMoments, inv_freq: np.ndarray, group: int, distances: np.ndarray) -> np.ndarray:
+def predicted_logits_by_distance(
+    moments: QueryMoments, inv_freq: np.ndarray, group: int, distances: np.ndarray
+) -> np.ndarray:
     """Σ_f |qm_f||km_f| cos(ω_f Δ + arg qm_f − arg km_f) per (layer, head, Δ)."""
     q_mean = moments.q_sum / moments.count
     k_mean = np.repeat(moments.key_means(), group, axis=1)
@@ -104,7 +110,9 @@ def concentration_report(transformer: Transformer, moments: QueryMoments, sequen
     distances = log_spaced_distances(len(sequence) // 2)
     queries, keys = attention_inputs(transformer, sequence)
     measured = measured_logits_by_distance(queries, keys, distances)
-    predicted = predicted_logits_by_distance(moments, np.asarray(transformer.inv_freq[...]), config.num_heads // config.num_kv_heads, distances)
+    predicted = predicted_logits_by_distance(
+        moments, np.asarray(transformer.inv_freq[...]), config.num_heads // config.num_kv_heads, distances
+    )
     correlation = pearson(predicted, measured)
     return {
         "num_tokens": moments.count,
@@ -131,10 +139,7 @@ def concentration_report(transformer: Transformer, moments: QueryMoments, sequen
 
 def write_report(report: dict[str, Any], folder: Path) -> list[Path]:
     """report.json, r_histogram.png and reconstruction.png (a few heads, predicted vs measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     curves = report.pop("_curves")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from triattention_jax.errors import UserError
 
@@ -67,7 +68,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from a Hugging Face `config.json` dict, refusing what we cannot run."""
         if not isinstance(hf, Mapping):
             raise UserError(f"config.json holds a {type(hf).__name__}, not a JSON object: re-download the checkpoint")
@@ -121,7 +122,9 @@ def _positive_int(hf: Mapping[str, Any], key: str, *, default: int | None = None
         return default
     value = hf[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise UserError(f"config.json sets {key} to {json.dumps(value)}, which is not a positive integer: fix the config")
+        raise UserError(
+            f"config.json sets {key} to {json.dumps(value)}, which is not a positive integer: fix the config"
+        )
     return int(value)
 
 

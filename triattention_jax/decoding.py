@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from triattention_jax.prompts import encode_prompts, has_chat_template
 from triattention_jax.sampling import Sampler
 
 if TYPE_CHECKING:
-    from triattention_jax.checkpoint import LoadedModel
+    from triattention_jax.checkpoints.store import LoadedModel
 
 MIN_PROMPT_BUCKET = 64
 # Streaming and early stop look at the tokens at least this often (steps).
@@ -80,13 +81,21 @@ class GenerationResult:
 
 
 def extend_for_policy(
-    transformer: Transformer, policy: KVPolicy, cache: KVCache | None, tokens: jax.Array, positions: jax.Array,
+    transformer: Transformer,
+    policy: KVPolicy,
+    cache: KVCache | None,
+    tokens: jax.Array,
+    positions: jax.Array,
     logits_at: jax.Array | None,
 ):
     """`Transformer.extend`, collecting what the policy observes."""
     return transformer.extend(
-        cache, tokens, positions, logits_at=logits_at,
-        collect_rope_queries="rope_queries" in policy.observes, collect_attention="attention" in policy.observes,
+        cache,
+        tokens,
+        positions,
+        logits_at=logits_at,
+        collect_rope_queries="rope_queries" in policy.observes,
+        collect_attention="attention" in policy.observes,
     )
 
 
@@ -97,8 +106,17 @@ def _step_logits(transformer: Transformer, policy: KVPolicy, cache: KVCache, tok
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "all_logits", "mesh"))
-def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.Array, *, num_slots: int, all_logits: bool = False,
-             mesh: Mesh | None = None):
+def prefill(
+    graphdef,
+    state,
+    policy: KVPolicy,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    *,
+    num_slots: int,
+    all_logits: bool = False,
+    mesh: Mesh | None = None,
+):
     """Runs the right-padded prompts (batch, bucket) and hands their cache to the policy.
 
     Returns logits at each row's last prompt token (or at every position) and the buffer,
@@ -112,7 +130,9 @@ def _prefill(graphdef, state, policy: KVPolicy, tokens: jax.Array, lengths: jax.
     cache = init_cache(transformer.config, batch, bucket, transformer.dtype, values=transformer.value_layers)
     cache = cache.append(out.k, out.v, positions)
     context = RoundContext(prompt_lengths=lengths, position=lengths)
-    return out.logits, sharding.constrain_cache(policy.fit_prefill(policy.start(cache, out, positions), num_slots, context), mesh)
+    return out.logits, sharding.constrain_cache(
+        policy.fit_prefill(policy.start(cache, out, positions), num_slots, context), mesh
+    )
 
 
 _resized = jax.jit(KVCache.resized, static_argnums=1)
@@ -137,12 +157,24 @@ def _sized(cache: KVCache, num_slots: int) -> KVCache:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampler", "divide_length", "num_steps", "start_of_round", "mesh"),
+    jax.jit,
+    static_argnames=("graphdef", "sampler", "divide_length", "num_steps", "start_of_round", "mesh"),
     donate_argnames=("cache",),
 )
-def _generation_round(
-    graphdef, state, policy: KVPolicy, cache: KVCache, decode: DecodeState, prompt_lengths: jax.Array, key: jax.Array,
-    eos_ids: jax.Array, *, sampler: Sampler, divide_length: int, num_steps: int | None = None, start_of_round: bool = True,
+def decode_round(
+    graphdef,
+    state,
+    policy: KVPolicy,
+    cache: KVCache,
+    decode: DecodeState,
+    prompt_lengths: jax.Array,
+    key: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    sampler: Sampler,
+    divide_length: int,
+    num_steps: int | None = None,
+    start_of_round: bool = True,
     mesh: Mesh | None = None,
 ):
     """`num_steps` decode steps (default: a whole round of `divide_length`), preceded by the
@@ -167,9 +199,17 @@ def _generation_round(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "divide_length", "mesh"), donate_argnames=("cache",))
-def _teacher_forced_round(
-    graphdef, state, policy: KVPolicy, cache: KVCache, tokens: jax.Array, positions: jax.Array, prompt_lengths: jax.Array,
-    *, divide_length: int, mesh: Mesh | None = None,
+def teacher_forced_round(
+    graphdef,
+    state,
+    policy: KVPolicy,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    prompt_lengths: jax.Array,
+    *,
+    divide_length: int,
+    mesh: Mesh | None = None,
 ):
     transformer = nnx.merge(graphdef, state)
     context = RoundContext(prompt_lengths=prompt_lengths, position=positions[:, 0])
@@ -183,12 +223,12 @@ def _teacher_forced_round(
     return cache, logprobs.transpose(1, 0, 2)
 
 
-def _split(transformer: Transformer, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+def split_model(transformer: Transformer, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
     """`nnx.split`, with the weights placed on the mesh when given (a no-op for those already there)."""
     return nnx.split(transformer if mesh is None else sharding.shard_transformer(transformer, mesh))
 
 
-def _rows(mesh: Mesh | None, *arrays: np.ndarray) -> list[jax.Array]:
+def put_rows(mesh: Mesh | None, *arrays: np.ndarray) -> list[jax.Array]:
     """Host arrays whose leading axis is the batch, split over the mesh's data axis when given."""
     return [jnp.asarray(x) if mesh is None else sharding.put_batch(x, mesh) for x in arrays]
 
@@ -205,6 +245,7 @@ def generate(
     seed: int = 0,
     chat: bool | None = None,
     on_round: Callable[[list[list[int]]], None] | None = None,
+    steps_per_call: int | None = None,
     mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt.
@@ -212,11 +253,12 @@ def generate(
     model: a `Transformer`, or what `load_model` returns (then prompts may be strings, encoded
     with the tokenizer's chat template unless `chat=False`, and the result carries texts).
     prompts: strings, or token id lists of any lengths. Rows stop at their first EOS: by
-    default the model's (its generation config's), `eos_ids=()` never stops. `on_round`
-    receives the tokens generated so far at least every `STREAM_STEPS` steps, for streaming;
-    with EOS ids or `on_round`, decoding runs in pieces of that many steps, so it also stops
-    within one piece once every row has ended (eviction still runs every `divide_length`
-    steps). With a `mesh` (`sharding.make_mesh`), rows are split over its data axis (their
+    default the model's (its generation config's), `eos_ids=()` never stops. Decoding runs in
+    jitted pieces of `steps_per_call` steps, a divisor of `divide_length` (default: at most
+    `STREAM_STEPS` with EOS ids or `on_round`, else whole rounds); `on_round` receives the
+    tokens generated so far after each piece, for streaming, and decoding stops within a piece
+    of the last row's EOS. Eviction runs every `divide_length` steps whatever the pieces. With
+    a `mesh` (`sharding.make_mesh`), rows are split over its data axis (their
     number must be a multiple of it) and heads over its model axis; weights not yet on it
     are placed.
     """
@@ -247,10 +289,10 @@ def generate(
     policy.check(lengths.tolist(), divide_length, slim=transformer.slim, context_length=config.max_position_embeddings)
     num_slots = policy.num_slots(bucket, max_new_tokens, divide_length)
     _check_buffer_fits(transformer, len(prompts), num_slots, mesh)
-    graphdef, state = _split(transformer, mesh)
-    tokens, prompt_lengths = _rows(mesh, tokens, lengths)
+    graphdef, state = split_model(transformer, mesh)
+    tokens, prompt_lengths = put_rows(mesh, tokens, lengths)
     key = jax.random.key(seed)
-    logits, cache = _prefill(graphdef, state, policy, tokens, prompt_lengths, num_slots=num_slots, mesh=mesh)
+    logits, cache = prefill(graphdef, state, policy, tokens, prompt_lengths, num_slots=num_slots, mesh=mesh)
     kv_cache_bytes = kv_payload_bytes = 0
     decode = DecodeState(
         token=sampler(logits, jax.random.fold_in(key, 2**31 - 1)),
@@ -259,7 +301,10 @@ def generate(
         step=jnp.zeros((), jnp.int32),
     )
     eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
-    piece = _piece_steps(divide_length) if eos_ids or on_round is not None else divide_length
+    if steps_per_call is None:
+        steps_per_call = _piece_steps(divide_length) if eos_ids or on_round is not None else divide_length
+    if steps_per_call < 1 or divide_length % steps_per_call:
+        raise UserError(f"steps_per_call must divide divide_length={divide_length}, got {steps_per_call}")
     generated: list[list[int]] = [[] for _ in prompts]
     finished = np.zeros(len(prompts), bool)
     steps = 0
@@ -270,11 +315,22 @@ def generate(
             cache = _sized(cache, schedule[steps // divide_length])
             kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
             kv_payload_bytes = max(kv_payload_bytes, cache.payload_nbytes)
-        cache, decode, emitted = _generation_round(
-            graphdef, state, policy, cache, decode, prompt_lengths, key, eos, sampler=sampler, divide_length=divide_length,
-            num_steps=piece, start_of_round=start_of_round and policy.evicts, mesh=mesh,
+        cache, decode, emitted = decode_round(
+            graphdef,
+            state,
+            policy,
+            cache,
+            decode,
+            prompt_lengths,
+            key,
+            eos,
+            sampler=sampler,
+            divide_length=divide_length,
+            num_steps=steps_per_call,
+            start_of_round=start_of_round and policy.evicts,
+            mesh=mesh,
         )
-        steps += piece
+        steps += steps_per_call
         for row, row_tokens in enumerate(sharding.to_host(emitted)):
             kept = [int(t) for t in row_tokens if t >= 0]
             generated[row].extend(kept[: max_new_tokens - len(generated[row])])
@@ -300,8 +356,8 @@ def _check_buffer_fits(transformer: Transformer, batch: int, num_slots: int, mes
     free = _free_device_memory()
     if free is not None and per_device > free:
         raise UserError(
-            f"the KV buffer needs {per_device / 2**30:.2f} GiB per device ({batch} rows x {num_slots} slots), more than the "
-            f"{free / 2**30:.2f} GiB free: lower --budget, --max_new_tokens or the number of prompts"
+            f"the KV buffer needs {per_device / 2**30:.2f} GiB per device ({batch} rows x {num_slots} slots), "
+            f"more than the {free / 2**30:.2f} GiB free: lower --budget, --max_new_tokens or the number of prompts"
         )
 
 
@@ -334,7 +390,9 @@ def _transformer_and_tokenizer(model: Transformer | LoadedModel) -> tuple[Transf
     return transformer, getattr(model, "tokenizer", None)
 
 
-def _token_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]], chat: bool | None) -> list[list[int]]:
+def _token_prompts(
+    tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]], chat: bool | None
+) -> list[list[int]]:
     """Token id lists, encoding string prompts with the model's tokenizer."""
     if isinstance(prompts, str):
         raise UserError("prompts must be a list (of strings or of token id lists), not one string")
@@ -391,13 +449,16 @@ def teacher_force(
     bucket = prompt_bucket(prefill_length)
     padded = np.zeros((batch, bucket), np.int32)
     padded[:, :prefill_length] = tokens[:, :prefill_length]
-    policy.check([prefill_length] * batch, divide_length, slim=transformer.slim,
-                 context_length=config.max_position_embeddings)
+    policy.check(
+        [prefill_length] * batch, divide_length, slim=transformer.slim, context_length=config.max_position_embeddings
+    )
     num_slots = policy.num_slots(bucket, total - prefill_length, divide_length)
     _check_buffer_fits(transformer, batch, num_slots, mesh)
-    graphdef, state = _split(transformer, mesh)
-    padded, prompt_lengths = _rows(mesh, padded, np.full(batch, prefill_length, np.int32))
-    logits, cache = _prefill(graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh)
+    graphdef, state = split_model(transformer, mesh)
+    padded, prompt_lengths = put_rows(mesh, padded, np.full(batch, prefill_length, np.int32))
+    logits, cache = prefill(
+        graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh
+    )
     pieces = [to_host(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1), 0, prefill_length)]
     schedule = buffer_schedule(policy, prefill_length, total - prefill_length, divide_length)
     for round_slots, begin in zip(schedule, range(prefill_length, total, divide_length)):
@@ -406,8 +467,8 @@ def teacher_force(
         width = min(divide_length, total - begin)
         chunk[:, :width] = tokens[:, begin : begin + width]
         positions = np.broadcast_to(np.arange(begin, begin + divide_length, dtype=np.int32), (batch, divide_length))
-        chunk, positions = _rows(mesh, chunk, positions)
-        cache, logprobs = _teacher_forced_round(
+        chunk, positions = put_rows(mesh, chunk, positions)
+        cache, logprobs = teacher_forced_round(
             graphdef, state, policy, cache, chunk, positions, prompt_lengths, divide_length=divide_length, mesh=mesh
         )
         pieces.append(to_host(logprobs, begin, width))

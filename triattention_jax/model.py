@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,24 @@ def weight_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[
 
 
 LAYER_WEIGHTS = frozenset(
-    ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
-     "w_kv"]
+    [
+        "attn_norm",
+        "wq",
+        "wk",
+        "wv",
+        "wo",
+        "mlp_norm",
+        "w_gate",
+        "w_up",
+        "w_down",
+        "bq",
+        "bk",
+        "bv",
+        "bo",
+        "q_norm",
+        "k_norm",
+        "w_kv",
+    ]
 )
 # Not in checkpoints: W_KV = W_K^{-1} W_V, added by `slim.slim_transformer`, head-major
 # (kv_heads, D, head_dim) so the per-head product of every step reads it as stored.
@@ -101,13 +117,19 @@ class Transformer(nnx.Module):
     """Weights of a decoder; every weight is an `nnx.Param` carrying its `logical_axes`.
 
     Built from layer-stacked arrays (as `weight_specs` names them, what converters produce)
-    or, for layer weights, lists of per-layer arrays; held as one `LayerWeights` per layer, so a decode loop reads each layer's weights in
-    place: XLA copies every slice a loop body takes from a stacked array (measured on an
-    H100, Qwen3-8B shape, batch 1: 15.6 ms per step against 6.6 ms with per-layer arrays).
+    or, for layer weights, lists of per-layer arrays; held as one `LayerWeights` per layer, so a
+    decode loop reads each layer's weights in place: XLA copies every slice a loop body takes
+    from a stacked array (measured on an H100, Qwen3-8B shape, batch 1: 15.6 ms per step
+    against 6.6 ms with per-layer arrays).
     """
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, jax.Array | np.ndarray | Sequence[jax.Array]], *,
-                 dtype: jnp.dtype):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, jax.Array | np.ndarray | Sequence[jax.Array]],
+        *,
+        dtype: jnp.dtype,
+    ):
         specs = weight_specs(config)
         missing, extra = specs.keys() - weights.keys(), weights.keys() - specs.keys()
         if missing or extra:
@@ -122,11 +144,15 @@ class Transformer(nnx.Module):
         for name in specs.keys() - LAYER_WEIGHTS:
             setattr(self, name, nnx.Param(jnp.asarray(weights[name], self.dtype), logical_axes=specs[name][1]))
         layer_names = sorted(specs.keys() & LAYER_WEIGHTS)
-        self.layers = nnx.List([
-            LayerWeights({name: jnp.asarray(weights[name][index], self.dtype) for name in layer_names},
-                         {name: specs[name][1][1:] for name in layer_names})
-            for index in range(config.num_layers)
-        ])
+        self.layers = nnx.List(
+            [
+                LayerWeights(
+                    {name: jnp.asarray(weights[name][index], self.dtype) for name in layer_names},
+                    {name: specs[name][1][1:] for name in layer_names},
+                )
+                for index in range(config.num_layers)
+            ]
+        )
         inv_freq, self.attention_scaling = inverse_frequencies(config.rope, config.head_dim)
         self.inv_freq = nnx.Variable(jnp.asarray(inv_freq))
 
@@ -157,7 +183,7 @@ class Transformer(nnx.Module):
         collect_pre_rope: bool = False,
         collect_rope_queries: bool = False,
         collect_attention: bool = False,
-    ) -> "ExtendOutput":
+    ) -> ExtendOutput:
         """Runs T new tokens per row against the cache (None: an empty one) and themselves.
 
         tokens, positions: (batch, T) int32; a negative position marks padding, which no
@@ -174,13 +200,17 @@ class Transformer(nnx.Module):
             q_pre, k_pre, v = project_qkv(cfg, w, h)
             q = apply_rope(q_pre, cos[:, :, None], sin[:, :, None])
             k = apply_rope(k_pre, cos[:, :, None], sin[:, :, None])
-            new_pos = jnp.broadcast_to(positions[:, None, :], (positions.shape[0], cfg.num_kv_heads, positions.shape[1]))
+            new_pos = jnp.broadcast_to(
+                positions[:, None, :], (positions.shape[0], cfg.num_kv_heads, positions.shape[1])
+            )
             blocks = [(stored_block(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), new_pos)]
             if cached is not None:
                 block = stored_block(cached.k, cached.v) if cached.v is not None else key_only_block(w, cached)
                 blocks.insert(0, (block, cached.pos))
             attn, received = _attention(q, positions, blocks, self.attention_scale, collect_attention)
-            received_cache, received_new = (received[0] if cached is not None else None, received[-1]) if received else (None, None)
+            received_cache, received_new = (
+                (received[0] if cached is not None else None, received[-1]) if received else (None, None)
+            )
             out = jnp.einsum("bthk,hkd->btd", attn, w["wo"])
             if "bo" in w:
                 out = out + w["bo"]
@@ -260,7 +290,9 @@ def project_qkv(cfg: ModelConfig, w: Mapping[str, jax.Array], h: jax.Array) -> t
     return q, k, v
 
 
-def pre_rope_qk(cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def pre_rope_qk(
+    cfg: ModelConfig, w: Mapping[str, jax.Array], q: jax.Array, k: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Everything between the projection and the rotation: Qwen2's bias, Qwen3's q/k norm."""
     if "bq" in w:
         q, k = q + w["bq"], k + w["bk"]
@@ -277,6 +309,7 @@ AttentionBlock = Callable[[jax.Array, float], tuple[jax.Array, Callable[[jax.Arr
 
 def stored_block(keys: jax.Array, values: jax.Array) -> AttentionBlock:
     """Post-RoPE keys and values (B,K,S,hd) as stored."""
+
     def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
         scores = einsum_f32("btkgd,bksd->bkgts", qg, keys) * scale
         return scores, lambda p: einsum_f32("bkgts,bksd->bkgtd", p.astype(values.dtype), values)
@@ -285,7 +318,10 @@ def stored_block(keys: jax.Array, values: jax.Array) -> AttentionBlock:
 
 
 def _attention(
-    q: jax.Array, positions: jax.Array, blocks: Sequence[tuple[AttentionBlock, jax.Array]], scale: float,
+    q: jax.Array,
+    positions: jax.Array,
+    blocks: Sequence[tuple[AttentionBlock, jax.Array]],
+    scale: float,
     collect_attention: bool = False,
 ) -> tuple[jax.Array, list[jax.Array] | None]:
     """Attention of q (B,T,H,hd) at `positions` (B,T) over blocks of keys, one softmax.

@@ -1,11 +1,10 @@
-"""Turning prompt text into token ids, and writing result files atomically."""
+"""Turning prompt text into token ids."""
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from triattention_jax.errors import UserError
 
@@ -21,7 +20,9 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str], *, chat: bool) -> list[
     encoded = []
     for text in texts:
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         else:
             ids = tokenizer(text)["input_ids"]
@@ -39,35 +40,3 @@ def read_prompt_file(path: str) -> list[str]:
     if not prompts:
         raise UserError(f"--prompt_file {path} holds no prompts (one prompt per line)")
     return prompts
-
-
-def check_writable(path: str) -> None:
-    """Fails early, before any work, when an output file cannot be written: creates (and
-    removes) the temporary file the result will be written to."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; give a file name")
-    if not target.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {target.parent.resolve()} does not exist")
-    tmp = _temporary_name(target)
-    try:
-        tmp.touch()
-        tmp.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Writes to a temporary name beside the target, then renames: never a half-written file."""
-    target = Path(path).expanduser()
-    tmp = _temporary_name(target)
-    try:
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def _temporary_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp")

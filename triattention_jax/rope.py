@@ -99,7 +99,7 @@ class Rotation:
     attention_scaling: float
 
     @classmethod
-    def of(cls, rope: RopeConfig, head_dim: int) -> "Rotation":
+    def of(cls, rope: RopeConfig, head_dim: int) -> Rotation:
         inv_freq, attention_scaling = inverse_frequencies(rope, head_dim)
         return cls(tuple(float(f) for f in inv_freq), float(attention_scaling))
 

@@ -19,17 +19,17 @@ mesh, and host-side reads go through `to_host`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from triattention_jax.cache import KEY_ONLY_LAYOUT, KVCache
+from triattention_jax.cache import KVCache
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
@@ -56,7 +56,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """"data=2,model=4" -> {"data": 2, "model": 4}; an axis left out has size 1."""
+    """ "data=2,model=4" -> {"data": 2, "model": 4}; an axis left out has size 1."""
     sizes: dict[str, int] = {}
     for item in spec.split(","):
         name, sep, value = (part.strip() for part in item.partition("="))
@@ -98,11 +98,15 @@ def make_mesh(spec: str | Mapping[str, int], devices: list[jax.Device] | None = 
         )
     if jax.process_count() > 1 and needed != len(devices):
         raise UserError(
-            f"--mesh {described} covers {needed} of the {len(devices)} devices of this {jax.process_count()}-process run: "
-            f"a multi-host mesh must use every device (data × model = {len(devices)})"
+            f"--mesh {described} covers {needed} of the {len(devices)} devices of this {jax.process_count()}-process "
+            f"run: a multi-host mesh must use every device (data × model = {len(devices)})"
         )
-    return jax.make_mesh(tuple(sizes[axis] for axis in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices[:needed])
+    return jax.make_mesh(
+        tuple(sizes[axis] for axis in MESH_AXES),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=devices[:needed],
+    )
 
 
 def format_mesh(mesh: Mesh | Mapping[str, int]) -> str:
@@ -120,7 +124,11 @@ def check_model_fits(config: ModelConfig, mesh: Mesh) -> None:
     a round on 8 CPU devices, 4 KV heads, model axis 8), which costs far more than it saves.
     """
     model = mesh.shape["model"]
-    sizes = (("KV heads", config.num_kv_heads), ("query heads", config.num_heads), ("MLP hidden units", config.intermediate_size))
+    sizes = (
+        ("KV heads", config.num_kv_heads),
+        ("query heads", config.num_heads),
+        ("MLP hidden units", config.intermediate_size),
+    )
     for what, size in sizes:
         if size % model:
             fits = [m for m in range(1, jax.device_count() + 1) if size % m == 0 and jax.device_count() % m == 0]
@@ -183,8 +191,11 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     """The state with every array placed by the logical axis rules (no copy for arrays that
     already have their sharding)."""
-    return jax.tree.map(lambda variable: variable.replace(_placed(variable.get_value(), variable_sharding(variable, mesh))),
-                        state, is_leaf=_is_variable)
+    return jax.tree.map(
+        lambda variable: variable.replace(_placed(variable.get_value(), variable_sharding(variable, mesh))),
+        state,
+        is_leaf=_is_variable,
+    )
 
 
 def _placed(value: jax.Array, sharding: NamedSharding) -> jax.Array:
@@ -200,40 +211,12 @@ def shard_transformer(transformer: Transformer, mesh: Mesh) -> Transformer:
     return nnx.merge(graphdef, shard_state(state, mesh))
 
 
-# Logical axes of the cache's arrays (`cache.KVCache`): per-layer K/V entries and positions,
-# per-slot policy statistics, and the policy states known here (SnapKV / R-KV's recent
-# queries). A state this table does not name is left to XLA's sharding propagation.
-CACHE_ENTRY_AXES = ("batch", "kv_heads", "slots", "head_dim")
-CACHE_POSITION_AXES = ("batch", "kv_heads", "slots")
-SLOT_STATS_AXES = ("layers", "batch", "kv_heads", "slots")
-STATE_AXES = {
-    "window_queries": ("layers", "batch", "window", "q_heads", "head_dim"),
-    "window_positions": ("batch", "window"),
-}
-
-
 def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
-    """The cache with its sharding pinned inside a jitted function (identity without a mesh):
-    rows over "data", KV heads over "model", slots and layers whole."""
+    """The cache with its sharding pinned inside a jitted function (identity without a mesh),
+    by the logical axes the cache declares for its arrays."""
     if mesh is None:
         return cache
-
-    def pin(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
-
-    def pin_layers(arrays: tuple[jax.Array | None, ...], axes: tuple[str, ...]) -> tuple[jax.Array | None, ...]:
-        return tuple(None if x is None else pin(x, axes) for x in arrays)  # None: a K-only layer's V
-
-    return dataclasses.replace(
-        cache,
-        k=tuple(pin(x, CACHE_ENTRY_AXES if not key_only else tuple(CACHE_ENTRY_AXES[a] for a in KEY_ONLY_LAYOUT))
-                for x, key_only in zip(cache.k, cache.key_only_layers)),
-        v=pin_layers(cache.v, CACHE_ENTRY_AXES),
-        pos=pin_layers(cache.pos, CACHE_POSITION_AXES),
-        cursor=pin(cache.cursor, ()),
-        slot_stats={name: pin(x, SLOT_STATS_AXES) for name, x in cache.slot_stats.items()},
-        state={name: pin(x, STATE_AXES[name]) if name in STATE_AXES else x for name, x in cache.state.items()},
-    )
+    return cache.constrained(lambda x, axes: jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -48,15 +48,22 @@ class SlimReport:
 
     def to_dict(self) -> dict[str, Any]:
         measured = [c for c in self.cond if c is not None]
-        return {"cond_wk": list(self.cond), "max_cond_wk": max(measured, default=None), "threshold": self.max_cond,
-                "dtype": self.dtype, "fallback_layers": list(self.fallback_layers)}
+        return {
+            "cond_wk": list(self.cond),
+            "max_cond_wk": max(measured, default=None),
+            "threshold": self.max_cond,
+            "dtype": self.dtype,
+            "fallback_layers": list(self.fallback_layers),
+        }
 
 
 def check_applicable(config: ModelConfig) -> None:
     """Raises `UserError` saying why a model cannot have a K-only cache."""
     if config.qk_norm:
-        raise UserError("--kv_cache slim cannot invert a K normalized per head (Qwen3's k_norm is nonlinear): "
-                        "use --kv_cache standard")
+        raise UserError(
+            "--kv_cache slim cannot invert a K normalized per head (Qwen3's k_norm is nonlinear): "
+            "use --kv_cache standard"
+        )
     hidden_kv = config.num_kv_heads * config.head_dim
     if config.num_kv_heads != config.num_heads or hidden_kv != config.hidden_size:
         raise UserError(
@@ -93,14 +100,18 @@ def slim_transformer(transformer: Transformer, *, max_cond: float | None = None)
     check_applicable(transformer.config)
     dtype = transformer.dtype.name
     threshold = default_max_cond(dtype) if max_cond is None else float(max_cond)
-    maps, conds = zip(*(value_map(np.asarray(layer.wk[...]), np.asarray(layer.wv[...]), condition=threshold < float("inf"))
-                        for layer in transformer.layers))
+    maps, conds = zip(
+        *(
+            value_map(np.asarray(layer.wk[...]), np.asarray(layer.wv[...]), condition=threshold < float("inf"))
+            for layer in transformer.layers
+        )
+    )
     fallback = tuple(index for index, cond in enumerate(conds) if cond is not None and not cond <= threshold)
     if len(fallback) == len(conds):
         raise UserError(
-            f"--kv_cache slim refused: cond(W_K) exceeds {threshold:.3g} in every layer (smallest {min(conds):.3g}), so "
-            f"recovering V from the {dtype} K cache would amplify its rounding; use --kv_cache standard or raise "
-            "--slim_max_cond"
+            f"--kv_cache slim refused: cond(W_K) exceeds {threshold:.3g} in every layer (smallest "
+            f"{min(conds):.3g}), so recovering V from the {dtype} K cache would amplify its rounding; "
+            "use --kv_cache standard or raise --slim_max_cond"
         )
     slim = nnx.merge(*nnx.split(transformer))
     for index, (layer, w_kv) in enumerate(zip(slim.layers, maps)):
@@ -109,8 +120,9 @@ def slim_transformer(transformer: Transformer, *, max_cond: float | None = None)
     return slim, SlimReport(cond=tuple(conds), max_cond=threshold, dtype=dtype, fallback_layers=fallback)
 
 
-def logprob_error(standard: Transformer, slim: Transformer, tokens: np.ndarray, *, prefill_length: int,
-                  divide_length: int = 32) -> dict[str, float]:
+def logprob_error(
+    standard: Transformer, slim: Transformer, tokens: np.ndarray, *, prefill_length: int, divide_length: int = 32
+) -> dict[str, float]:
     """Measured difference of the decode path's next-token log-probabilities, slim against
     standard cache (same weights and dtype), over the teacher-forced positions after
     `prefill_length`: max absolute, and relative to the largest |log-prob|."""
@@ -120,4 +132,8 @@ def logprob_error(standard: Transformer, slim: Transformer, tokens: np.ndarray, 
     b = teacher_force(slim, tokens, prefill_length=prefill_length, divide_length=divide_length)[:, prefill_length:]
     error = float(np.abs(a - b).max())
     top_a, top_b = a.argmax(-1), b.argmax(-1)
-    return {"max_abs": error, "relative": error / float(np.abs(a).max()), "top1_agreement": float((top_a == top_b).mean())}
+    return {
+        "max_abs": error,
+        "relative": error / float(np.abs(a).max()),
+        "top1_agreement": float((top_a == top_b).mean()),
+    }

@@ -1,6 +1,6 @@
 """KV-cache policies, one per file; importing this package registers them all."""
 
-from triattention_jax.policies.base import EvictionPolicy, KVPolicy, PolicySettings, RoundContext, policy_class, policy_names
+from triattention_jax.policies.base import EvictionPolicy, KVPolicy, RoundContext, policy_class, policy_names
 from triattention_jax.policies.full import FullAttention
 from triattention_jax.policies.h2o import H2O
 from triattention_jax.policies.random_policy import RandomEviction
@@ -14,7 +14,6 @@ __all__ = [
     "FullAttention",
     "H2O",
     "KVPolicy",
-    "PolicySettings",
     "RKV",
     "RandomEviction",
     "RoundContext",

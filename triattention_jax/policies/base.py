@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import numpy as np
 from triattention_jax.cache import EMPTY_POSITION, KVCache
 from triattention_jax.errors import UserError
 
-_REGISTRY: dict[str, type["KVPolicy"]] = {}
+_REGISTRY: dict[str, type[KVPolicy]] = {}
 
 
 def array_field(**kwargs: Any) -> Any:
@@ -50,28 +51,6 @@ class RoundContext:
     position: jax.Array
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PolicySettings:
-    """What the command line says about a policy; each policy takes what applies to it."""
-
-    budget: int = 2048
-    protect_prompt: bool | None = None
-    window: int | None = None
-    stats: str | None = None
-    aggregation: str = "per_head"
-    offsets: tuple[int, ...] | None = None
-    trigonometric: bool = True
-    norm_weighting: bool = True
-
-    def eviction_options(self, *, protect_prompt: bool, window: int) -> dict[str, Any]:
-        """budget, protect_prompt and window, with the policy's own defaults where unset."""
-        return {
-            "budget": self.budget,
-            "protect_prompt": protect_prompt if self.protect_prompt is None else self.protect_prompt,
-            "window": window if self.window is None else self.window,
-        }
-
-
 class KVPolicy(abc.ABC):
     """What the decode loop calls; see `FullAttention` and `EvictionPolicy`.
 
@@ -83,17 +62,18 @@ class KVPolicy(abc.ABC):
     # Whether `before_round` may change the cache (full attention's never does).
     evicts: ClassVar[bool] = True
 
-    @classmethod
-    @abc.abstractmethod
-    def from_settings(cls, model: Any, settings: PolicySettings) -> "KVPolicy":
-        """Builds the policy for a `LoadedModel` (loading whatever it needs, e.g. statistics)."""
-
     @abc.abstractmethod
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         """Slots per (layer, row, KV head) for a prompt bucket and a generation length."""
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False,
-              context_length: int | None = None) -> None:
+    def check(  # noqa: B027 - a policy without requirements accepts every run
+        self,
+        prompt_lengths: Sequence[int],
+        divide_length: int,
+        *,
+        slim: bool = False,
+        context_length: int | None = None,
+    ) -> None:
         """Raises `UserError` when the settings cannot be met for these prompts (slim: with a
         K-only cache, where every head of a layer must keep the same tokens; context_length:
         the model's, which no budget needs to exceed)."""
@@ -139,10 +119,13 @@ class EvictionPolicy(KVPolicy):
     window: int
 
     @classmethod
-    def from_settings(cls, model: Any, settings: PolicySettings) -> "EvictionPolicy":
-        """The policy with the settings given, and its own field defaults for those left unset."""
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        return cls(**settings.eviction_options(protect_prompt=defaults["protect_prompt"], window=defaults["window"]))
+    def default_protect_prompt(cls) -> bool:
+        return {f.name: f.default for f in dataclasses.fields(cls)}["protect_prompt"]
+
+    @classmethod
+    def default_window(cls, budget: int) -> int:
+        """The recent tokens protected when nothing says otherwise: the method's own default."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}["window"]
 
     @abc.abstractmethod
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
@@ -153,12 +136,20 @@ class EvictionPolicy(KVPolicy):
         whole_run = prompt_slots + -(-max_new_tokens // divide_length) * divide_length
         return min(self.budget + divide_length, whole_run)
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False,
-              context_length: int | None = None) -> None:
+    def check(
+        self,
+        prompt_lengths: Sequence[int],
+        divide_length: int,
+        *,
+        slim: bool = False,
+        context_length: int | None = None,
+    ) -> None:
         if self.budget < 1:
             raise UserError(f"budget must be at least 1, got {self.budget}")
         if context_length is not None and self.budget > context_length:
-            raise UserError(f"budget {self.budget} exceeds the model's context of {context_length} tokens: lower --budget")
+            raise UserError(
+                f"budget {self.budget} exceeds the model's context of {context_length} tokens: lower --budget"
+            )
         if not 0 <= self.window < self.budget:
             raise UserError(f"window must be in [0, budget={self.budget}), got {self.window}")
         longest = max(prompt_lengths)

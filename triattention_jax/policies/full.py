@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from triattention_jax.cache import KVCache
-from triattention_jax.policies.base import KVPolicy, PolicySettings, RoundContext, policy_dataclass, register
+from triattention_jax.policies.base import KVPolicy, RoundContext, policy_dataclass, register
 
 # Below this many slots a buffer is cheap to read whole, and one size saves recompiles.
 MIN_GROWN_SLOTS = 1024
@@ -18,10 +18,6 @@ class FullAttention(KVPolicy):
     most a third unused, two compiled sizes per doubling), capped at the whole sequence."""
 
     evicts: ClassVar[bool] = False
-
-    @classmethod
-    def from_settings(cls, model: Any, settings: PolicySettings) -> "FullAttention":
-        return cls()
 
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         return prompt_slots + -(-max_new_tokens // divide_length) * divide_length

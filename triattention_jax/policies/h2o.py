@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import jax
 
 from triattention_jax.cache import KVCache
-from triattention_jax.policies.base import EvictionPolicy, PolicySettings, RoundContext, policy_dataclass, register
+from triattention_jax.policies.base import EvictionPolicy, RoundContext, policy_dataclass, register
 
 
 @policy_dataclass
@@ -23,8 +23,9 @@ class H2O(EvictionPolicy):
     window: int = 1024
 
     @classmethod
-    def from_settings(cls, model: Any, settings: PolicySettings) -> "H2O":
-        return cls(**settings.eviction_options(protect_prompt=False, window=settings.budget // 2))
+    def default_window(cls, budget: int) -> int:
+        """Half the budget is the recent window (the paper's split of heavy hitters and recent tokens)."""
+        return budget // 2
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
         return dataclasses.replace(cache, slot_stats={"attention": out.attention_new})

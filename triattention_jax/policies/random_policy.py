@@ -15,7 +15,6 @@ class RandomEviction(EvictionPolicy):
     window: int = 0
     seed: int = 0
 
-
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         # A fresh draw per compaction: the key depends on how far decoding has got.
         key = jax.random.fold_in(jax.random.key(self.seed), context.position.max())

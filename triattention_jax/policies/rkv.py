@@ -19,14 +19,16 @@ class RKV(SnapKV):
     similarity_threshold: float = 0.5
     importance_weight: float = 0.1
 
-
     def redundancy(self, cache: KVCache) -> jax.Array:
         """Per key: softmax over keys of its mean cosine similarity to the others, where for
         each key the most recent other key that is highly similar to it does not count (the
         newest copy of a repeated key is the one kept). (layers, batch, kv_heads, slots)."""
+
         def one_layer(keys: jax.Array, pos: jax.Array) -> jax.Array:  # (B,K,S,hd), (B,K,S)
             ok = pos != EMPTY_POSITION
-            unit = keys.astype(jnp.float32) / jnp.maximum(jnp.linalg.norm(keys.astype(jnp.float32), axis=-1, keepdims=True), 1e-6)
+            unit = keys.astype(jnp.float32) / jnp.maximum(
+                jnp.linalg.norm(keys.astype(jnp.float32), axis=-1, keepdims=True), 1e-6
+            )
             similarity = jnp.einsum("bksd,bktd->bkst", unit, unit)
             pair = ok[..., :, None] & ok[..., None, :] & ~jnp.eye(keys.shape[2], dtype=bool)
             similarity = jnp.where(pair, similarity, 0.0)
@@ -42,7 +44,9 @@ class RKV(SnapKV):
         return jnp.stack([one_layer(layer.rope_keys, layer.pos) for layer in cache.layers()])
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
-        return self.importance_weight * self.window_attention(cache) - (1 - self.importance_weight) * self.redundancy(cache)
+        return self.importance_weight * self.window_attention(cache) - (1 - self.importance_weight) * self.redundancy(
+            cache
+        )
 
 
 register("rkv", RKV)

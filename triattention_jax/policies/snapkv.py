@@ -3,7 +3,6 @@ pay them, max-pooled over neighbouring slots, max over the GQA group; the window
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -23,7 +22,6 @@ class SnapKV(EvictionPolicy):
     protect_prompt: bool = False
     window: int = 8
     pool_kernel: int = 7
-
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
         # The last `window` real prompt tokens of each right-padded row.
@@ -55,8 +53,12 @@ class SnapKV(EvictionPolicy):
             weights = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), 0.0)
             return jnp.max(jnp.sum(weights, axis=3), axis=2) / valid_queries[:, None, None]
 
-        importance = jnp.stack([one_layer(queries, layer.rope_keys, layer.pos)
-                                for queries, layer in zip(cache.state["window_queries"], cache.layers())])
+        importance = jnp.stack(
+            [
+                one_layer(queries, layer.rope_keys, layer.pos)
+                for queries, layer in zip(cache.state["window_queries"], cache.layers())
+            ]
+        )
         return jax.lax.reduce_window(
             importance, -jnp.inf, jax.lax.max, (1, 1, 1, self.pool_kernel), (1, 1, 1, 1), "SAME"
         )
@@ -65,8 +67,17 @@ class SnapKV(EvictionPolicy):
         return self.window_attention(cache)
 
 
+# The recent queries' logical axes, for sharding them with the cache.
+STATE_AXES = {
+    "window_queries": ("layers", "batch", "window", "q_heads", "head_dim"),
+    "window_positions": ("batch", "window"),
+}
+
+
 def _with_state(cache: KVCache, queries: jax.Array, window_positions: jax.Array) -> KVCache:
-    return dataclasses.replace(cache, state={"window_queries": queries, "window_positions": window_positions.astype(jnp.int32)})
+    return cache.with_state(
+        {"window_queries": queries, "window_positions": window_positions.astype(jnp.int32)}, STATE_AXES
+    )
 
 
 register("snapkv", SnapKV)

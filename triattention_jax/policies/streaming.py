@@ -16,7 +16,6 @@ class StreamingLLM(EvictionPolicy):
     window: int = 0
     sinks: int = 4
 
-
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         positions = cache.stacked("pos")
         return jnp.where(positions < self.sinks, jnp.inf, positions.astype(jnp.float32))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
 from triattention_jax.errors import UserError
-from triattention_jax.policies.base import EvictionPolicy, PolicySettings, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
 from triattention_jax.scoring import (
     AGGREGATIONS,
     DEFAULT_OFFSETS,
@@ -44,11 +44,15 @@ class TriAttention(EvictionPolicy):
     norm_weighting: bool = True
 
     @classmethod
-    def create(cls, transformer, stats: FrequencyStats, *, offsets: tuple[int, ...] = DEFAULT_OFFSETS, **options) -> "TriAttention":
+    def create(
+        cls, transformer, stats: FrequencyStats, *, offsets: tuple[int, ...] = DEFAULT_OFFSETS, **options
+    ) -> TriAttention:
         config = transformer.config
         expected = (config.num_layers, config.num_heads, config.head_dim // 2)
         if tuple(stats.q_mean_real.shape) != expected:
-            raise UserError(f"statistics have shape {tuple(stats.q_mean_real.shape)}, the model needs {expected}: recalibrate")
+            raise UserError(
+                f"statistics have shape {tuple(stats.q_mean_real.shape)}, the model needs {expected}: recalibrate"
+            )
         if options.get("aggregation", "per_head") not in AGGREGATIONS:
             raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
         if not offsets or min(offsets) < 0:
@@ -63,38 +67,43 @@ class TriAttention(EvictionPolicy):
             **options,
         )
 
-    def check(self, prompt_lengths: Sequence[int], divide_length: int, *, slim: bool = False,
-              context_length: int | None = None) -> None:
+    def check(
+        self,
+        prompt_lengths: Sequence[int],
+        divide_length: int,
+        *,
+        slim: bool = False,
+        context_length: int | None = None,
+    ) -> None:
         if slim and self.aggregation != "per_layer":
             raise UserError(
-                f"--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep the same "
-                f"tokens: pass --aggregation per_layer (got {self.aggregation})"
+                "--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep "
+                f"the same tokens: pass --aggregation per_layer (got {self.aggregation})"
             )
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
-
-    @classmethod
-    def from_settings(cls, model: Any, settings: PolicySettings) -> "TriAttention":
-        from triattention_jax.calibration import stats_for_model
-
-        stats = stats_for_model(model, settings.stats)
-        return cls.create(
-            model.transformer, stats.stats, aggregation=settings.aggregation, offsets=settings.offsets or DEFAULT_OFFSETS,
-            trigonometric=settings.trigonometric, norm_weighting=settings.norm_weighting,
-            **settings.eviction_options(protect_prompt=True, window=0),
-        )
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
         def one_layer(layer: CacheLayer, stats: FrequencyStats) -> jax.Array:
             return key_scores(
-                layer.rope_keys[None], stats, self.inv_freq, self.phasors, context.position, attention_scaling=self.attention_scaling,
-                trigonometric=self.trigonometric, norm_weighting=self.norm_weighting,
+                layer.rope_keys[None],
+                stats,
+                self.inv_freq,
+                self.phasors,
+                context.position,
+                attention_scaling=self.attention_scaling,
+                trigonometric=self.trigonometric,
+                norm_weighting=self.norm_weighting,
             )
 
         # One layer's float32 keys at a time are the scoring's scratch, not a float32 copy of K.
-        layer_stats = [jax.tree.map(lambda s: s[layer : layer + 1], self.stats) for layer in range(cache.num_layers)]
+        layer_stats = [_layer_slice(self.stats, layer) for layer in range(cache.num_layers)]
         raw = jnp.concatenate(layer_by_layer(one_layer, cache.layers(), layer_stats))
         valid = cache.stacked("pos") != EMPTY_POSITION
         return aggregate(normalized_scores(raw, valid, cache.pos[0].shape[1]), valid, self.aggregation)
+
+
+def _layer_slice(stats: FrequencyStats, layer: int) -> FrequencyStats:
+    return jax.tree.map(lambda s: s[layer : layer + 1], stats)
 
 
 register("triattention", TriAttention)

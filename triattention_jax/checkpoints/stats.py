@@ -14,9 +14,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from triattention_jax.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
-from triattention_jax.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from triattention_jax.scoring import FrequencyStats
 
 STATS_FILE = "triattention_stats.safetensors"
@@ -82,8 +82,13 @@ def save_stats(path: str | os.PathLike, result: CalibrationResult) -> None:
     if path.suffix == ".pt":
         _save_reference_pt(path, result)
         return
-    arrays = {name: np.asarray(getattr(result.stats, name), np.float32) for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")}
-    write_safetensors(path, arrays, metadata={"triattention": json.dumps({**result.metadata, "format_version": FORMAT_VERSION})})
+    arrays = {
+        name: np.asarray(getattr(result.stats, name), np.float32)
+        for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")
+    }
+    write_safetensors(
+        path, arrays, metadata={"triattention": json.dumps({**result.metadata, "format_version": FORMAT_VERSION})}
+    )
 
 
 def load_stats(path: str | os.PathLike, transformer: Transformer) -> CalibrationResult:
@@ -155,15 +160,23 @@ def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResul
     except Exception as e:
         # torch's own message suggests weights_only=False, which would run the file's code: never.
         reason = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else type(e).__name__
-        raise UserError(f"cannot read reference statistics {path} ({reason}): recalibrate or pass another --stats") from e
-    if not isinstance(payload, dict) or not isinstance(payload.get("metadata"), dict) or not isinstance(payload.get("stats"), dict):
+        raise UserError(
+            f"cannot read reference statistics {path} ({reason}): recalibrate or pass another --stats"
+        ) from e
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("metadata"), dict)
+        or not isinstance(payload.get("stats"), dict)
+    ):
         raise UserError(f"{path} is not a reference statistics file (a dict with 'metadata' and 'stats' dicts)")
     meta, entries = payload["metadata"], payload["stats"]
     config = transformer.config
     if meta.get("rope_style", "half") != "half":
         raise UserError(f"{path} uses rope_style {meta['rope_style']!r}; only the split-half (HF) layout is supported")
     if meta.get("head_dim", config.head_dim) != config.head_dim:
-        raise UserError(f"statistics {path} were computed for another model (head_dim: {meta['head_dim']} != {config.head_dim})")
+        raise UserError(
+            f"statistics {path} were computed for another model (head_dim: {meta['head_dim']} != {config.head_dim})"
+        )
     half = config.head_dim // 2
     arrays = {name: np.zeros((config.num_layers, config.num_heads, half), np.float32) for name in _STAT_NAMES}
     seen = np.zeros((config.num_layers, config.num_heads), bool)
@@ -179,13 +192,21 @@ def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResul
         for name in _STAT_NAMES:
             value = np.asarray(values[name], np.float32)
             if value.shape != (half,):
-                raise UserError(f"statistics {path} entry {key}/{name} has shape {value.shape}, this model needs ({half},)")
+                raise UserError(
+                    f"statistics {path} entry {key}/{name} has shape {value.shape}, this model needs ({half},)"
+                )
             arrays[name][layer, head] = value
         seen[layer, head] = True
     if not seen.all():
         missing = np.argwhere(~seen)[:4].tolist()
-        raise UserError(f"statistics {path} lack {int((~seen).sum())} (layer, head) entries, e.g. {missing}: recalibrate")
-    metadata = _metadata_dict(meta["triattention_jax"], path) if "triattention_jax" in meta else {"head_dim": config.head_dim, "source": str(path)}
+        raise UserError(
+            f"statistics {path} lack {int((~seen).sum())} (layer, head) entries, e.g. {missing}: recalibrate"
+        )
+    metadata = (
+        _metadata_dict(meta["triattention_jax"], path)
+        if "triattention_jax" in meta
+        else {"head_dim": config.head_dim, "source": str(path)}
+    )
     return CalibrationResult(stats=FrequencyStats(**arrays), metadata=metadata)
 
 

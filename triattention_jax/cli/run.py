@@ -6,7 +6,7 @@ Nothing here imports jax, so flags (and `--help`) are parsed before the heavy im
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
@@ -20,7 +20,8 @@ EXIT_INTERRUPTED = 130
 _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?")
 
 flags.DEFINE_string(
-    "compilation_cache", default_location(),
+    "compilation_cache",
+    default_location(),
     "Folder of the persistent XLA compilation cache (a second run compiles nothing the first compiled); "
     "'off' disables it. Default: $TRIATTENTION_COMPILATION_CACHE or ~/.cache/triattention_jax/xla.",
 )

@@ -8,7 +8,8 @@ budgets of filler.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,8 +18,10 @@ from triattention_jax.errors import UserError
 FILLER_PER_BUDGET = 4
 # Tokens set aside for everything but the filler (preamble, fact, question, answer).
 RESERVED_TOKENS = 128
-PREAMBLE = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it: "
-            "you will be asked for it at the end.\n\n")
+PREAMBLE = (
+    "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it: "
+    "you will be asked for it at the end.\n\n"
+)
 FACT = "The pass key is {key}. Remember it. {key} is the pass key.\n\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
@@ -58,16 +61,21 @@ def needle_stream(tokenizer: Any, key: str, filler: Sequence[int], length: int) 
     question, answer = question + answer[:lead], answer[lead:]
     fixed = len(head) + len(fact) + len(question) + len(answer)
     if fixed > RESERVED_TOKENS:
-        raise UserError(f"this tokenizer spells the needle's text in {fixed} tokens, more than the {RESERVED_TOKENS} the "
-                        "task reserves: raise RESERVED_TOKENS in triattention_jax/eval_tasks/needle.py")
+        raise UserError(
+            f"this tokenizer spells the needle's text in {fixed} tokens, more than the {RESERVED_TOKENS} the "
+            "task reserves: raise RESERVED_TOKENS in triattention_jax/eval_tasks/needle.py"
+        )
     fill = length - fixed
     if len(filler) < fill:
-        raise UserError(f"the needle's filler text has {len(filler)} tokens, {fill} are needed: lower --seq_len or --budgets")
+        raise UserError(
+            f"the needle's filler text has {len(filler)} tokens, {fill} are needed: lower --seq_len or --budgets"
+        )
     tokens = head + fact + list(filler[:fill]) + question + answer
     fact_end = len(head) + len(fact)
     question_start = fact_end + fill
-    return NeedleStream(np.asarray(tokens, np.int32), (len(head), fact_end), question_start,
-                        (question_start + len(question), length))
+    return NeedleStream(
+        np.asarray(tokens, np.int32), (len(head), fact_end), question_start, (question_start + len(question), length)
+    )
 
 
 def needle_metrics(logprobs: np.ndarray, stream: NeedleStream) -> dict[str, float]:

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,15 @@ from jax.sharding import Mesh
 
 from triattention_jax import sharding
 from triattention_jax.cache import EMPTY_POSITION, KVCache
-from triattention_jax.decoding import DecodeState, _generation_round, _prefill, _rows, _split, buffer_schedule, prompt_bucket
+from triattention_jax.decoding import (
+    DecodeState,
+    buffer_schedule,
+    decode_round,
+    prefill,
+    prompt_bucket,
+    put_rows,
+    split_model,
+)
 from triattention_jax.model import Transformer
 from triattention_jax.policies import EvictionPolicy, KVPolicy
 from triattention_jax.sampling import Sampler
@@ -56,13 +64,17 @@ def device_bytes(tree) -> int:
     """Bytes of the tree's arrays held by one device (the first local one): all of them without
     a mesh; on a mesh, that device's shards, which is what its memory streams per step."""
     device = jax.local_devices()[0]
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)
-               if device in leaf.sharding.device_set)
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(tree)
+        if device in leaf.sharding.device_set
+    )
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("mesh",))
-def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, filled: jax.Array,
-                      mesh: Mesh | None = None) -> KVCache:
+def _synthetic_buffer(
+    prompt_cache: KVCache, slots: int, pattern: jax.Array, filled: jax.Array, mesh: Mesh | None = None
+) -> KVCache:
     """The prefilled cache's policy statistics in a buffer of `slots` slots whose first
     `filled` hold synthetic keys and values; built in one program, so the device holds one
     buffer, not a padded copy and a filled copy."""
@@ -73,10 +85,18 @@ def _synthetic_buffer(prompt_cache: KVCache, slots: int, pattern: jax.Array, fil
         return jnp.broadcast_to(layer_pattern[:, None] if slot_major else layer_pattern, shape).astype(cache.dtype)
 
     keys = tuple(entries(p, key_only, k.shape) for p, key_only, k in zip(pattern, cache.key_only_layers, cache.k))
-    return sharding.constrain_cache(dataclasses.replace(
-        cache, k=keys, v=tuple(None if v is None else -k for k, v in zip(keys, cache.v)), cursor=filled,
-        pos=tuple(jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), x.shape) for x in cache.pos),
-    ), mesh)
+    return sharding.constrain_cache(
+        dataclasses.replace(
+            cache,
+            k=keys,
+            v=tuple(None if v is None else -k for k, v in zip(keys, cache.v)),
+            cursor=filled,
+            pos=tuple(
+                jnp.broadcast_to(jnp.where(positions < filled, positions, EMPTY_POSITION), x.shape) for x in cache.pos
+            ),
+        ),
+        mesh,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,27 +112,50 @@ class RoundSetup:
     mesh: Mesh | None = None
 
     def round_arguments(self, cache: KVCache, divide_length: int) -> tuple[tuple, dict]:
-        """`_generation_round`'s arguments for a greedy round of this shape over `cache`, EOS never matching."""
-        args = (self.graphdef, self.state, self.policy, cache, self.decode, self.prompt_lengths, jax.random.key(0),
-                jnp.asarray([-2], jnp.int32))
+        """`decode_round`'s arguments for a greedy round of this shape over `cache`, EOS never matching."""
+        args = (
+            self.graphdef,
+            self.state,
+            self.policy,
+            cache,
+            self.decode,
+            self.prompt_lengths,
+            jax.random.key(0),
+            jnp.asarray([-2], jnp.int32),
+        )
         return args, {"sampler": Sampler(), "divide_length": divide_length, "mesh": self.mesh}
 
 
-def steady_round(transformer: Transformer, policy: KVPolicy, *, batch: int, slots: int, filled: int, seed: int = 0,
-                 mesh: Mesh | None = None) -> RoundSetup:
+def steady_round(
+    transformer: Transformer,
+    policy: KVPolicy,
+    *,
+    batch: int,
+    slots: int,
+    filled: int,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+) -> RoundSetup:
     """A buffer of `slots` slots with `filled` in use (positions 0..filled-1) and the policy's
     statistics and state set up by a real prefill of random tokens; on `mesh` when given."""
     config = transformer.config
-    graphdef, state = _split(transformer, mesh)
+    graphdef, state = split_model(transformer, mesh)
     rng = np.random.default_rng(seed)
-    tokens, lengths = _rows(mesh, rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))).astype(np.int32),
-                            np.full((batch,), SYNTHETIC_PROMPT, np.int32))
+    tokens, lengths = put_rows(
+        mesh,
+        rng.integers(0, config.vocab_size, (batch, prompt_bucket(SYNTHETIC_PROMPT))).astype(np.int32),
+        np.full((batch,), SYNTHETIC_PROMPT, np.int32),
+    )
     # A prompt-sized buffer: the synthetic one is the only full-size buffer the device holds.
-    _, prompt_cache = _prefill(graphdef, state, policy, tokens, lengths, num_slots=tokens.shape[1], mesh=mesh)
+    _, prompt_cache = prefill(graphdef, state, policy, tokens, lengths, num_slots=tokens.shape[1], mesh=mesh)
     pattern = jax.random.normal(jax.random.key(seed), (config.num_layers, slots, config.head_dim), jnp.float32)
     cache = _synthetic_buffer(prompt_cache, slots, pattern, jnp.asarray(filled, jnp.int32), mesh=mesh)
-    token, position, done = _rows(mesh, rng.integers(0, config.vocab_size, batch).astype(np.int32),
-                                  np.full((batch,), filled, np.int32), np.zeros(batch, bool))
+    token, position, done = put_rows(
+        mesh,
+        rng.integers(0, config.vocab_size, batch).astype(np.int32),
+        np.full((batch,), filled, np.int32),
+        np.zeros(batch, bool),
+    )
     decode = DecodeState(token=token, position=position, done=done, step=jnp.zeros((), jnp.int32))
     return RoundSetup(graphdef, state, policy, cache, decode, lengths, mesh)
 
@@ -129,7 +172,7 @@ def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repea
             jax.block_until_ready(cache)
             start = time.perf_counter()
             args, options = setup.round_arguments(cache, divide_length)
-            cache, _, emitted = _generation_round(*args, **options)
+            cache, _, emitted = decode_round(*args, **options)
             jax.block_until_ready(emitted)
             if index:  # the first call may compile
                 times.append(time.perf_counter() - start)
@@ -154,8 +197,16 @@ class StepTime:
         return self.batch / self.step_seconds
 
 
-def measure_step(transformer: Transformer, policy: KVPolicy, method: str, *, batch: int, slots: int,
-                 divide_length: int, mesh: Mesh | None = None) -> StepTime:
+def measure_step(
+    transformer: Transformer,
+    policy: KVPolicy,
+    method: str,
+    *,
+    batch: int,
+    slots: int,
+    divide_length: int,
+    mesh: Mesh | None = None,
+) -> StepTime:
     """A steady step on a buffer of `slots` slots. Full attention: all slots but one round's in
     use; eviction policies: the buffer full, so the round compacts first, and the share of the
     round spent compacting, from the same round started with room (no compaction). Bytes per
@@ -166,9 +217,17 @@ def measure_step(transformer: Transformer, policy: KVPolicy, method: str, *, bat
     cursors = [filled, policy.budget] if evicts else [filled]
     times = time_rounds(setup, divide_length, cursors)
     bytes_per_step = device_bytes(nnx.state(nnx.merge(setup.graphdef, setup.state), nnx.Param)) + device_bytes(
-        (setup.cache.k, setup.cache.v, setup.cache.pos))
-    return StepTime(method=method, batch=batch, slots=slots, filled=filled, step_seconds=times[0] / divide_length,
-                    bytes_per_step=bytes_per_step, eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None)
+        (setup.cache.k, setup.cache.v, setup.cache.pos)
+    )
+    return StepTime(
+        method=method,
+        batch=batch,
+        slots=slots,
+        filled=filled,
+        step_seconds=times[0] / divide_length,
+        bytes_per_step=bytes_per_step,
+        eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None,
+    )
 
 
 def integrated_seconds(step_seconds: Callable[[int], float], schedule: list[int], divide_length: int) -> float:
@@ -195,7 +254,7 @@ def device_memory() -> tuple[int | None, int | None]:
 def round_temp_bytes(setup: RoundSetup, divide_length: int) -> int:
     """Scratch memory XLA reserves for one round of this shape (0 where not reported)."""
     args, options = setup.round_arguments(setup.cache, divide_length)
-    compiled = _generation_round.lower(*args, **options).compile()
+    compiled = decode_round.lower(*args, **options).compile()
     analysis = compiled.memory_analysis()
     return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
@@ -212,8 +271,9 @@ class SequenceMemory:
     fixed_scratch: int
 
 
-def sequence_memory(transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int,
-                    divide_length: int) -> SequenceMemory:
+def sequence_memory(
+    transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int
+) -> SequenceMemory:
     """Measured from the compiled round at the run's largest buffer, at batch 2 and 4 (XLA may
     compile batch 1 differently: an H100 Qwen3-8B round reserved 579 MiB at batch 1, 28 at 2)."""
     schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
@@ -225,8 +285,11 @@ def sequence_memory(transformer: Transformer, policy: KVPolicy, prompt_tokens: i
     per_slot = setup.cache.nbytes / (large * schedule[-1])
     previous = max([s for s in schedule if s < schedule[-1]], default=0)
     per_sequence = max(0, (temps[1] - temps[0]) // (large - small))
-    return SequenceMemory(buffer=int(per_slot * (schedule[-1] + previous)), scratch=per_sequence,
-                          fixed_scratch=max(0, temps[0] - small * per_sequence))
+    return SequenceMemory(
+        buffer=int(per_slot * (schedule[-1] + previous)),
+        scratch=per_sequence,
+        fixed_scratch=max(0, temps[0] - small * per_sequence),
+    )
 
 
 def largest_batch(memory_bytes: int, weights: int, memory: SequenceMemory, reserve: float = 0.1) -> int:
@@ -235,44 +298,16 @@ def largest_batch(memory_bytes: int, weights: int, memory: SequenceMemory, reser
     return max(0, int(free // (memory.buffer + memory.scratch)))
 
 
-def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len: int, steps: int = 128) -> float:
-    """transformers' steady per-step decode time (sdpa attention, a static cache of
-    `max_cache_len` slots, eager PyTorch, no torch.compile): the difference between generating
-    8 + steps and 8 tokens after a short prompt, over steps. `source`: a checkpoint folder, or
-    an HF config.json dict (random weights). On CUDA when PyTorch sees a GPU, else on the CPU."""
-    import torch
-    import transformers
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, dtype)
-    with torch.device(device):
-        if isinstance(source, dict):
-            config = transformers.AutoConfig.for_model(**source)
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None
-    prompt = torch.randint(0, model.config.vocab_size, (batch, SYNTHETIC_PROMPT), device=device)
-
-    def seconds(new_tokens: int) -> float:
-        cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, disable_compile=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    seconds(8)
-    return (seconds(8 + steps) - seconds(8)) / steps
-
-
-def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt_tokens: int, new_tokens: int,
-               divide_length: int, mesh: Mesh | None = None) -> dict[str, float]:
+def end_to_end(
+    transformer: Transformer,
+    policy: KVPolicy,
+    *,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    divide_length: int,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
     """One real `generate` run of random prompts (EOS ignored): its wall time, and its rate over
     the rounds that compiled nothing (not the first, nor those where the buffer grew), with the
     buffer size of each such round for comparing against step times."""
@@ -280,11 +315,25 @@ def end_to_end(transformer: Transformer, policy: KVPolicy, *, batch: int, prompt
 
     prompts = np.random.default_rng(1).integers(0, transformer.config.vocab_size, (batch, prompt_tokens)).tolist()
     ends: list[float] = []
-    result = generate(transformer, prompts, eos_ids=(), max_new_tokens=new_tokens, divide_length=divide_length, policy=policy,
-                      on_round=lambda _: ends.append(time.perf_counter()), mesh=mesh)
+    result = generate(
+        transformer,
+        prompts,
+        eos_ids=(),
+        max_new_tokens=new_tokens,
+        divide_length=divide_length,
+        policy=policy,
+        on_round=lambda _: ends.append(time.perf_counter()),
+        steps_per_call=divide_length,
+        mesh=mesh,
+    )
     schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
     steady = [i for i in range(1, len(ends)) if schedule[i] == schedule[i - 1]]
     seconds = sum(ends[i] - ends[i - 1] for i in steady)
-    return {"wall_seconds": result.wall_seconds, "steady_rounds": len(steady), "steady_seconds": seconds,
-            "steady_tokens_per_second": batch * divide_length * len(steady) / seconds if steady else float("nan"),
-            "steady_round_slots": [schedule[i] for i in steady], "kv_cache_bytes": result.kv_cache_bytes}
+    return {
+        "wall_seconds": result.wall_seconds,
+        "steady_rounds": len(steady),
+        "steady_seconds": seconds,
+        "steady_tokens_per_second": batch * divide_length * len(steady) / seconds if steady else float("nan"),
+        "steady_round_slots": [schedule[i] for i in steady],
+        "kv_cache_bytes": result.kv_cache_bytes,
+    }

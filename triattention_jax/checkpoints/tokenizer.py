@@ -10,8 +10,9 @@ uses transformers' models.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from triattention_jax.errors import UserError
 
@@ -21,7 +22,8 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLIT_BY_PRE_TYPE = {
     "qwen2": _QWEN2_SPLIT,
@@ -49,7 +51,9 @@ def load_tokenizer(model_dir: Path) -> Any:
     tokenizer, so it is read as one directly: `AutoTokenizer` would also import the model
     configuration code, which imports torch wherever torch is installed."""
     transformers = _transformers()
-    loader = transformers.PreTrainedTokenizerFast if (model_dir / "tokenizer.json").exists() else transformers.AutoTokenizer
+    loader = (
+        transformers.PreTrainedTokenizerFast if (model_dir / "tokenizer.json").exists() else transformers.AutoTokenizer
+    )
     try:
         return loader.from_pretrained(str(model_dir))
     except Exception as e:
@@ -89,7 +93,11 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Any:
         [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == _CONTROL]
     )
     tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED]
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, token_types)
+            if kind == _USER_DEFINED
+        ]
     )
 
     def special(key: str) -> str | None:

@@ -42,8 +42,11 @@ class DfsState:
     visited: frozenset[int] | None
 
     def as_json(self) -> dict[str, Any]:
-        return {"current": self.current, "stack": None if self.stack is None else list(self.stack),
-                "visited": None if self.visited is None else sorted(self.visited)}
+        return {
+            "current": self.current,
+            "stack": None if self.stack is None else list(self.stack),
+            "visited": None if self.visited is None else sorted(self.visited),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,9 @@ class DfsProblem:
     answer: DfsState
 
 
-def random_graph(rng: np.random.Generator, num_nodes: int = NUM_NODES, extra_edges: int = EXTRA_EDGES) -> dict[int, tuple[int, ...]]:
+def random_graph(
+    rng: np.random.Generator, num_nodes: int = NUM_NODES, extra_edges: int = EXTRA_EDGES
+) -> dict[int, tuple[int, ...]]:
     """A random spanning tree (so the graph is connected) plus `extra_edges` random edges."""
     order = rng.permutation(num_nodes)
     edges = {tuple(sorted((int(order[i]), int(order[rng.integers(i)])))) for i in range(1, num_nodes)}

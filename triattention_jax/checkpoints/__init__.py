@@ -1,0 +1,3 @@
+"""Checkpoints: Hugging Face folders (`hf`), GGUF files (`gguf`), orbax checkpoints (`orbax`),
+safetensors and TriAttention statistics files, tokenizers, and the model store (`store`) that
+resolves a `--model` argument over all of them."""

@@ -1,0 +1,270 @@
+"""Decode speed and memory per KV method, with a roofline, next to transformers.
+
+  python -m triattention_jax.cli.benchmark --preset qwen3-8b --methods full,triattention --batch 1,16 \
+      --prompt_tokens 1024 --new_tokens 16384 --largest_batch --out results/h100_qwen3_8b.json
+
+What it measures (on whatever device JAX has; see `bench/speed.py` for how):
+- steady per-step decode time against buffer size and batch, per method (`--cache_lengths`
+  for full attention; eviction methods have one fixed buffer), with bytes read per step, the
+  achieved bytes/s and its fraction of a device-to-device copy measured in the same run;
+- the share of eviction methods' decode time spent compacting;
+- tokens/s for generating --new_tokens after --prompt_tokens, integrated from the step
+  times over the buffer sizes the run passes through, and one real end-to-end `generate`
+  run of --e2e_tokens to confirm it;
+- KV bytes per sequence, peak device memory, and with --largest_batch the largest batch of
+  each method in the same memory, timed;
+- transformers (PyTorch, sdpa, static cache) at the same batch and cache length (--hf).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+from absl import flags
+
+from triattention_jax.cli import flags as shared
+from triattention_jax.cli import run as runner
+from triattention_jax.cli.run import run_cli
+from triattention_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+shared.define_model()
+flags.DEFINE_string(
+    "preset",
+    None,
+    "Random weights at a real architecture's shape instead of --model: one of "
+    "qwen3-8b, llama3.1-8b, qwen3-1.7b, llama2-7b, tiny, or a path to an HF config.json.",
+)
+shared.define_dtype("bfloat16")
+flags.DEFINE_list("batch", ["1", "16"], "Batch sizes for the step-time table and the integrated rates.")
+flags.DEFINE_list("methods", ["full", "triattention"], "KV policies to time.")
+flags.DEFINE_integer("prompt_tokens", 1024, "Prompt length of the integrated and end-to-end runs.")
+flags.DEFINE_integer("new_tokens", 16384, "Generated tokens of the integrated rate.")
+flags.DEFINE_list(
+    "cache_lengths",
+    [],
+    "Full attention's buffer sizes to time (default: the smallest and largest of its run, and one between).",
+)
+shared.define_budget("Budget of the eviction methods.")
+flags.DEFINE_integer("divide_length", 128, "Decode steps per round.")
+flags.DEFINE_integer("e2e_tokens", 4096, "Tokens of the end-to-end confirmation run at the first batch (0: none).")
+flags.DEFINE_bool("largest_batch", False, "Also time each method at the largest batch that fits in the same memory.")
+flags.DEFINE_float("memory_reserve", 0.1, "Share of device memory left free (allocator slack) when sizing batches.")
+shared.define_stats("TriAttention statistics; default: the model folder's (calibrated on first use).")
+flags.DEFINE_list(
+    "kv_cache",
+    ["standard"],
+    "Cache layouts to time, each with every method: standard (K and V), slim "
+    "(K only, MHA models; eviction keeps one token set per layer).",
+)
+flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
+shared.define_mesh(
+    "Time decoding on a device mesh, e.g. data=2,model=4 (see decode.py --mesh); bytes per step and "
+    "the roofline are then one device's."
+)
+flags.DEFINE_string("out", None, "Write the results here as JSON.")
+# The shared flags belong to this command: `--help` lists them.
+flags.adopt_module_key_flags(shared)
+flags.adopt_module_key_flags(runner)
+
+
+def main(argv: list[str]) -> None:
+    from triattention_jax import sharding
+    from triattention_jax.bench import speed
+    from triattention_jax.bench.hf_reference import hf_step_seconds_subprocess
+    from triattention_jax.bench.presets import cache_variants, preset_config, random_stats, random_transformer
+    from triattention_jax.bench.report import RUN_COLUMNS, STEP_COLUMNS, environment, format_rows, step_row
+    from triattention_jax.checkpoints.store import load_model
+    from triattention_jax.decoding import buffer_schedule
+    from triattention_jax.files import check_writable, write_json_atomic
+    from triattention_jax.methods import PolicySettings, build_policy, parse_method
+
+    if FLAGS.out:
+        check_writable(FLAGS.out)
+    batches = shared.integers(FLAGS.batch, "batch")
+    if not batches and not FLAGS.largest_batch:
+        raise UserError("give --batch sizes, or --largest_batch (or both)")
+    mesh = None
+    if FLAGS.mesh:
+        if FLAGS.largest_batch:
+            raise UserError("--largest_batch sizes one device's memory: run it without --mesh")
+        sharding.initialize_distributed()
+        mesh = sharding.make_mesh(FLAGS.mesh)
+        for batch in batches:
+            sharding.check_batch(batch, mesh)
+    for method in FLAGS.methods:
+        parse_method(method)
+    hf_source = preset_config(FLAGS.preset) if FLAGS.preset else None
+    loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
+    hf_source = hf_source if FLAGS.preset else str(loaded.path)
+    P, N, divide = FLAGS.prompt_tokens, FLAGS.new_tokens, FLAGS.divide_length
+    hf_seconds = {}
+    if FLAGS.hf and importlib.util.find_spec("torch") is None:
+        raise UserError(
+            "--hf times transformers, which needs torch: pip install 'triattention-jax[torch]', or pass --nohf"
+        )
+    if FLAGS.hf:
+        # Before JAX takes the device: PyTorch runs in a child process that exits first.
+        for batch in batches:
+            hf_seconds[batch] = hf_step_seconds_subprocess(hf_source, FLAGS.dtype, batch, P + N)
+    base = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
+    if mesh is not None:
+        base = sharding.shard_transformer(base, mesh)
+    variants = cache_variants(base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset))
+    bandwidth = speed.copy_bandwidth()
+    weights = speed.weight_bytes(base)
+    memory_limit, _ = speed.device_memory()
+    steps, runs = [], []
+
+    def save() -> None:
+        """Rewritten after every row, so a run cut short still leaves what it measured."""
+        if FLAGS.out:
+            _, peak = speed.device_memory()
+            write_json_atomic(
+                FLAGS.out,
+                {
+                    "environment": environment(),
+                    "model": FLAGS.preset or FLAGS.model,
+                    "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
+                    "copy_bytes_per_second": bandwidth,
+                    "weight_bytes": weights,
+                    "memory_limit_bytes": memory_limit,
+                    "peak_memory_bytes": peak,
+                    "hf_step_seconds": hf_seconds,
+                    "steps": steps,
+                    "runs": runs,
+                },
+            )
+
+    def timed(transformer, policy, method: str, kv_cache: str, batch: int) -> tuple[list, Any]:
+        """Step times over the run's buffer sizes and the fit through them."""
+        schedule = buffer_schedule(policy, P, N, divide)
+        sizes = sorted(set(schedule))
+        if len(sizes) > 1:
+            chosen = (
+                shared.integers(FLAGS.cache_lengths, "cache_lengths")
+                if FLAGS.cache_lengths
+                else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
+            )
+            sizes = sorted({min(sizes, key=lambda s: abs(s - c)) for c in chosen})
+        measured = [
+            speed.measure_step(transformer, policy, method, batch=batch, slots=s, divide_length=divide, mesh=mesh)
+            for s in sizes
+        ]
+        for step in measured:
+            steps.append(
+                {
+                    **step_row(step, bandwidth),
+                    "kv_cache": kv_cache,
+                    "ms": 1e3 * step.step_seconds,
+                    "gb": step.bytes_per_step / 1e9,
+                }
+            )
+            print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
+        return measured, speed.linear_fit([(m.slots, m.step_seconds) for m in measured])
+
+    for kv_cache, transformer in variants.items():
+        for method in FLAGS.methods:
+            # A K-only cache keeps one token set per layer; preset models get random statistics.
+            settings = PolicySettings(
+                budget=FLAGS.budget, stats=FLAGS.stats, aggregation="per_layer" if transformer.slim else "per_head"
+            )
+            policy = build_policy(
+                loaded or transformer, method, settings, stats=random_stats(transformer) if loaded is None else None
+            )
+            memory = speed.sequence_memory(transformer, policy, P, N, divide)
+            schedule = buffer_schedule(policy, P, N, divide)
+            run_batches = [(b, False) for b in batches]
+            if FLAGS.largest_batch and memory_limit:
+                largest = speed.largest_batch(
+                    memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve
+                )
+                print(
+                    f"{method} ({kv_cache}): largest batch {largest} (KV {memory.buffer / 2**20:.1f} MiB and scratch "
+                    f"{memory.scratch / 2**20:.1f} MiB per sequence)",
+                    flush=True,
+                )
+                run_batches.append((largest, True))
+            for batch, is_largest in run_batches:
+                if batch < 1:
+                    print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
+                    continue
+                measured, fit = timed(transformer, policy, method, kv_cache, batch)
+                seconds = speed.integrated_seconds(fit, schedule, divide)
+                row = {
+                    "method": method,
+                    "kv_cache": kv_cache,
+                    "batch": batch,
+                    "largest_batch": is_largest,
+                    "prompt_tokens": P,
+                    "new_tokens": N,
+                    "weight_bytes": speed.weight_bytes(transformer),
+                    "kv_bytes_per_sequence": memory.buffer,
+                    "kv_mib_per_sequence": memory.buffer / 2**20,
+                    "scratch_bytes_per_sequence": memory.scratch,
+                    "fixed_scratch_bytes": memory.fixed_scratch,
+                    "integrated_seconds": seconds,
+                    "tokens_per_second": batch * N / seconds,
+                    "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
+                    "eviction_share": measured[-1].eviction_share,
+                    "hf_tokens_per_second": None
+                    if hf_seconds.get(batch) is None or method != "full"
+                    else batch / hf_seconds[batch],
+                }
+                if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
+                    e2e = speed.end_to_end(
+                        transformer,
+                        policy,
+                        batch=batch,
+                        prompt_tokens=P,
+                        new_tokens=FLAGS.e2e_tokens,
+                        divide_length=divide,
+                        mesh=mesh,
+                    )
+                    predicted = sum(divide * fit(s) for s in e2e["steady_round_slots"])
+                    row.update(
+                        e2e=e2e,
+                        e2e_tokens_per_second=e2e["steady_tokens_per_second"],
+                        e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted
+                        if predicted
+                        else None,
+                    )
+                runs.append(row)
+                print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
+                save()
+    _, peak = speed.device_memory()
+    print(
+        f"\n{environment()['device']}: copy {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e9:.2f} GB, "
+        f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of "
+        f"{memory_limit / 2**30 if memory_limit else float('nan'):.1f}"
+    )
+    print("\nsteady decode steps\n" + format_rows(steps, STEP_COLUMNS))
+    print(f"\n{N} tokens after a {P}-token prompt\n" + format_rows(runs, RUN_COLUMNS))
+    save()
+
+
+_BENCHMARK_FLAGS = (
+    "model",
+    "preset",
+    "dtype",
+    "batch",
+    "methods",
+    "prompt_tokens",
+    "new_tokens",
+    "cache_lengths",
+    "budget",
+    "divide_length",
+    "e2e_tokens",
+    "largest_batch",
+    "memory_reserve",
+    "stats",
+    "kv_cache",
+    "hf",
+    "mesh",
+)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""The quality evaluation: tasks, metrics, resumable results, tables and plots (`runner.evaluate`)."""

@@ -1,0 +1,295 @@
+"""Quality of KV-cache methods against full attention, through the real decode path.
+
+Tasks (each cell is one (task, method, budget, sample)):
+- fidelity: teacher-forced sequences; mean KL(full ‖ method), top-1 agreement with full
+  attention and ΔNLL, over the positions after the first eviction.
+- divergence: free-running greedy generation; tokens until the first divergence from full
+  attention, and the share of positions that agree.
+- needle: a pass key near the start of a teacher-forced stream, at least four budgets of
+  filler, then a question; greedy accuracy on the key's tokens and exact match.
+- dfs: the paper's recursive state query; the greedy answer's DFS stack (also current node
+  and visited set) after k steps on a random graph, exact match against the true state.
+
+needle and dfs are scored against a known answer, so full attention is a row of their tables.
+Each (method, budget) runs its pending samples as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from triattention_jax.checkpoints.store import LoadedModel
+from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
+from triattention_jax.decoding import generate, prompt_bucket, teacher_force
+from triattention_jax.errors import UserError
+from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, input_fingerprint
+from triattention_jax.eval.report import GROUND_TRUTH_TASKS, write_outputs
+from triattention_jax.eval.store import ResultStore, check_output_folder, run_settings
+from triattention_jax.eval.tasks.dfs import dfs_metrics, dfs_problem, dfs_prompt, parse_dfs_answer
+from triattention_jax.eval.tasks.needle import needle_key, needle_length, needle_metrics, needle_stream
+from triattention_jax.eval.texts import PREFILL_TOKENS, REASONING_PROMPTS, fidelity_tokens, source_text, text_tokens
+from triattention_jax.methods import PolicySettings, build_policy, parse_method
+from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy
+from triattention_jax.prompts import encode_prompts, has_chat_template
+
+
+def first_eviction_position(policy: KVPolicy, prefill_length: int, total: int, divide_length: int) -> int:
+    """The position from which on the method may have evicted something (total if never)."""
+    if not isinstance(policy, EvictionPolicy):
+        return total
+    bucket = prompt_bucket(prefill_length)
+    if bucket > policy.budget:
+        return prefill_length
+    rounds = -(-(total - prefill_length) // divide_length)
+    compacting = policy.compacting_rounds(bucket, rounds, divide_length)
+    return prefill_length + compacting[0] * divide_length if compacting else total
+
+
+def build_eval_policy(model: LoadedModel, method: str, budget: int) -> KVPolicy:
+    """Every method with the same rule for the prefix: the teacher-forced text is one document,
+    not a user prompt, so no method protects its first tokens (TriAttention would otherwise
+    spend part of its budget on them while the baselines do not); a variant may say otherwise."""
+    return build_policy(model, method, PolicySettings(budget=budget, protect_prompt=False))
+
+
+Group = tuple[str, int, list[int]]  # method, budget, samples not stored yet
+Progress = Callable[[int, int, str], None]  # (cells done, cells to do, what runs now)
+
+
+def _pending_groups(
+    store: ResultStore, task: str, methods: list[str], budgets: list[int], samples: range
+) -> list[Group]:
+    groups = [
+        (m, b, [s for s in samples if store.key(task, m, b, s) not in store.cells]) for m in methods for b in budgets
+    ]
+    return [g for g in groups if g[2]]
+
+
+def _samples_in(groups: list[Group]) -> list[int]:
+    return sorted({s for _, _, samples in groups for s in samples})
+
+
+def _run_groups(
+    store: ResultStore,
+    task: str,
+    groups: list[Group],
+    run_group: Callable[[str, int, list[int]], list[dict]],
+    progress: Progress,
+) -> None:
+    """run_group(method, budget, samples) computes a group's cells (one per sample, as one
+    batch); each is stored as it comes, so an interrupted run resumes from the groups left."""
+    total, done = sum(len(samples) for *_, samples in groups), 0
+    for method, budget, samples in groups:
+        progress(done, total, f"{task}/{method}/{budget} ({len(samples)} samples)")
+        for sample, cell in zip(samples, run_group(method, budget, samples), strict=True):
+            store.put(store.key(task, method, budget, sample), cell)
+        done += len(samples)
+    if groups:
+        progress(total, total, "")
+
+
+def run_fidelity(
+    model: LoadedModel,
+    store: ResultStore,
+    methods: list[str],
+    budgets: list[int],
+    samples: range,
+    seq_len: int,
+    progress: Progress,
+) -> None:
+    groups = _pending_groups(store, "fidelity", methods, budgets, samples)
+    needed = _samples_in(groups)
+    if not needed:
+        return
+    batch = fidelity_tokens(model, needed, seq_len)
+    tokens = dict(zip(needed, batch))
+    fingerprints = {s: input_fingerprint(tokens[s]) for s in needed}
+    for sample, fingerprint in fingerprints.items():
+        store.check_input("fidelity", sample, fingerprint)
+    reference = dict(zip(needed, teacher_force(model.transformer, batch, prefill_length=PREFILL_TOKENS)))
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        policy = build_eval_policy(model, method, budget)
+        start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
+        logprobs = teacher_force(
+            model.transformer, np.stack([tokens[s] for s in group]), prefill_length=PREFILL_TOKENS, policy=policy
+        )
+        return [
+            fidelity_metrics(reference[s][:-1], row[:-1], tokens[s][1:], start) | {"input": fingerprints[s]}
+            for s, row in zip(group, logprobs)
+        ]
+
+    _run_groups(store, "fidelity", groups, run_group, progress)
+
+
+def run_divergence(
+    model: LoadedModel,
+    store: ResultStore,
+    methods: list[str],
+    budgets: list[int],
+    samples: range,
+    seq_len: int,
+    progress: Progress,
+) -> None:
+    groups = _pending_groups(store, "divergence", methods, budgets, samples)
+    needed = _samples_in(groups)
+    if not needed:
+        return
+    texts = [REASONING_PROMPTS[s % len(REASONING_PROMPTS)] for s in needed]
+    prompts = dict(zip(needed, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
+    reference = dict(
+        zip(needed, generate(model.transformer, list(prompts.values()), eos_ids=(), max_new_tokens=seq_len).token_ids)
+    )
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        policy = build_eval_policy(model, method, budget)
+        answers = generate(
+            model.transformer, [prompts[s] for s in group], eos_ids=(), max_new_tokens=seq_len, policy=policy
+        ).token_ids
+        return [divergence_metrics(reference[s], answer) for s, answer in zip(group, answers)]
+
+    _run_groups(store, "divergence", groups, run_group, progress)
+
+
+def run_needle(
+    model: LoadedModel,
+    store: ResultStore,
+    methods: list[str],
+    budgets: list[int],
+    samples: range,
+    seq_len: int,
+    progress: Progress,
+) -> None:
+    context = model.config.max_position_embeddings
+    for budget in budgets:
+        if needle_length(seq_len, budget) > context:
+            raise UserError(
+                f"the needle at budget {budget} needs {needle_length(seq_len, budget)} tokens (its filler covers "
+                f"four budgets), more than the model's context of {context}: lower --budgets or --seq_len"
+            )
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        length = needle_length(seq_len, budget)
+        streams = [
+            needle_stream(
+                model.tokenizer,
+                needle_key(s),
+                text_tokens(model.tokenizer, source_text("pydoc_prose", s), length, add_special_tokens=False),
+                length,
+            )
+            for s in group
+        ]
+        fingerprints = [input_fingerprint(stream.tokens) for stream in streams]
+        for sample, fingerprint in zip(group, fingerprints):
+            store.check_input("needle", sample, fingerprint, budget)
+        logprobs = teacher_force(
+            model.transformer,
+            np.stack([st.tokens for st in streams]),
+            prefill_length=PREFILL_TOKENS,
+            policy=build_eval_policy(model, method, budget),
+        )
+        return [
+            needle_metrics(row, stream) | {"input": fingerprint}
+            for row, stream, fingerprint in zip(logprobs, streams, fingerprints)
+        ]
+
+    _run_groups(store, "needle", _pending_groups(store, "needle", methods, budgets, samples), run_group, progress)
+
+
+def run_dfs(
+    model: LoadedModel,
+    store: ResultStore,
+    methods: list[str],
+    budgets: list[int],
+    samples: range,
+    seq_len: int,
+    progress: Progress,
+) -> None:
+    groups = _pending_groups(store, "dfs", methods, budgets, samples)
+    problems = {s: dfs_problem(s) for s in _samples_in(groups)}
+    texts = [dfs_prompt(p) for p in problems.values()]
+    prompts = dict(zip(problems, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
+    full_answers: dict[int, list[int]] = {}
+
+    def answers(policy: KVPolicy, group: list[int]) -> list[list[int]]:
+        return generate(
+            model.transformer,
+            [prompts[s] for s in group],
+            max_new_tokens=seq_len,
+            eos_ids=model.config.eos_token_ids,
+            policy=policy,
+        ).token_ids
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        if method == "full":  # the same answers at every budget: generated once
+            missing = [s for s in group if s not in full_answers]
+            if missing:
+                full_answers.update(zip(missing, answers(FullAttention(), missing)))
+            outputs = [full_answers[s] for s in group]
+        else:
+            outputs = answers(build_eval_policy(model, method, budget), group)
+        cells = []
+        for sample, ids in zip(group, outputs):
+            parsed = parse_dfs_answer(model.tokenizer.decode(ids, skip_special_tokens=True))
+            cells.append(
+                {
+                    **dfs_metrics(problems[sample].answer, parsed),
+                    "steps": problems[sample].steps,
+                    "answer_tokens": len(ids),
+                    "answer": parsed.as_json(),
+                }
+            )
+        return cells
+
+    _run_groups(store, "dfs", groups, run_group, progress)
+
+
+TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_needle, "dfs": run_dfs}
+
+
+def evaluate(
+    model: LoadedModel,
+    *,
+    task: str,
+    methods: list[str],
+    budgets: list[int],
+    num_samples: int,
+    seq_len: int,
+    out: Path,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Runs the cells not in out/results.json yet; writes the table and plots; returns the files.
+
+    Samples are numbered from `seed`: sample i draws its text (or prompt, key, graph) by index,
+    so a seed picks another set of samples and results of different seeds accumulate side by
+    side. seq_len: tokens per sequence (fidelity; the needle's least length) or generated
+    tokens (divergence; dfs at most). `progress(done, total, running)` is called before each
+    group of cells and once at the end. The table compares the first method with each other
+    one, sample by sample.
+    """
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    for method in methods:
+        parse_method(method)
+    if not methods:
+        raise UserError("no methods given: pass --methods, e.g. triattention,streaming")
+    reference = methods[0]
+    if task in GROUND_TRUTH_TASKS and "full" not in methods:
+        methods = ["full", *methods]
+    check_output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out, run_settings(model, seq_len))
+    TASKS[task](
+        model,
+        store,
+        methods,
+        budgets,
+        range(seed, seed + num_samples),
+        seq_len,
+        progress or (lambda done, total, running: None),
+    )
+    return [store.path, *write_outputs(store, task, out, reference)]

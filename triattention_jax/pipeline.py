@@ -1,0 +1,207 @@
+"""What the command lines do, as library functions: decode prompts and report, calibrate and
+report."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from triattention_jax import sharding
+from triattention_jax.calibration import calibrate
+from triattention_jax.checkpoints.stats import STATS_FILE, save_stats
+from triattention_jax.checkpoints.store import load_model
+from triattention_jax.decoding import generate, prompt_bucket
+from triattention_jax.errors import UserError
+from triattention_jax.files import check_writable, write_json_atomic
+from triattention_jax.methods import PolicySettings, build_policy
+from triattention_jax.policies import EvictionPolicy
+from triattention_jax.prompts import encode_prompts, has_chat_template, read_prompt_file
+from triattention_jax.sampling import Sampler
+from triattention_jax.slim import KV_CACHE_MODES, logprob_error, slim_transformer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeRequest:
+    """What `decode.py` asks for, field by field as its flags name it (their defaults live there).
+
+    mesh: a spec such as "data=2,model=4" (see `sharding.make_mesh`) to decode on a device
+    mesh; a multi-host launch (see `sharding.initialize_distributed`) needs one.
+    """
+
+    model: str
+    prompt: str | None
+    prompt_file: str | None
+    chat: bool | None
+    max_new_tokens: int
+    ignore_eos: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    dtype: str
+    method: str
+    divide_length: int
+    kv_cache: str
+    slim_max_cond: float | None
+    mesh: str | None
+    output_json: str | None
+
+
+def decode_prompts(
+    request: DecodeRequest,
+    settings: PolicySettings = PolicySettings(),
+    *,
+    on_text: Callable[[list[str]], None] | None = None,
+) -> dict[str, Any]:
+    """Generates for one prompt or a file of prompts with the policy `settings` describe;
+    returns (and optionally writes) the report; `on_text` receives the texts as they grow."""
+    if (request.prompt is None) == (request.prompt_file is None):
+        raise UserError("give exactly one of --prompt or --prompt_file")
+    texts = [request.prompt] if request.prompt is not None else read_prompt_file(request.prompt_file)
+    if request.output_json:
+        check_writable(request.output_json)
+    sampler = Sampler(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+    if request.kv_cache not in KV_CACHE_MODES:
+        raise UserError(f"unknown --kv_cache {request.kv_cache!r}: choose one of {', '.join(KV_CACHE_MODES)}")
+    device_mesh = None
+    if request.mesh is not None:
+        sharding.initialize_distributed()
+        device_mesh = sharding.make_mesh(request.mesh)
+        sharding.check_batch(len(texts), device_mesh)
+    loaded = load_model(request.model, dtype=request.dtype, mesh=device_mesh)
+    transformer, slim_report = loaded.transformer, None
+    if request.kv_cache == "slim":
+        transformer, slim_report = slim_transformer(transformer, max_cond=request.slim_max_cond)
+    tokenizer = loaded.tokenizer
+    use_chat = has_chat_template(tokenizer) if request.chat is None else request.chat
+    prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)
+    policy = build_policy(loaded, request.method, settings)
+    if isinstance(policy, EvictionPolicy) and not _evicts(
+        policy, prompt_ids, request.max_new_tokens, request.divide_length
+    ):
+        print(
+            f"note: --method {request.method} keeps {settings.budget} tokens per KV head, more than this run ever "
+            f"caches (the longest prompt plus --max_new_tokens={request.max_new_tokens}): nothing will be evicted; "
+            "lower --budget to see eviction",
+            file=sys.stderr,
+        )
+
+    def stream(token_ids: list[list[int]]) -> None:
+        if on_text is not None:
+            on_text([tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids])
+
+    result = generate(
+        dataclasses.replace(loaded, transformer=transformer),
+        prompt_ids,
+        max_new_tokens=request.max_new_tokens,
+        eos_ids=() if request.ignore_eos else loaded.config.eos_token_ids,
+        sampler=sampler,
+        policy=policy,
+        divide_length=request.divide_length,
+        seed=request.seed,
+        on_round=stream,
+        mesh=device_mesh,
+    )
+    generated = sum(result.num_generated_tokens)
+    if slim_report is not None:
+        slim_report = slim_report.to_dict() | {
+            "logprob_error": _slim_error(
+                loaded.transformer, transformer, prompt_ids[0], result.token_ids[0], request.divide_length
+            )
+        }
+    payload = {
+        "model": str(loaded.path),
+        "method": request.method,
+        "dtype": request.dtype,
+        "kv_cache": request.kv_cache,
+        "mesh": None if device_mesh is None else sharding.format_mesh(device_mesh),
+        "slim": slim_report,
+        "policy_settings": dataclasses.asdict(settings) if request.method != "full" else None,
+        "divide_length": request.divide_length,
+        "chat": use_chat,
+        "prompts": texts,
+        "generated_token_ids": result.token_ids,
+        "texts": result.texts,
+        "num_prompt_tokens": result.num_prompt_tokens,
+        "num_generated_tokens": result.num_generated_tokens,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "kv_payload_bytes": result.kv_payload_bytes,
+        "wall_seconds": result.wall_seconds,
+        "tokens_per_second": generated / result.wall_seconds,
+    }
+    if request.output_json and jax.process_index() == 0:
+        write_json_atomic(request.output_json, payload)
+    return payload
+
+
+def _evicts(policy: EvictionPolicy, prompt_ids: list[list[int]], max_new_tokens: int, divide_length: int) -> bool:
+    """Whether any compaction happens: the prefill's or a round's (the schedule `generate` follows)."""
+    slots = prompt_bucket(max(map(len, prompt_ids)))
+    rounds = -(-max_new_tokens // divide_length)
+    return slots > policy.budget or bool(policy.compacting_rounds(slots, rounds, divide_length))
+
+
+def _slim_error(standard, slim, prompt: list[int], generated: list[int], divide_length: int) -> dict[str, float] | None:
+    """The K-only cache's measured log-prob error against the standard cache (full attention,
+    same weights and dtype) over the first row's generated tokens, teacher-forced."""
+    if len(generated) < 2:
+        return None
+    tokens = np.asarray([prompt + generated], np.int32)
+    return logprob_error(standard, slim, tokens, prefill_length=len(prompt), divide_length=divide_length)
+
+
+REPORT_SEQUENCE_TOKENS = 1024
+
+
+def run_calibration(
+    *,
+    model: str,
+    calib_files: Sequence[str],
+    num_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    dtype: str,
+    out: str | None,
+    report: bool,
+    report_dir: str | None,
+) -> list[str]:
+    """Calibrates, writes the statistics (and the report); returns summary lines to print."""
+    if out:
+        check_writable(out)
+    loaded = load_model(model, dtype=dtype)
+    calibration = calibrate(
+        loaded, calib_files=calib_files, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size
+    )
+    result, moments, sequences = calibration.result, calibration.moments, calibration.sequences
+    target = Path(out) if out else loaded.store_dir / STATS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_stats(target, result)
+    r_head, _ = moments.resultant_lengths()
+    lines = [
+        f"statistics: {target} ({result.num_tokens} tokens; {result.metadata['source']})",
+        f"heads with R > 0.95: {(r_head > 0.95).mean():.1%}, R > 0.90: {(r_head > 0.90).mean():.1%}",
+    ]
+    if report:
+        from triattention_jax.concentration import concentration_report, write_report
+
+        sequence = max(sequences, key=len)[:REPORT_SEQUENCE_TOKENS]
+        numbers = concentration_report(loaded.transformer, moments, sequence)
+        folder = Path(report_dir) if report_dir else loaded.store_dir / "report"
+        paths = write_report(numbers, folder)
+        lines.append(
+            f"reconstruction Pearson r over {len(sequence)} tokens: mean "
+            f"{numbers['reconstruction']['pearson_mean']:.3f}, median {numbers['reconstruction']['pearson_median']:.3f}"
+        )
+        norms = numbers["key_norm_vs_attention"]
+        lines.append(
+            f"key norm vs attention received, Spearman: median {norms['spearman_median']:.3f}, negative in "
+            f"{norms['fraction_negative']:.0%} of KV heads"
+        )
+        lines.append("report: " + ", ".join(str(p) for p in paths))
+    return lines
