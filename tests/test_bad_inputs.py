@@ -315,7 +315,7 @@ def test_pickled_code_in_statistics_refused_in_one_line_without_unsafe_advice(tm
 def test_concurrent_first_use_conversions_both_succeed(tmp_path):
     code = (
         "import sys; from triattention_jax.checkpoints import gguf; from pathlib import Path; "
-        "gguf.ensure_converted(Path(sys.argv[1]))"
+        "gguf.ensure_packaged(gguf.DEFAULT_MODEL_NAME, Path(sys.argv[1]))"
     )
     target = tmp_path / "smollm2"
     runs = [

@@ -35,20 +35,22 @@ def models_dir() -> Path:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A checkpoint folder for a path, a folder name under models/ (the embedded default is
-    converted there on first use), or a hub id."""
+    """A checkpoint folder for a path, a GGUF file or a packaged model name (converted into
+    models/ on first use), a folder name under models/, or a hub id."""
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf.ensure_file_converted(path, models_dir() / path.stem.lower())
     if path.is_dir():
         return path
     local = models_dir() / model
-    if model == gguf.DEFAULT_MODEL_NAME:
-        return gguf.ensure_converted(local)
+    if model in gguf.PACKAGED_MODELS:
+        return gguf.ensure_packaged(model, local)
     if local.is_dir():
         return local
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
         raise UserError(
-            f"model {model!r} not found: give a checkpoint folder, a folder name under {models_dir()}, "
-            "or a hub id like org/name"
+            f"model {model!r} not found: give a checkpoint folder, a .gguf file, a folder name under {models_dir()} "
+            f"(or one of {', '.join(gguf.PACKAGED_MODELS)}), or a hub id like org/name"
         )
     return _hub_snapshot(model)
 
