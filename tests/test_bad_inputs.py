@@ -358,7 +358,7 @@ def test_ctrl_c_ends_in_one_line_and_exit_130():
     )
     assert run.stdout.read(1), "no text was generated"  # decoding is under way
     run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=300)
+    _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "error: interrupted"

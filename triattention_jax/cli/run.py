@@ -5,6 +5,7 @@ Nothing here imports jax, so flags (and `--help`) are parsed before the heavy im
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -58,7 +59,11 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         except UserError as e:
             _fail(str(e))
         except KeyboardInterrupt:
+            # Every `finally` has run by now (staging folders removed); exiting at once skips the
+            # interpreter's shutdown, which can wait on the accelerator runtime's threads.
             print("error: interrupted", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
 
     app.run(guarded, flags_parser=_parse_flags)
