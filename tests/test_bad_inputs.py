@@ -355,6 +355,8 @@ def test_ctrl_c_ends_in_one_line_and_exit_130():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As in a terminal: a test run started in the background inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert run.stdout.read(1), "no text was generated"  # decoding is under way
     run.send_signal(signal.SIGINT)

@@ -13,7 +13,7 @@ from absl import flags
 
 from triattention_jax.cli import flags as shared
 from triattention_jax.cli import run as runner
-from triattention_jax.cli.run import METHOD_NAMES, run_cli
+from triattention_jax.cli.run import METHOD_NAMES, check_interrupted, run_cli
 from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 
 FLAGS = flags.FLAGS
@@ -93,6 +93,7 @@ class StreamPrinter:
         self.printed = 0
 
     def __call__(self, texts: list[str]) -> None:
+        check_interrupted()
         if len(texts) == 1:
             sys.stdout.write(texts[0][self.printed :])
             sys.stdout.flush()

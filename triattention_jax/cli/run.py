@@ -6,6 +6,7 @@ Nothing here imports jax, so flags (and `--help`) are parsed before the heavy im
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -45,6 +46,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raises KeyboardInterrupt once Ctrl-C was pressed: for callbacks that run between pieces of
+    work, because native code can swallow the exception the signal raised (seen under load)."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[list[str]], None]) -> None:
     """app.run(main) with flag errors and `UserError`s reported as a single line, Ctrl-C as
     one line with exit code 130, and the persistent compilation cache enabled."""
@@ -53,6 +70,8 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         logging.set_verbosity(logging.WARNING)
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}: every input is a --flag")
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_interrupt)
         try:
             enable_compilation_cache(flags.FLAGS.compilation_cache)
             main(argv)
