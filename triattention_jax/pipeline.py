@@ -60,7 +60,8 @@ def decode_prompts(
     on_text: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
     """Generates for one prompt or a file of prompts with the policy `settings` describe;
-    returns (and optionally writes) the report; `on_text` receives the texts as they grow."""
+    returns (and optionally writes) the report; `on_text` receives, after each decoded piece, a
+    single prompt's text so far (a batch: an empty list, its texts come whole in the report)."""
     if (request.prompt is None) == (request.prompt_file is None):
         raise UserError("give exactly one of --prompt or --prompt_file")
     texts = [request.prompt] if request.prompt is not None else read_prompt_file(request.prompt_file)
@@ -94,7 +95,8 @@ def decode_prompts(
 
     def stream(token_ids: list[list[int]]) -> None:
         if on_text is not None:
-            on_text([tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids])
+            # Only one prompt streams: decoding every row after every piece would be wasted work.
+            on_text([tokenizer.decode(token_ids[0], skip_special_tokens=True)] if len(token_ids) == 1 else [])
 
     result = generate(
         dataclasses.replace(loaded, transformer=transformer),
