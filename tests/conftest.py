@@ -27,6 +27,44 @@ TINY_COMMON = dict(
     eos_token_id=2,
 )
 
+# Eight query heads over four KV heads (a model axis of 4 fits; the checkpoints below have two
+# KV heads), for models built directly from random weights.
+WIDE = dict(
+    model_type="qwen3",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=8,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+)
+
+
+def random_transformer(hf: dict):
+    """A float32 Transformer of the config `hf` with random weights large enough (0.2) that
+    attention is peaked: scores then rarely tie, so kept sets do not hinge on float rounding."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from triattention_jax.config import ModelConfig
+    from triattention_jax.model import Transformer, weight_specs
+
+    config = ModelConfig.from_hf(hf)
+    rng = np.random.default_rng(0)
+    weights = {
+        name: (1.0 + 0.1 * rng.normal(size=shape) if name.endswith("norm") else 0.2 * rng.normal(size=shape)).astype(
+            np.float32
+        )
+        for name, (shape, _) in weight_specs(config).items()
+    }
+    return Transformer(config, weights, dtype=jnp.float32)
+
+
 # name -> (model_type, extra config); covers llama3 RoPE scaling, Qwen2 biases, Qwen3 qk-norm,
 # tied and untied embeddings.
 TINY_MODELS = {

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, WIDE, random_transformer
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -26,39 +26,10 @@ from triattention_jax.policies import FullAttention, TriAttention
 from triattention_jax.policies.snapkv import SnapKV
 from triattention_jax.sampling import Sampler
 
-# Eight query heads over four KV heads, so a model axis of 4 fits (the conftest checkpoints
-# have two KV heads).
-WIDE = dict(
-    model_type="qwen3",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=8,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    rope_theta=10000.0,
-)
-
-
-def _random_transformer(hf: dict) -> Transformer:
-    config = ModelConfig.from_hf(hf)
-    rng = np.random.default_rng(0)
-    weights = {
-        name: (1.0 + 0.1 * rng.normal(size=shape) if name.endswith("norm") else 0.2 * rng.normal(size=shape)).astype(
-            np.float32
-        )
-        for name, (shape, _) in weight_specs(config).items()
-    }
-    return Transformer(config, weights, dtype=jnp.float32)
-
 
 @pytest.fixture(scope="module")
 def transformer():
-    return _random_transformer(WIDE)
+    return random_transformer(WIDE)
 
 
 def _policy(name: str, transformer: Transformer):
@@ -104,7 +75,7 @@ from triattention_jax import sharding
 sharding.initialize_distributed()
 import test_sharding as t
 from triattention_jax.decoding import generate
-transformer = t._random_transformer(t.WIDE)
+transformer = t.random_transformer(t.WIDE)
 result = generate(transformer, t._prompts(transformer.config.vocab_size), eos_ids=(), max_new_tokens=48,
                   divide_length=16, policy=t._policy("triattention", transformer),
                   mesh=sharding.make_mesh("data=2,model=4"))

@@ -94,6 +94,7 @@ def extend_for_policy(
         tokens,
         positions,
         logits_at=logits_at,
+        collect_pre_rope="queries" in policy.observes,
         collect_rope_queries="rope_queries" in policy.observes,
         collect_attention="attention" in policy.observes,
     )
@@ -198,7 +199,7 @@ def decode_round(
     return cache, decode, emitted.T
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "divide_length", "mesh"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "divide_length", "block", "mesh"), donate_argnames=("cache",))
 def teacher_forced_round(
     graphdef,
     state,
@@ -209,11 +210,25 @@ def teacher_forced_round(
     prompt_lengths: jax.Array,
     *,
     divide_length: int,
+    block: bool = True,
     mesh: Mesh | None = None,
 ):
+    """One round of given tokens (batch, divide_length) at `positions`, after the policy's
+    `before_round`; returns the cache and float32 log-probs (batch, divide_length, vocab).
+
+    Nothing is evicted inside a round, so with `block` the round's tokens run as one `extend`
+    against the cache (matrix products instead of one weight read per token) and the policy
+    observes them at once: every observation is a sum or a window over the round's queries,
+    the same as step by step up to float rounding. `block=False` feeds them one at a time
+    through generation's decode step.
+    """
     transformer = nnx.merge(graphdef, state)
     context = RoundContext(prompt_lengths=prompt_lengths, position=positions[:, 0])
     cache = sharding.constrain_cache(policy.before_round(cache, divide_length, context), mesh)
+    if block:
+        out = extend_for_policy(transformer, policy, cache, tokens, positions, None)
+        cache = policy.observe(cache.append(out.k, out.v, positions), out, positions)
+        return sharding.constrain_cache(cache, mesh), jax.nn.log_softmax(out.logits, axis=-1)
 
     def step(cache, xs):
         logits, cache = _step_logits(transformer, policy, cache, *xs)
@@ -413,12 +428,14 @@ def teacher_force(
     policy: KVPolicy = FullAttention(),
     divide_length: int = DEFAULT_DIVIDE_LENGTH,
     targets_only: bool = False,
+    block: bool = True,
     mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Log-probabilities of the next token at every position of `tokens` (batch, T).
 
-    The first `prefill_length` tokens are prefilled; the rest are fed one at a time through
-    the same decode step, cache and eviction as generation. Returns float32 (batch, T, vocab):
+    The first `prefill_length` tokens are prefilled; the rest run in rounds of `divide_length`
+    with the same cache and eviction as generation: each round as one block (`block`), or one
+    token at a time through generation's decode step (see `teacher_forced_round`). Returns float32 (batch, T, vocab):
     row t is the distribution predicting token t + 1; with `targets_only`, (batch, T - 1): the
     log-probability of each actual next token (the vocabulary axis never reaches the host).
     `model` and `mesh` as in `generate`.
@@ -469,7 +486,16 @@ def teacher_force(
         positions = np.broadcast_to(np.arange(begin, begin + divide_length, dtype=np.int32), (batch, divide_length))
         chunk, positions = put_rows(mesh, chunk, positions)
         cache, logprobs = teacher_forced_round(
-            graphdef, state, policy, cache, chunk, positions, prompt_lengths, divide_length=divide_length, mesh=mesh
+            graphdef,
+            state,
+            policy,
+            cache,
+            chunk,
+            positions,
+            prompt_lengths,
+            divide_length=divide_length,
+            block=block,
+            mesh=mesh,
         )
         pieces.append(to_host(logprobs, begin, width))
     logprobs = np.concatenate(pieces, axis=1)

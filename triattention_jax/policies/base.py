@@ -54,8 +54,8 @@ class RoundContext:
 class KVPolicy(abc.ABC):
     """What the decode loop calls; see `FullAttention` and `EvictionPolicy`.
 
-    `observes` names what a policy needs from each forward pass ("rope_queries",
-    "attention"); the model computes those only for policies that ask.
+    `observes` names what a policy needs from each forward pass ("queries", pre-RoPE;
+    "rope_queries"; "attention"); the model computes those only for policies that ask.
     """
 
     observes: ClassVar[frozenset[str]] = frozenset()
