@@ -13,7 +13,7 @@ from triattention_jax.checkpoints.stats import load_stats
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
-from triattention_jax.policies import EvictionPolicy, KVPolicy, TriAttention, policy_class
+from triattention_jax.policies import EvictionPolicy, ExpectedAttention, KVPolicy, TriAttention, policy_class
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats
 
 
@@ -94,9 +94,11 @@ def build_policy(
         "protect_prompt": cls.default_protect_prompt() if settings.protect_prompt is None else settings.protect_prompt,
         "window": cls.default_window(settings.budget) if settings.window is None else settings.window,
     }
+    transformer = model if isinstance(model, Transformer) else model.transformer
+    if cls is ExpectedAttention:  # scores with the model's own RoPE
+        return ExpectedAttention.create(transformer, **options)
     if cls is not TriAttention:
         return cls(**options)
-    transformer = model if isinstance(model, Transformer) else model.transformer
     if stats is None and isinstance(model, Transformer):
         if settings.stats is None:
             raise UserError("TriAttention needs statistics: pass stats=, a statistics file, or what load_model returns")

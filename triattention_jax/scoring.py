@@ -43,7 +43,7 @@ def offset_phasors(inv_freq: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray
     return np.stack([np.cos(angles).mean(0), np.sin(angles).mean(0)]).astype(np.float32)
 
 
-def key_scores(
+def key_score_terms(
     keys: jax.Array,
     stats: FrequencyStats,
     inv_freq: jax.Array,
@@ -51,15 +51,14 @@ def key_scores(
     position: jax.Array,
     *,
     attention_scaling: float = 1.0,
-    trigonometric: bool = True,
     norm_weighting: bool = True,
-) -> jax.Array:
-    """Raw scores S̃ of every key for every query head.
+) -> tuple[jax.Array, jax.Array]:
+    """The two terms of S̃ for every key and query head: (trigonometric series, norm term).
 
     keys: (layers, batch, kv_heads, slots, head_dim) post-RoPE; position: (batch,) t0, the
-    number of tokens processed; phasors: `offset_phasors(...)`. Returns float32
-    (layers, batch, heads, slots). `trigonometric=False` drops the series (ablation);
-    `norm_weighting=False` weights the norm term by qa_f instead of (1 − R_f)·qa_f.
+    number of tokens processed; phasors: `offset_phasors(...)`. Each term float32
+    (layers, batch, heads, slots). `norm_weighting=False` weights the norm term by qa_f
+    instead of (1 − R_f)·qa_f.
     """
     L, B, K, S, hd = keys.shape
     half = hd // 2
@@ -71,16 +70,35 @@ def key_scores(
     qm_abs = jnp.sqrt(qm_re**2 + qm_im**2)
     norm_weight = stats.q_abs_mean.reshape(L, K, group, half) - (qm_abs if norm_weighting else 0.0)
     key_abs = jnp.sqrt(key_re**2 + key_im**2)
-    scores = jnp.einsum("lkgf,lbksf->lbkgs", norm_weight, key_abs, precision=jax.lax.Precision.HIGHEST)
-    if trigonometric:
-        angle = position.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (B, F)
-        rot_re = jnp.cos(angle) * phasors[0] - jnp.sin(angle) * phasors[1]
-        rot_im = jnp.cos(angle) * phasors[1] + jnp.sin(angle) * phasors[0]
-        a_re = qm_re[:, None] * rot_re[None, :, None, None] - qm_im[:, None] * rot_im[None, :, None, None]
-        a_im = qm_re[:, None] * rot_im[None, :, None, None] + qm_im[:, None] * rot_re[None, :, None, None]
-        scores = scores + jnp.einsum("lbkgf,lbksf->lbkgs", a_re, key_re, precision=jax.lax.Precision.HIGHEST)
-        scores = scores + jnp.einsum("lbkgf,lbksf->lbkgs", a_im, key_im, precision=jax.lax.Precision.HIGHEST)
-    return (scores * attention_scaling**2).reshape(L, B, heads, S)
+    norm = jnp.einsum("lkgf,lbksf->lbkgs", norm_weight, key_abs, precision=jax.lax.Precision.HIGHEST)
+    angle = position.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (B, F)
+    rot_re = jnp.cos(angle) * phasors[0] - jnp.sin(angle) * phasors[1]
+    rot_im = jnp.cos(angle) * phasors[1] + jnp.sin(angle) * phasors[0]
+    a_re = qm_re[:, None] * rot_re[None, :, None, None] - qm_im[:, None] * rot_im[None, :, None, None]
+    a_im = qm_re[:, None] * rot_im[None, :, None, None] + qm_im[:, None] * rot_re[None, :, None, None]
+    trig = jnp.einsum("lbkgf,lbksf->lbkgs", a_re, key_re, precision=jax.lax.Precision.HIGHEST)
+    trig = trig + jnp.einsum("lbkgf,lbksf->lbkgs", a_im, key_im, precision=jax.lax.Precision.HIGHEST)
+    scale = attention_scaling**2
+    return (trig * scale).reshape(L, B, heads, S), (norm * scale).reshape(L, B, heads, S)
+
+
+def key_scores(
+    keys: jax.Array,
+    stats: FrequencyStats,
+    inv_freq: jax.Array,
+    phasors: jax.Array,
+    position: jax.Array,
+    *,
+    attention_scaling: float = 1.0,
+    trigonometric: bool = True,
+    norm_weighting: bool = True,
+) -> jax.Array:
+    """Raw scores S̃ of every key for every query head, float32 (layers, batch, heads, slots);
+    arguments as `key_score_terms`. `trigonometric=False` drops the series (ablation)."""
+    trig, norm = key_score_terms(
+        keys, stats, inv_freq, phasors, position, attention_scaling=attention_scaling, norm_weighting=norm_weighting
+    )
+    return trig + norm if trigonometric else norm
 
 
 def normalized_scores(raw: jax.Array, valid: jax.Array, num_kv_heads: int) -> jax.Array:

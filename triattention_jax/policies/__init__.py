@@ -1,6 +1,7 @@
 """KV-cache policies, one per file; importing this package registers them all."""
 
 from triattention_jax.policies.base import EvictionPolicy, KVPolicy, RoundContext, policy_class, policy_names
+from triattention_jax.policies.expected_attention import ExpectedAttention
 from triattention_jax.policies.full import FullAttention
 from triattention_jax.policies.h2o import H2O
 from triattention_jax.policies.random_policy import RandomEviction
@@ -11,6 +12,7 @@ from triattention_jax.policies.triattention import TriAttention
 
 __all__ = [
     "EvictionPolicy",
+    "ExpectedAttention",
     "FullAttention",
     "H2O",
     "KVPolicy",

@@ -1,0 +1,257 @@
+"""Expected Attention against an independent float64 NumPy reference (explicit RoPE matrices
+averaged over the future positions, explicit covariance), its recent-query window, and end to
+end through `build_policy` and generation on a tiny random Llama."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import save_tiny_model
+from flax import nnx
+
+from triattention_jax.cache import EMPTY_POSITION, KVCache
+from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.config import RopeConfig
+from triattention_jax.decoding import DecodeState, decode_round, generate, prefill
+from triattention_jax.errors import UserError
+from triattention_jax.methods import PolicySettings, build_policy, parse_method
+from triattention_jax.policies import ExpectedAttention, RoundContext, policy_names
+from triattention_jax.rope import inverse_frequencies
+from triattention_jax.sampling import Sampler
+
+L, B, K, G, HD, S, W = 2, 2, 2, 2, 8, 30, 6
+SINKS = 4
+# YaRN: scaled frequencies and a magnitude factor (attention_scaling ≈ 1.14) that the averaged
+# rotation must carry, as the model's RoPE does.
+ROPE = RopeConfig(theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    positions = np.stack(
+        [
+            np.concatenate([np.arange(4), np.sort(4 + rng.permutation(190)[: S - 4])]),
+            np.concatenate([[0, 2], np.sort(5 + rng.permutation(250)[: S - 2])]),
+        ]
+    )
+    positions = np.broadcast_to(positions[None, :, None], (L, B, K, S)).copy()
+    positions[:, 1, :, 6:9] = EMPTY_POSITION  # empty slots, as a shorter prompt leaves them
+    keys = rng.normal(size=(L, B, K, S, HD)).astype(np.float32)
+    values = rng.normal(size=(L, B, K, S, HD)).astype(np.float32) * rng.uniform(0.2, 2.0, size=(L, B, K, S, 1))
+    # Row 0: six recent positions; row 1: an empty entry and sink positions, which the
+    # statistics must skip.
+    query_positions = np.array([[194, 195, 196, 197, 198, 199], [EMPTY_POSITION, 1, 3, 255, 256, 257]], np.int32)
+    queries = (rng.normal(size=(L, B, W, K * G, HD)) + rng.normal(size=(L, 1, 1, K * G, HD))).astype(np.float32)
+    cache = KVCache.from_stacked(
+        k=jnp.asarray(keys),
+        v=jnp.asarray(values.astype(np.float32)),
+        pos=jnp.asarray(positions, jnp.int32),
+        cursor=jnp.asarray(S, jnp.int32),
+        state={"recent_queries": jnp.asarray(queries), "recent_positions": jnp.asarray(query_positions)},
+    )
+    context = RoundContext(prompt_lengths=jnp.zeros(B, jnp.int32), position=jnp.asarray([200, 258], jnp.int32))
+    inv_freq, scaling = inverse_frequencies(ROPE, HD)
+    return dict(
+        positions=positions,
+        keys=keys,
+        values=values.astype(np.float32),
+        queries=queries,
+        query_positions=query_positions,
+        cache=cache,
+        context=context,
+        inv_freq=inv_freq,
+        scaling=scaling,
+    )
+
+
+def _policy(p, **options) -> ExpectedAttention:
+    return ExpectedAttention(inv_freq=jnp.asarray(p["inv_freq"]), attention_scaling=p["scaling"], **options)
+
+
+def rope_matrix(inv_freq: np.ndarray, scaling: float, position: int) -> np.ndarray:
+    """RoPE at `position` as a matrix: band f, the complex number x[f] + i·x[f + d/2], times
+    scaling·e^{iω_f·position}."""
+    half = len(inv_freq)
+    matrix = np.zeros((2 * half, 2 * half))
+    for f, omega in enumerate(np.asarray(inv_freq, np.float64)):
+        c, s = scaling * np.cos(omega * position), scaling * np.sin(omega * position)
+        matrix[f, f], matrix[f, f + half] = c, -s
+        matrix[f + half, f], matrix[f + half, f + half] = s, c
+    return matrix
+
+
+def reference_scores(p, n_future=512, use_covariance=True, use_value_norm=True) -> np.ndarray:
+    scores = np.zeros((L, B, K, S))
+    for b in range(B):
+        start = int(p["context"].position[b])
+        average = np.mean([rope_matrix(p["inv_freq"], p["scaling"], start + j) for j in range(n_future)], axis=0)
+        used = p["query_positions"][b] >= SINKS
+        for l in range(L):
+            for k in range(K):
+                pos = p["positions"][l, b, k]
+                scored = pos >= SINKS
+                keys = p["keys"][l, b, k].astype(np.float64)
+                for g in range(G):
+                    q = p["queries"][l, b, used, k * G + g].astype(np.float64)
+                    mean = average @ q.mean(axis=0)
+                    logits = keys @ mean / np.sqrt(HD)
+                    if use_covariance:
+                        covariance = average @ np.cov(q, rowvar=False, bias=True) @ average.T
+                        logits += np.einsum("sd,de,se->s", keys, covariance, keys) / (2 * HD)
+                    weights = np.exp(logits[scored] - logits[scored].max())
+                    scores[l, b, k, scored] += weights / weights.sum() / G
+                if use_value_norm:
+                    scores[l, b, k] *= np.linalg.norm(p["values"][l, b, k].astype(np.float64), axis=-1)
+                scores[l, b, k, (pos >= 0) & (pos < SINKS)] = np.inf
+    return scores
+
+
+@pytest.mark.parametrize("use_covariance, use_value_norm", [(True, True), (False, True), (True, False)])
+def test_scores_match_reference(problem, use_covariance, use_value_norm):
+    p = problem
+    policy = _policy(p, use_covariance=use_covariance, use_value_norm=use_value_norm)
+    got = np.asarray(policy.scores(p["cache"], p["context"]))
+    assert got.dtype == np.float32 and got.shape == (L, B, K, S)
+    expected = reference_scores(p, use_covariance=use_covariance, use_value_norm=use_value_norm)
+    valid = p["positions"] >= 0
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-4, atol=1e-7)
+
+
+def test_future_horizon_matters(problem):
+    """A short horizon is another averaged rotation: the scores follow it (and the reference)."""
+    p = problem
+    got = np.asarray(_policy(p, n_future_positions=7).scores(p["cache"], p["context"]))
+    valid = p["positions"] >= 0
+    np.testing.assert_allclose(got[valid], reference_scores(p, n_future=7)[valid], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(got[valid], reference_scores(p)[valid], rtol=1e-2)
+
+
+def test_compaction_keeps_sinks_and_reference_top_budget(problem):
+    p = problem
+    budget = 12
+    kept = np.asarray(_policy(p, budget=budget).compact(p["cache"], p["context"]).stacked("pos"))
+    scores = np.where(p["positions"] >= 0, reference_scores(p), -np.inf)
+    for index in np.ndindex(L, B, K):
+        order = np.argsort(-scores[index], kind="stable")[:budget]
+        chosen = np.sort(p["positions"][index][order])
+        assert list(kept[index]) == list(chosen)
+        assert {0, 2} <= set(kept[index]) and (index[1] == 1 or {0, 1, 2, 3} <= set(kept[index]))
+
+
+def test_window_keeps_the_last_real_queries_over_steps_and_blocks():
+    """start: the last query_window real prompt queries of each right-padded row; observe:
+    T new tokens at once give the same window as one at a time."""
+    rng = np.random.default_rng(1)
+    window, T, H = 6, 12, K * G
+    positions = np.array([np.where(np.arange(T) < n, np.arange(T), -1) for n in (10, 3)], np.int32)
+    prompt = rng.normal(size=(L, B, T, H, HD)).astype(np.float32)
+    policy = ExpectedAttention(inv_freq=jnp.ones(HD // 2), query_window=window)
+    empty = KVCache.from_stacked(
+        k=jnp.zeros((L, B, K, T, HD)), v=jnp.zeros((L, B, K, T, HD)), pos=jnp.zeros((L, B, K, T), jnp.int32), cursor=T
+    )
+    cache = policy.start(empty, types.SimpleNamespace(queries=jnp.asarray(prompt)), jnp.asarray(positions))
+    np.testing.assert_array_equal(cache.state["recent_positions"], [[4, 5, 6, 7, 8, 9], [-1, -1, -1, 0, 1, 2]])
+    np.testing.assert_array_equal(cache.state["recent_queries"][:, 0], prompt[:, 0, 4:10])
+    np.testing.assert_array_equal(cache.state["recent_queries"][:, 1, 3:], prompt[:, 1, :3])
+    assert dict(cache.state_axes)["recent_queries"] == ("layers", "batch", "window", "q_heads", "head_dim")
+
+    new = rng.normal(size=(L, B, 4, H, HD)).astype(np.float32)
+    new_positions = np.array([[10, 11, 12, 13], [3, 4, 5, 6]], np.int32)
+    block = policy.observe(cache, types.SimpleNamespace(queries=jnp.asarray(new)), jnp.asarray(new_positions))
+    steps = cache
+    for t in range(4):
+        out = types.SimpleNamespace(queries=jnp.asarray(new[:, :, t : t + 1]))
+        steps = policy.observe(steps, out, jnp.asarray(new_positions[:, t : t + 1]))
+    np.testing.assert_array_equal(block.state["recent_positions"], [[8, 9, 10, 11, 12, 13], [1, 2, 3, 4, 5, 6]])
+    for name in ("recent_queries", "recent_positions"):
+        np.testing.assert_array_equal(block.state[name], steps.state[name])
+    np.testing.assert_array_equal(block.state["recent_queries"][:, 0, 2:], new[:, 0])
+
+
+def test_registered_and_refuses_a_k_only_cache():
+    assert "expected_attention" in policy_names()
+    assert parse_method("expected_attention:window=8") == ("expected_attention", {"window": 8})
+    policy = ExpectedAttention(inv_freq=jnp.ones(HD // 2), budget=64)
+    with pytest.raises(UserError, match="K-only"):
+        policy.check([10], 16, slim=True)
+    ExpectedAttention(inv_freq=jnp.ones(HD // 2), budget=64, use_value_norm=False).check([10], 16, slim=True)
+    with pytest.raises(UserError, match="n_future_positions"):
+        ExpectedAttention(inv_freq=jnp.ones(HD // 2), n_future_positions=0).check([10], 16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # Llama-3 RoPE scaling: the policy must take the model's scaled frequencies.
+    return load_transformer(save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama3-untied"), dtype="float32")
+
+
+def test_build_policy_takes_the_models_rope(tiny):
+    policy = build_policy(tiny, "expected_attention", PolicySettings(budget=48))
+    assert isinstance(policy, ExpectedAttention)
+    assert (policy.budget, policy.window, policy.protect_prompt) == (48, 0, False)
+    np.testing.assert_array_equal(policy.inv_freq, np.asarray(tiny.inv_freq[...]))
+    assert policy.attention_scaling == tiny.attention_scaling
+    assert build_policy(tiny, "expected_attention:window=8;protect_prompt=true", PolicySettings()).window == 8
+
+
+def test_budget_covering_everything_equals_full_attention(tiny):
+    prompts = np.random.default_rng(4).integers(3, 512, size=(2, 10)).tolist()
+    policy = build_policy(tiny, "expected_attention", PolicySettings(budget=128))
+    full = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32)
+    compressed = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32, policy=policy)
+    assert compressed.token_ids == full.token_ids
+
+
+def test_generation_evicts_and_keeps_sinks(tiny):
+    """Prefill and rounds as `generate` runs them, budget 24: the buffer stays budget +
+    divide_length, every compaction keeps the sinks, and what it keeps is not just the most
+    recent tokens."""
+    budget, divide, rounds = 24, 16, 6
+    policy = build_policy(tiny, "expected_attention", PolicySettings(budget=budget))
+    prompts = np.random.default_rng(5).integers(3, 512, size=(2, 20)).astype(np.int32)
+    lengths = jnp.asarray([20, 13], jnp.int32)
+    bucket = 64
+    padded = np.zeros((2, bucket), np.int32)
+    padded[:, :20] = prompts
+    graphdef, state = nnx.split(tiny)
+    num_slots = policy.num_slots(bucket, rounds * divide, divide)
+    assert num_slots == budget + divide
+    _, cache = prefill(graphdef, state, policy, jnp.asarray(padded), lengths, num_slots=num_slots)
+    decode = DecodeState(
+        token=jnp.asarray([5, 6], jnp.int32), position=lengths, done=jnp.zeros(2, bool), step=jnp.zeros((), jnp.int32)
+    )
+    kept_old = False
+    for index in range(rounds):
+        cache, decode, _ = decode_round(
+            graphdef,
+            state,
+            policy,
+            cache,
+            decode,
+            lengths,
+            jax.random.key(0),
+            jnp.asarray([-2]),
+            sampler=Sampler(),
+            divide_length=divide,
+        )
+        positions = np.asarray(cache.stacked("pos"))
+        assert cache.num_slots == budget + divide
+        if index:  # from the second round on, every round starts with a compaction to the budget
+            assert ((positions >= 0).sum(-1) == budget + divide).all()
+        assert all(set(range(SINKS)) <= set(positions[index]) for index in np.ndindex(positions.shape[:3]))
+        newest = np.asarray(decode.position)[None, :, None, None]
+        recent = (positions >= newest - (budget - SINKS + divide)) | (positions < SINKS)
+        kept_old |= bool(np.any((positions >= 0) & ~recent))
+    assert kept_old  # unlike StreamingLLM, some older tokens survive on their expected attention
+    assert cache.state["recent_queries"].shape == (tiny.config.num_layers, 2, 128, tiny.config.num_heads, 16)
+    run = generate(tiny, prompts.tolist(), eos_ids=(), max_new_tokens=96, divide_length=divide, policy=policy)
+    assert run.num_generated_tokens == [96, 96]
+    config = tiny.config
+    assert run.kv_payload_bytes == 2 * config.num_layers * 2 * config.num_kv_heads * (budget + divide) * 16 * 4
+    # The buffer held counts the carried queries too (here, with 40 slots, most of it).
+    assert run.kv_cache_bytes > run.kv_payload_bytes + cache.state["recent_queries"].nbytes

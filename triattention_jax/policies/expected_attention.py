@@ -1,0 +1,191 @@
+"""Expected Attention (Devoto, Jeblick, Jégou 2025, arXiv 2510.00636; kvpress's
+`ExpectedAttentionPress`; SPEC 6): keys ranked by the attention that future queries are
+expected to pay them, with the queries modelled as a Gaussian.
+
+With μ, Σ the mean and covariance of the pre-RoPE queries of a head, and R̄ the RoPE rotation
+averaged over the next `n_future_positions` positions, E[exp(q·k/√d)] for q ~ N(R̄μ, R̄ΣR̄ᵀ)
+is exp(μ̄·k/√d + kᵀΣ̄k/(2d)); the score of a key is that, as a softmax over the keys, averaged
+over the query heads of its GQA group, times ‖v‖. The first `n_sink` positions are always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
+from triattention_jax.errors import UserError
+from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.rope import apply_rope, rope_cos_sin
+
+if TYPE_CHECKING:
+    from triattention_jax.model import Transformer
+
+
+@policy_dataclass
+class ExpectedAttention(EvictionPolicy):
+    """Build with `ExpectedAttention.create(transformer, budget=...)` (it needs the model's RoPE).
+
+    The query statistics come from the sequence's own recent queries, as kvpress takes them
+    from the sequence being compressed: the last `query_window` pre-RoPE queries are carried in
+    `cache.state`, updated every step, and positions below `n_sink` never enter the statistics
+    (kvpress drops the first n_sink hidden states as outliers).
+
+    window: recent tokens protected besides the sinks. kvpress protects nothing but the sinks,
+    so 0; the score itself covers recent keys (the queries it models are the ones that follow).
+    query_window: 128, one compaction interval at the default divide_length: kvpress's decoding
+    wrapper (`DecodingPress`) scores with the hidden states buffered since its last compression
+    (at most 256), so the statistics follow the recent text rather than the whole past. They
+    are memory: query_window·heads against 2·slots·kv_heads entries of K and V, about 12% of a
+    2,176-slot Qwen3-8B cache at 128 (stored in the cache's dtype, the dtype the model computed
+    them in, so without loss).
+    use_covariance / use_value_norm: switch off the kᵀΣ̄k term / the ‖v‖ factor (kvpress's
+    use_covariance / use_vnorm). kvpress's epsilon (added before the ‖v‖ factor) is 0 by default
+    and is left out.
+    """
+
+    observes: ClassVar[frozenset[str]] = frozenset({"queries"})
+
+    inv_freq: jax.Array = array_field()
+    budget: int = 2048
+    protect_prompt: bool = False
+    window: int = 0
+    attention_scaling: float = 1.0
+    n_future_positions: int = 512
+    n_sink: int = 4
+    query_window: int = 128
+    use_covariance: bool = True
+    use_value_norm: bool = True
+
+    @classmethod
+    def create(cls, transformer: Transformer, **options: Any) -> ExpectedAttention:
+        """The policy with `transformer`'s RoPE frequencies and magnitude factor (as its
+        attention applies them: scaled RoPE types included)."""
+        return cls(
+            inv_freq=jnp.asarray(np.asarray(transformer.inv_freq[...]), jnp.float32),
+            attention_scaling=float(transformer.attention_scaling),
+            **options,
+        )
+
+    def check(
+        self,
+        prompt_lengths: Sequence[int],
+        divide_length: int,
+        *,
+        slim: bool = False,
+        context_length: int | None = None,
+    ) -> None:
+        if slim and self.use_value_norm:
+            raise UserError(
+                "expected_attention weighs keys by ‖v‖, which a K-only (--kv_cache slim) cache does not hold: "
+                "use the standard cache"
+            )
+        if self.n_future_positions < 1 or self.query_window < 1 or self.n_sink < 0:
+            raise UserError(
+                "expected_attention needs n_future_positions >= 1, query_window >= 1 and n_sink >= 0, got "
+                f"{self.n_future_positions}, {self.query_window} and {self.n_sink}"
+            )
+        super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
+
+    def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
+        # The last `query_window` real prompt tokens of each right-padded row (fewer, marked
+        # empty, for a shorter prompt).
+        lengths = jnp.sum(positions >= 0, axis=1)
+        index = lengths[:, None] - self.query_window + jnp.arange(self.query_window)[None]
+        gather = jnp.clip(index, 0, positions.shape[1] - 1)
+        queries = jnp.take_along_axis(out.queries, gather[None, :, :, None, None], axis=2)
+        query_positions = jnp.where(index >= 0, jnp.take_along_axis(positions, gather, axis=1), EMPTY_POSITION)
+        return _with_state(cache, queries.astype(cache.dtype), query_positions)
+
+    def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
+        # T >= 1 new tokens (one decode step, or a teacher-forced round at once): the window
+        # after them is the last `query_window` of the old window followed by them.
+        queries = jnp.concatenate([cache.state["recent_queries"], out.queries.astype(cache.dtype)], axis=2)
+        query_positions = jnp.concatenate([cache.state["recent_positions"], positions], axis=1)
+        return _with_state(cache, queries[:, :, -self.query_window :], query_positions[:, -self.query_window :])
+
+    def future_rotation(self, position: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """R̄ for each row: the mean over positions p = position … position + n_future_positions − 1
+        of the RoPE rotation at p (with the model's magnitude factor), as the (cos, sin) pair that
+        `apply_rope` takes: R̄x = apply_rope(x, cos, sin). position: (batch,); each (batch, head_dim/2)."""
+        future = position[:, None] + jnp.arange(self.n_future_positions)[None]
+        cos, sin = rope_cos_sin(future, self.inv_freq, self.attention_scaling)
+        # The mean of rotations is linear in (cos, sin): band f of R̄ is the 2×2 block of
+        # mean cos and mean sin (no longer a rotation: its magnitude shrinks for fast bands).
+        return jnp.mean(cos, axis=1), jnp.mean(sin, axis=1)
+
+    def query_statistics(self, queries: jax.Array, query_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """μ (batch, heads, head_dim) and Σ (batch, heads, head_dim, head_dim) of one layer's
+        window of pre-RoPE queries (batch, window, heads, head_dim), float32, over the entries
+        at positions ≥ n_sink; Σ divides by the count (kvpress's biased estimate)."""
+        used = (query_positions >= self.n_sink)[:, :, None, None]
+        count = jnp.maximum(jnp.sum(used, axis=1), 1).astype(jnp.float32)  # (batch, 1, 1)
+        queries = jnp.where(used, queries.astype(jnp.float32), 0.0)
+        mean = jnp.sum(queries, axis=1) / count
+        centered = jnp.where(used, queries - mean[:, None], 0.0)
+        covariance = jnp.einsum("bwhd,bwhe->bhde", centered, centered) / count[..., None]
+        return mean, covariance
+
+    def layer_scores(
+        self,
+        layer: CacheLayer,
+        queries: jax.Array,
+        query_positions: jax.Array,
+        rotation: tuple[jax.Array, jax.Array],
+    ) -> jax.Array:
+        """One layer's scores (batch, kv_heads, slots): sinks +inf, empty slots 0."""
+        keys = layer.rope_keys.astype(jnp.float32)  # (B, K, S, hd), post-RoPE
+        B, K, S, hd = keys.shape
+        H = queries.shape[2]
+        mean, covariance = self.query_statistics(queries, query_positions)
+        cos, sin = rotation
+        # μ̄ = R̄μ, Σ̄ = R̄ΣR̄ᵀ. apply_rope maps each vector along the last axis to R̄x, so on Σ it
+        # gives ΣR̄ᵀ, and on that product's transpose, R̄Σ (Σ is symmetric), it gives R̄ΣR̄ᵀ.
+        mean = apply_rope(mean, cos[:, None], sin[:, None]).reshape(B, K, H // K, hd)
+        logits = jnp.einsum("bkgd,bksd->bkgs", mean, keys) * hd**-0.5
+        if self.use_covariance:
+            covariance = apply_rope(covariance, cos[:, None, None], sin[:, None, None])
+            covariance = apply_rope(jnp.swapaxes(covariance, -1, -2), cos[:, None, None], sin[:, None, None])
+            covariance = covariance.reshape(B, K, H // K, hd, hd)
+            logits += jnp.einsum("bksd,bkgde,bkse->bkgs", keys, covariance, keys) / (2 * hd)
+        # The softmax runs over the cached keys that are not sinks, as kvpress's does (it cuts
+        # the sinks off before scoring); each query head's distribution, then the group's mean.
+        scored = (layer.pos >= self.n_sink)[:, :, None, :]
+        weights = jax.nn.softmax(jnp.where(scored, logits, -jnp.inf), axis=-1)
+        scores = jnp.mean(jnp.where(scored, weights, 0.0), axis=2)
+        if self.use_value_norm:
+            if layer.v is None:
+                raise ValueError("expected_attention's value norm needs V: a K-only layer holds none (see check)")
+            scores = scores * jnp.linalg.norm(layer.v.astype(jnp.float32), axis=-1)
+        sinks = (layer.pos != EMPTY_POSITION) & (layer.pos < self.n_sink)
+        return jnp.where(sinks, jnp.inf, scores)
+
+    def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
+        rotation = self.future_rotation(context.position)
+        positions = cache.state["recent_positions"]
+
+        def one_layer(layer: CacheLayer, queries: jax.Array) -> jax.Array:
+            return self.layer_scores(layer, queries, positions, rotation)
+
+        # One layer's float32 keys and (keys × Σ̄) product at a time are the scoring's scratch.
+        return jnp.stack(layer_by_layer(one_layer, cache.layers(), list(cache.state["recent_queries"])))
+
+
+# The recent queries' logical axes, for sharding them with the cache.
+STATE_AXES = {
+    "recent_queries": ("layers", "batch", "window", "q_heads", "head_dim"),
+    "recent_positions": ("batch", "window"),
+}
+
+
+def _with_state(cache: KVCache, queries: jax.Array, query_positions: jax.Array) -> KVCache:
+    return cache.with_state(
+        {"recent_queries": queries, "recent_positions": query_positions.astype(jnp.int32)}, STATE_AXES
+    )
+
+
+register("expected_attention", ExpectedAttention)
