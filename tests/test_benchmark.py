@@ -68,13 +68,13 @@ def test_tiny_preset_report_is_consistent(tmp_path):
     report = json.loads(out.read_text())
     config = ModelConfig.from_hf(PRESETS["tiny"])
     runs = {row["method"]: row for row in report["runs"]}
-    # full: the buffer grows to the 64-slot prompt bucket + 1536 generated, while the previous
-    # size (1536 slots) is still held; the eviction methods keep budget + divide_length slots.
-    assert runs["full"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 1600 + 1536, jnp.float32)
+    # full: one buffer of the 64-slot prompt bucket + 1536 generated, allocated once; the
+    # eviction methods keep budget + divide_length slots.
+    assert runs["full"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 1600, jnp.float32)
     assert runs["triattention"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 64 + 32, jnp.float32)
     # H2O also keeps one float32 attention sum per slot (2 layers x 2 KV heads x 96 slots).
     assert runs["h2o"]["kv_bytes_per_sequence"] == cache_nbytes(config, 1, 96, jnp.float32) + 4 * 2 * 2 * 96
-    # The end-to-end run (256 tokens) used the buffers the schedule predicts.
+    # The end-to-end run (256 tokens) allocated the buffers predicted.
     assert runs["full"]["e2e"]["kv_cache_bytes"] == cache_nbytes(config, 2, 64 + 256, jnp.float32)
     assert runs["triattention"]["e2e"]["kv_cache_bytes"] == 2 * runs["triattention"]["kv_bytes_per_sequence"]
     for row in runs.values():
@@ -82,16 +82,29 @@ def test_tiny_preset_report_is_consistent(tmp_path):
         assert row["tokens_per_second"] == pytest.approx(2 * 1536 / row["integrated_seconds"], rel=1e-9)
         assert row["e2e"]["steady_rounds"] > 0
     steps = report["steps"]
-    # Full attention is timed at the smallest, a middle and the largest buffer of its run.
-    assert sorted(s["slots"] for s in steps if s["method"] == "full") == [1024, 1536, 1600]
-    assert {s["slots"] for s in steps if s["method"] != "full"} == {96}
+    # Full attention is timed on its one buffer where its first, middle and last rounds start
+    # (48 rounds of 32 steps after the 64-slot bucket); the others on their full buffer.
+    full_steps = [s for s in steps if s["method"] == "full"]
+    assert [s["filled"] for s in full_steps] == [64, 64 + 24 * 32, 64 + 47 * 32]
+    assert {s["slots"] for s in full_steps} == {1600}
+    assert {(s["slots"], s["filled"]) for s in steps if s["method"] != "full"} == {(96, 96)}
     weights = report["weight_bytes"]
     assert weights == sum(4 * int(np.prod(shape)) for shape, _ in weight_specs(config).values())
+    roofline = report["roofline"]
+    assert roofline["roofline_bytes_per_second"] == max(
+        roofline["copy_bytes_per_second"], roofline["read_bytes_per_second"]
+    )
+    assert "CPU: small size" in roofline["size"]
     for step in steps:
-        assert step["bytes_per_step"] == weights + cache_nbytes(config, 2, step["slots"], jnp.float32)
+        # What a step needs: the weights, and the slots in use, on average over its round
+        # (eviction rounds compact to the budget of 64 first).
+        in_use = (step["filled"] if step["method"] == "full" else 64) + 31 / 2
+        assert step["bytes_per_step"] == pytest.approx(
+            weights + cache_nbytes(config, 2, 1, jnp.float32) * in_use, abs=1
+        )
         assert step["tokens_per_second"] == pytest.approx(2 / step["step_seconds"], rel=1e-9)
         assert step["roofline_fraction"] == pytest.approx(
-            step["bytes_per_second"] / report["copy_bytes_per_second"], rel=1e-9
+            step["bytes_per_second"] / roofline["roofline_bytes_per_second"], rel=1e-9
         )
         assert (step["eviction_share"] is None) == (step["method"] == "full")
     assert "tok/s" in result.stdout and "roofline" in result.stdout

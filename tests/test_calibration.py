@@ -129,9 +129,14 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "--report",
         "--report_dir",
         str(report),
+        "--fit",
+        "--fit_seq_len",
+        "1024",
     )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
+    # The fit cuts the calibration file's 2,048 tokens into sequences of 1,024.
+    assert "fitted scorer:" in result.stdout and "2 sequences" in result.stdout
     numbers = json.loads((report / "report.json").read_text())
     assert numbers["num_tokens"] == 2048 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
@@ -164,6 +169,34 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     decoded = json.loads(out.read_text())
     assert decoded["num_generated_tokens"] == [160]
     # 30 layers x 3 KV heads x (96 + 32) slots x (2 x 64 float32 values + an int32 position)
+    assert decoded["kv_cache_bytes"] == 30 * 3 * 128 * (2 * 64 * 4 + 4)
+
+    fitted = stats.with_suffix(".fit.safetensors")
+    result = _run(
+        "decode.py",
+        "--prompt",
+        "Count from one to fifty in words.",
+        "--method",
+        "triattention_fit",
+        "--stats",
+        str(stats),
+        "--fitted_scorer",
+        str(fitted),
+        "--budget",
+        "96",
+        "--divide_length",
+        "32",
+        "--max_new_tokens",
+        "160",
+        "--ignore_eos",
+        "--dtype",
+        "float32",
+        "--output_json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    decoded = json.loads(out.read_text())
+    assert decoded["num_generated_tokens"] == [160]
     assert decoded["kv_cache_bytes"] == 30 * 3 * 128 * (2 * 64 * 4 + 4)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import WIDE, random_transformer
 from flax import nnx
 
-from triattention_jax.bench.presets import random_stats
+from triattention_jax.bench.presets import random_fit, random_stats
 from triattention_jax.decoding import prefill, teacher_force, teacher_forced_round
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.policies import policy_names
@@ -26,7 +26,13 @@ def transformer():
 
 
 def _policy(name: str, transformer):
-    return build_policy(transformer, name, PolicySettings(budget=BUDGET), stats=random_stats(transformer, seed=1))
+    return build_policy(
+        transformer,
+        name,
+        PolicySettings(budget=BUDGET),
+        stats=random_stats(transformer, seed=1),
+        fit=random_fit(transformer, seed=1),
+    )
 
 
 def _tokens(transformer, length: int, batch: int = 2) -> np.ndarray:

@@ -33,6 +33,7 @@ _PUBLIC = {
     "StreamingLLM": "triattention_jax.policies",
     "Transformer": "triattention_jax.model",
     "TriAttention": "triattention_jax.policies",
+    "TriAttentionFit": "triattention_jax.policies",
     "UserError": "triattention_jax.errors",
     "build_policy": "triattention_jax.methods",
     "calibrate": "triattention_jax.calibration",
@@ -99,6 +100,7 @@ if TYPE_CHECKING:
         SnapKV,
         StreamingLLM,
         TriAttention,
+        TriAttentionFit,
     )
     from triattention_jax.prompts import encode_prompts
     from triattention_jax.sampling import Sampler

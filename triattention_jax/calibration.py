@@ -19,9 +19,12 @@ import numpy as np
 from flax import nnx
 
 from triattention_jax.checkpoints.stats import (
+    FIT_FILE,
     STATS_FILE,
     CalibrationResult,
+    FitResult,
     check_compatible,
+    load_fit,
     load_stats,
     model_metadata,
     save_stats,
@@ -57,6 +60,7 @@ class QueryMoments:
 
     q_sum: np.ndarray  # complex (L, H, F)
     q_abs_sum: np.ndarray  # (L, H, F)
+    q_power_sum: np.ndarray  # (L, H, F): Σ |q_f|²
     q_norm_sum: np.ndarray  # (L, H): Σ ‖q‖ over the full head vector
     k_sum: np.ndarray  # complex (L, K, F)
     count: int = 0
@@ -68,6 +72,7 @@ class QueryMoments:
         return cls(
             q_sum=np.zeros((c.num_layers, c.num_heads, half), np.complex128),
             q_abs_sum=np.zeros((c.num_layers, c.num_heads, half)),
+            q_power_sum=np.zeros((c.num_layers, c.num_heads, half)),
             q_norm_sum=np.zeros((c.num_layers, c.num_heads)),
             k_sum=np.zeros((c.num_layers, c.num_kv_heads, half), np.complex128),
         )
@@ -76,6 +81,7 @@ class QueryMoments:
         host = {name: np.asarray(value, np.float64) for name, value in sums.items()}
         self.q_sum += host["q_re"] + 1j * host["q_im"]
         self.q_abs_sum += host["q_abs"]
+        self.q_power_sum += host["q_power"]
         self.q_norm_sum += host["q_norm"]
         self.k_sum += host["k_re"] + 1j * host["k_im"]
         self.count += int(host["count"])
@@ -89,6 +95,11 @@ class QueryMoments:
             q_mean_imag=mean.imag.astype(np.float32),
             q_abs_mean=(self.q_abs_sum / self.count).astype(np.float32),
         )
+
+    def band_variance(self) -> np.ndarray:
+        """E|q_f − E q_f|² per (layer, head, band), float32: the query spread within each band."""
+        mean = self.q_sum / max(self.count, 1)
+        return np.maximum(self.q_power_sum / max(self.count, 1) - np.abs(mean) ** 2, 0.0).astype(np.float32)
 
     def key_means(self) -> np.ndarray:
         """Complex mean pre-RoPE key per (layer, KV head, band)."""
@@ -116,6 +127,7 @@ def _batch_sums(graphdef, state, tokens: jax.Array, lengths: jax.Array) -> dict[
         "q_re": q_re.sum((1, 2)),
         "q_im": q_im.sum((1, 2)),
         "q_abs": jnp.sqrt(q_re**2 + q_im**2).sum((1, 2)),
+        "q_power": (q_re**2 + q_im**2).sum((1, 2)),
         "q_norm": jnp.sqrt((q**2).sum(-1)).sum((1, 2)),
         "k_re": k[..., :half].sum((1, 2)),
         "k_im": k[..., half:].sum((1, 2)),
@@ -240,10 +252,24 @@ def calibrate(
 BUNDLED_STATS_DIR = Path(__file__).resolve().parent / "data"
 
 
-def bundled_stats_path(name: str) -> Path | None:
-    """The packaged statistics of the model store entry `name`, if there are any."""
-    path = BUNDLED_STATS_DIR / f"{name}.{STATS_FILE}"
+def bundled_stats_path(name: str, file: str = STATS_FILE) -> Path | None:
+    """The packaged statistics (or fitted scorer: `file`) of the model store entry `name`, if any."""
+    path = BUNDLED_STATS_DIR / f"{name}.{file}"
     return path if path.exists() else None
+
+
+def fit_for_model(model: LoadedModel, features: tuple[str, ...], path: str | None = None) -> FitResult:
+    """The fitted scorer for a model: from `path`, else the model folder's, else the package's.
+    Fitting takes minutes, so it is never started implicitly."""
+    default = model.store_dir / FIT_FILE
+    bundled = bundled_stats_path(model.name, FIT_FILE)
+    found = path or (default if default.exists() else bundled)
+    if found is None:
+        raise UserError(
+            f"no fitted scorer for {model.name}: run python calibrate.py --model {model.name} --fit "
+            "(or pass --fitted_scorer FILE)"
+        )
+    return load_fit(found, model.transformer, features)
 
 
 def stats_for_model(model: LoadedModel, path: str | None = None) -> CalibrationResult:

@@ -2,8 +2,9 @@
 
 Decoding runs in rounds of `divide_length` steps, each a `lax.scan` of the same step
 function; the policy's `before_round` (eviction) runs at the start of each round inside the
-same jitted function, so the loop compiles once per (batch, buffer) shape. Between rounds
-the host streams text and stops once every row has emitted EOS.
+same jitted function, so the loop compiles once per (batch, buffer) shape. A policy may cut
+the first round short to set the phase of the rest (`KVPolicy.first_round_steps`). Between
+rounds the host streams text and stops once every row has emitted EOS.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def extend_for_policy(
     tokens: jax.Array,
     positions: jax.Array,
     logits_at: jax.Array | None,
+    decode_kernel: bool = True,
 ):
     """`Transformer.extend`, collecting what the policy observes."""
     return transformer.extend(
@@ -97,12 +99,18 @@ def extend_for_policy(
         collect_pre_rope="queries" in policy.observes,
         collect_rope_queries="rope_queries" in policy.observes,
         collect_attention="attention" in policy.observes,
+        decode_kernel=decode_kernel,
     )
 
 
-def _step_logits(transformer: Transformer, policy: KVPolicy, cache: KVCache, token: jax.Array, position: jax.Array):
+def _step_logits(
+    transformer: Transformer, policy: KVPolicy, cache: KVCache, token: jax.Array, position: jax.Array, mesh: Mesh | None
+):
     tokens, positions = token[:, None], position[:, None]
-    out = extend_for_policy(transformer, policy, cache, tokens, positions, jnp.zeros_like(token))
+    # The decode kernel is one device's program: under a mesh XLA would gather the cache for it.
+    out = extend_for_policy(
+        transformer, policy, cache, tokens, positions, jnp.zeros_like(token), decode_kernel=mesh is None
+    )
     return out.logits, policy.observe(cache.append(out.k, out.v, positions), out, positions)
 
 
@@ -136,25 +144,10 @@ def prefill(
     )
 
 
-_resized = jax.jit(KVCache.resized, static_argnums=1)
-
-
-def buffer_schedule(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
-    """The buffer size of every decode round after a prompt of `prompt_tokens` (the longest
-    row), as `generate` and `teacher_force` size it: host-side, known before decoding."""
-    bucket = prompt_bucket(prompt_tokens)
-    max_slots = policy.num_slots(bucket, new_tokens, divide_length)
-    slots = policy.prefill_slots(bucket, max_slots)
-    schedule = []
-    for index in range(-(-new_tokens // divide_length)):
-        slots = policy.round_slots(slots, bucket + index * divide_length, divide_length, max_slots)
-        schedule.append(slots)
-    return schedule
-
-
-def _sized(cache: KVCache, num_slots: int) -> KVCache:
-    """The cache in a buffer of `num_slots` (a copy only when it grows)."""
-    return cache if num_slots == cache.num_slots else _resized(cache, num_slots)
+def round_steps(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
+    """The steps of every decode round after a prompt of `prompt_tokens` (the longest row),
+    covering `new_tokens` (`KVPolicy.round_steps`): what `generate` and `teacher_force` run."""
+    return policy.round_steps(prompt_tokens, prompt_bucket(prompt_tokens), new_tokens, divide_length)
 
 
 @functools.partial(
@@ -180,7 +173,8 @@ def decode_round(
 ):
     """`num_steps` decode steps (default: a whole round of `divide_length`), preceded by the
     policy's `before_round` when `start_of_round`; the later pieces of a round skip it, so a
-    round split into pieces evicts exactly as a whole one."""
+    round split into pieces evicts exactly as a whole one. A first round cut short
+    (`KVPolicy.first_round_steps`) is pieces of another length, with the same `divide_length`."""
     transformer = nnx.merge(graphdef, state)
     if start_of_round:
         context = RoundContext(prompt_lengths=prompt_lengths, position=decode.position)
@@ -190,7 +184,7 @@ def decode_round(
         cache, d = carry
         emitted = jnp.where(d.done, -1, d.token)
         done = d.done | jnp.isin(d.token, eos_ids)
-        logits, cache = _step_logits(transformer, policy, cache, d.token, d.position)
+        logits, cache = _step_logits(transformer, policy, cache, d.token, d.position, mesh)
         cache = sharding.constrain_cache(cache, mesh)
         token = sampler(logits, jax.random.fold_in(key, d.step))
         return (cache, DecodeState(token, d.position + 1, done, d.step + 1)), emitted
@@ -213,8 +207,9 @@ def teacher_forced_round(
     block: bool = True,
     mesh: Mesh | None = None,
 ):
-    """One round of given tokens (batch, divide_length) at `positions`, after the policy's
-    `before_round`; returns the cache and float32 log-probs (batch, divide_length, vocab).
+    """One round of given tokens (batch, steps) at `positions` (steps: `divide_length`, or
+    fewer for a first round cut short), after the policy's `before_round`; returns the cache
+    and float32 log-probs (batch, steps, vocab).
 
     Nothing is evicted inside a round, so with `block` the round's tokens run as one `extend`
     against the cache (matrix products instead of one weight read per token) and the policy
@@ -231,7 +226,7 @@ def teacher_forced_round(
         return sharding.constrain_cache(cache, mesh), jax.nn.log_softmax(out.logits, axis=-1)
 
     def step(cache, xs):
-        logits, cache = _step_logits(transformer, policy, cache, *xs)
+        logits, cache = _step_logits(transformer, policy, cache, *xs, mesh)
         return sharding.constrain_cache(cache, mesh), jax.nn.log_softmax(logits, axis=-1)
 
     cache, logprobs = jax.lax.scan(step, cache, (tokens.T, positions.T))
@@ -270,9 +265,10 @@ def generate(
     prompts: strings, or token id lists of any lengths. Rows stop at their first EOS: by
     default the model's (its generation config's), `eos_ids=()` never stops. Decoding runs in
     jitted pieces of `steps_per_call` steps, a divisor of `divide_length` (default: at most
-    `STREAM_STEPS` with EOS ids or `on_round`, else whole rounds); `on_round` receives the
-    tokens generated so far after each piece, for streaming, and decoding stops within a piece
-    of the last row's EOS. Eviction runs every `divide_length` steps whatever the pieces. With
+    `STREAM_STEPS` with EOS ids or `on_round`, else whole rounds; a first round cut short by the
+    policy runs in the longest pieces of at most `steps_per_call` that divide it); `on_round`
+    receives the tokens generated so far after each piece, for streaming, and decoding stops
+    within a piece of the last row's EOS. Eviction runs between rounds whatever the pieces. With
     a `mesh` (`sharding.make_mesh`), rows are split over its data axis (their
     number must be a multiple of it) and heads over its model axis; weights not yet on it
     are placed.
@@ -308,7 +304,8 @@ def generate(
     tokens, prompt_lengths = put_rows(mesh, tokens, lengths)
     key = jax.random.key(seed)
     logits, cache = prefill(graphdef, state, policy, tokens, prompt_lengths, num_slots=num_slots, mesh=mesh)
-    kv_cache_bytes = kv_payload_bytes = 0
+    # Every policy keeps the buffer `prefill` returns to the end of decoding.
+    kv_cache_bytes, kv_payload_bytes = cache.nbytes, cache.payload_nbytes
     decode = DecodeState(
         token=sampler(logits, jax.random.fold_in(key, 2**31 - 1)),
         position=prompt_lengths,
@@ -317,19 +314,17 @@ def generate(
     )
     eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
     if steps_per_call is None:
-        steps_per_call = _piece_steps(divide_length) if eos_ids or on_round is not None else divide_length
+        steps_per_call = _piece_steps(divide_length, STREAM_STEPS) if eos_ids or on_round is not None else divide_length
     if steps_per_call < 1 or divide_length % steps_per_call:
         raise UserError(f"steps_per_call must divide divide_length={divide_length}, got {steps_per_call}")
     generated: list[list[int]] = [[] for _ in prompts]
     finished = np.zeros(len(prompts), bool)
     steps = 0
-    schedule = buffer_schedule(policy, longest, max_new_tokens, divide_length)
+    rounds = round_steps(policy, longest, max_new_tokens, divide_length)
+    round_index = round_done = 0  # the round running and the steps it has run
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
-        start_of_round = steps % divide_length == 0
-        if start_of_round:
-            cache = _sized(cache, schedule[steps // divide_length])
-            kv_cache_bytes = max(kv_cache_bytes, cache.nbytes)
-            kv_payload_bytes = max(kv_payload_bytes, cache.payload_nbytes)
+        start_of_round = round_done == 0
+        piece = _piece_steps(rounds[round_index], steps_per_call)
         cache, decode, emitted = decode_round(
             graphdef,
             state,
@@ -341,11 +336,14 @@ def generate(
             eos,
             sampler=sampler,
             divide_length=divide_length,
-            num_steps=steps_per_call,
+            num_steps=piece,
             start_of_round=start_of_round and policy.evicts,
             mesh=mesh,
         )
-        steps += steps_per_call
+        steps += piece
+        round_done += piece
+        if round_done == rounds[round_index]:
+            round_index, round_done = round_index + 1, 0
         for row, row_tokens in enumerate(sharding.to_host(emitted)):
             kept = [int(t) for t in row_tokens if t >= 0]
             generated[row].extend(kept[: max_new_tokens - len(generated[row])])
@@ -391,9 +389,9 @@ def _free_device_memory() -> int | None:
     return None
 
 
-def _piece_steps(divide_length: int) -> int:
-    """The longest piece of at most `STREAM_STEPS` steps that divides a round evenly."""
-    return max(d for d in range(1, min(STREAM_STEPS, divide_length) + 1) if divide_length % d == 0)
+def _piece_steps(steps: int, most: int) -> int:
+    """The longest piece of at most `most` steps that divides a round of `steps` evenly."""
+    return max(d for d in range(1, min(most, steps) + 1) if steps % d == 0)
 
 
 def _transformer_and_tokenizer(model: Transformer | LoadedModel) -> tuple[Transformer, Any]:
@@ -433,8 +431,8 @@ def teacher_force(
 ) -> np.ndarray:
     """Log-probabilities of the next token at every position of `tokens` (batch, T).
 
-    The first `prefill_length` tokens are prefilled; the rest run in rounds of `divide_length`
-    with the same cache and eviction as generation: each round as one block (`block`), or one
+    The first `prefill_length` tokens are prefilled; the rest run in the rounds generation runs
+    (`round_steps`) with the same cache and eviction: each round as one block (`block`), or one
     token at a time through generation's decode step (see `teacher_forced_round`). Returns float32 (batch, T, vocab):
     row t is the distribution predicting token t + 1; with `targets_only`, (batch, T - 1): the
     log-probability of each actual next token (the vocabulary axis never reaches the host).
@@ -477,13 +475,12 @@ def teacher_force(
         graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh
     )
     pieces = [to_host(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1), 0, prefill_length)]
-    schedule = buffer_schedule(policy, prefill_length, total - prefill_length, divide_length)
-    for round_slots, begin in zip(schedule, range(prefill_length, total, divide_length)):
-        cache = _sized(cache, round_slots)
-        chunk = np.zeros((batch, divide_length), np.int32)
-        width = min(divide_length, total - begin)
+    begin = prefill_length
+    for steps in round_steps(policy, prefill_length, total - prefill_length, divide_length):
+        chunk = np.zeros((batch, steps), np.int32)
+        width = min(steps, total - begin)
         chunk[:, :width] = tokens[:, begin : begin + width]
-        positions = np.broadcast_to(np.arange(begin, begin + divide_length, dtype=np.int32), (batch, divide_length))
+        positions = np.broadcast_to(np.arange(begin, begin + steps, dtype=np.int32), (batch, steps))
         chunk, positions = put_rows(mesh, chunk, positions)
         cache, logprobs = teacher_forced_round(
             graphdef,
@@ -498,5 +495,6 @@ def teacher_force(
             mesh=mesh,
         )
         pieces.append(to_host(logprobs, begin, width))
+        begin += steps
     logprobs = np.concatenate(pieces, axis=1)
     return logprobs[:, :-1] if targets_only else logprobs

@@ -8,28 +8,40 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from triattention_jax.calibration import stats_for_model
-from triattention_jax.checkpoints.stats import load_stats
+from triattention_jax.calibration import fit_for_model, stats_for_model
+from triattention_jax.checkpoints.stats import FitResult, load_fit, load_stats
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
-from triattention_jax.policies import EvictionPolicy, ExpectedAttention, KVPolicy, TriAttention, policy_class
+from triattention_jax.policies import (
+    EvictionPolicy,
+    ExpectedAttention,
+    KVPolicy,
+    TriAttention,
+    TriAttentionFit,
+    policy_class,
+)
+from triattention_jax.policies.triattention_fit import FEATURES
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PolicySettings:
     """What the command line says about a policy; each policy takes what applies to it.
-    protect_prompt and window left as None take the method's own defaults."""
+    protect_prompt, window and aggregation left as None take the method's own defaults;
+    fitted_scorer: triattention_fit's weights (a file; default: the model's); slack_trigger: the
+    official implementation's compaction phase (`EvictionPolicy`)."""
 
     budget: int = 2048
     protect_prompt: bool | None = None
     window: int | None = None
     stats: str | None = None
-    aggregation: str = "per_head"
+    aggregation: str | None = None
     offsets: tuple[int, ...] | None = None
     trigonometric: bool = True
     norm_weighting: bool = True
+    slack_trigger: bool = False
+    fitted_scorer: str | None = None
 
 
 def _boolean(text: str) -> bool:
@@ -45,6 +57,8 @@ VARIANT_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "trig_term": ("trigonometric", _boolean),
     "norm_weighting": ("norm_weighting", _boolean),
     "protect_prompt": ("protect_prompt", _boolean),
+    "slack_trigger": ("slack_trigger", _boolean),
+    "fitted_scorer": ("fitted_scorer", str),
 }
 
 
@@ -77,12 +91,15 @@ def build_policy(
     settings: PolicySettings = PolicySettings(),
     *,
     stats: FrequencyStats | None = None,
+    fit: FitResult | None = None,
 ) -> KVPolicy:
     """The policy `method` names (a variant's options override `settings`) for `model`.
 
     TriAttention's statistics: `stats` when given, else `settings.stats` (a file), else the
     loaded model's own (`calibration.stats_for_model`: the checkpoint's, the model folder's, the
     package's, or calibrated once); a bare `Transformer` needs one of the first two.
+    triattention_fit's weights likewise: `fit`, else `settings.fitted_scorer`, else the loaded
+    model's (`calibration.fit_for_model`).
     """
     name, overrides = parse_method(method)
     settings = dataclasses.replace(settings, **overrides)
@@ -93,23 +110,36 @@ def build_policy(
         "budget": settings.budget,
         "protect_prompt": cls.default_protect_prompt() if settings.protect_prompt is None else settings.protect_prompt,
         "window": cls.default_window(settings.budget) if settings.window is None else settings.window,
+        "slack_trigger": settings.slack_trigger,
     }
     transformer = model if isinstance(model, Transformer) else model.transformer
     if cls is ExpectedAttention:  # scores with the model's own RoPE
         return ExpectedAttention.create(transformer, **options)
-    if cls is not TriAttention:
+    if cls not in (TriAttention, TriAttentionFit):
         return cls(**options)
+    if settings.aggregation is not None:
+        options["aggregation"] = settings.aggregation
     if stats is None and isinstance(model, Transformer):
         if settings.stats is None:
             raise UserError("TriAttention needs statistics: pass stats=, a statistics file, or what load_model returns")
         stats = load_stats(settings.stats, transformer).stats
     elif stats is None:
         stats = stats_for_model(model, settings.stats).stats
+    offsets = settings.offsets or DEFAULT_OFFSETS
+    if cls is TriAttentionFit:
+        if fit is None and isinstance(model, Transformer):
+            if settings.fitted_scorer is None:
+                raise UserError(
+                    "triattention_fit needs fitted weights: pass fit=, a fitted_scorer file, or what load_model returns"
+                )
+            fit = load_fit(settings.fitted_scorer, transformer, FEATURES)
+        elif fit is None:
+            fit = fit_for_model(model, FEATURES, settings.fitted_scorer)
+        return TriAttentionFit.create(transformer, stats, fit.q_band_var, fit.weights, offsets=offsets, **options)
     return TriAttention.create(
         transformer,
         stats,
-        aggregation=settings.aggregation,
-        offsets=settings.offsets or DEFAULT_OFFSETS,
+        offsets=offsets,
         trigonometric=settings.trigonometric,
         norm_weighting=settings.norm_weighting,
         **options,

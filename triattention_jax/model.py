@@ -19,10 +19,9 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from triattention_jax.cache import CacheLayer, KVCache
 from triattention_jax.config import ModelConfig
+from triattention_jax.kernels import decode_attention
+from triattention_jax.kernels.decode_attention import MASK_VALUE
 from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
-
-# Masked attention logits use a finite value so rows with no valid key (padding) stay finite.
-MASK_VALUE = -1e30
 
 
 def weight_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -183,6 +182,7 @@ class Transformer(nnx.Module):
         collect_pre_rope: bool = False,
         collect_rope_queries: bool = False,
         collect_attention: bool = False,
+        decode_kernel: bool = True,
     ) -> ExtendOutput:
         """Runs T new tokens per row against the cache (None: an empty one) and themselves.
 
@@ -190,8 +190,18 @@ class Transformer(nnx.Module):
         query attends to. logits_at: (batch,) index into T of the one position per row whose
         logits are wanted; None returns logits for all T positions. The collect_* switches
         add per-layer extras to the output (see `ExtendOutput`); each costs only when on.
+        decode_kernel: a decode step (T = 1) on a GPU reads the cache with the length-aware
+        kernel (`kernels/decode_attention.py`: only slots below the cursor, so its cost follows
+        the filled length), except in K-only layers, with collect_attention, or on a buffer no
+        key block divides; pass False where the cache is sharded over a mesh (the kernel is
+        one device's program, so XLA would gather the cache for it).
         """
         cfg = self.config
+        kernel = decode_kernel and tokens.shape[1] == 1 and not collect_attention and decode_attention.supported()
+
+        def by_kernel(cached: CacheLayer) -> bool:
+            return kernel and cached.v is not None and decode_attention.block_size(cached.k.shape[2]) is not None
+
         x = jnp.take(self._weight("embed"), tokens, axis=0)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
 
@@ -204,10 +214,13 @@ class Transformer(nnx.Module):
                 positions[:, None, :], (positions.shape[0], cfg.num_kv_heads, positions.shape[1])
             )
             blocks = [(stored_block(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), new_pos)]
-            if cached is not None:
+            partials = []
+            if cached is not None and by_kernel(cached):
+                partials.append(kernel_partial(q, positions, cached, cache.cursor, self.attention_scale))
+            elif cached is not None:
                 block = stored_block(cached.k, cached.v) if cached.v is not None else key_only_block(w, cached)
                 blocks.insert(0, (block, cached.pos))
-            attn, received = _attention(q, positions, blocks, self.attention_scale, collect_attention)
+            attn, received = _attention(q, positions, blocks, self.attention_scale, collect_attention, partials)
             received_cache, received_new = (
                 (received[0] if cached is not None else None, received[-1]) if received else (None, None)
             )
@@ -317,21 +330,47 @@ def stored_block(keys: jax.Array, values: jax.Array) -> AttentionBlock:
     return block
 
 
+@dataclasses.dataclass(frozen=True)
+class SoftmaxPartial:
+    """Attention over a block of keys computed elsewhere, in the terms of one softmax:
+    acc (B,K,G,T,hd) = Σ_s exp(score_s − row_max)·v_s, row_max and total (B,K,G,T,1), the
+    largest visible score (or MASK_VALUE) and Σ_s exp(score_s − row_max), all float32."""
+
+    acc: jax.Array
+    row_max: jax.Array
+    total: jax.Array
+
+
+def kernel_partial(
+    q: jax.Array, positions: jax.Array, cached: CacheLayer, length: jax.Array, scale: float
+) -> SoftmaxPartial:
+    """A decode step's attention (q (B,1,H,hd) at positions (B,1)) over the first `length`
+    slots of a cache layer holding K and V, by the length-aware kernel."""
+    B, _, H, hd = q.shape
+    K = cached.k.shape[1]
+    acc, row_max, total = decode_attention.decode_attention(
+        q.reshape(B, K, H // K, hd), cached.k, cached.v, cached.pos, positions[:, 0], length, scale=scale
+    )
+    return SoftmaxPartial(acc[:, :, :, None], row_max[..., None, None], total[..., None, None])
+
+
 def _attention(
     q: jax.Array,
     positions: jax.Array,
     blocks: Sequence[tuple[AttentionBlock, jax.Array]],
     scale: float,
     collect_attention: bool = False,
+    partials: Sequence[SoftmaxPartial] = (),
 ) -> tuple[jax.Array, list[jax.Array] | None]:
     """Attention of q (B,T,H,hd) at `positions` (B,T) over blocks of keys, one softmax.
 
     blocks: (block, key positions (B,K,S)) pairs: the cache's layer, then the T new keys.
     Masks come from positions: a key is visible when its position is valid and not after
     the query's. The new block and the cache are scored separately, so the cache is read in
-    place, never copied to append to it. The whole buffer is read: full attention keeps
-    its buffer sized to the filled length (it grows between rounds, see `FullAttention`),
-    because XLA copies any dynamically sliced part of the cache before a matrix product.
+    place, never copied to append to it. Here the whole buffer is read (XLA copies any
+    dynamically sliced part of the cache before a matrix product); a decode step on a GPU
+    reads the cache with the length-aware kernel instead, whose result comes in `partials`
+    and joins the same softmax (not with collect_attention).
 
     Returns the output (B,T,H,hd) and, with collect_attention, per block the attention each
     key (B,K,S) received, summed over the queries of its GQA group.
@@ -346,10 +385,18 @@ def _attention(
         key_pos = key_pos[:, :, None, None, :]
         visible = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0)
         scored.append((jnp.where(visible, scores, MASK_VALUE), weighted_values))
-    row_max = functools.reduce(jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in scored])
+    row_max = functools.reduce(
+        jnp.maximum, [jnp.max(scores, axis=-1, keepdims=True) for scores, _ in scored] + [p.row_max for p in partials]
+    )
     weights = [jnp.exp(scores - row_max) for scores, _ in scored]
-    total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
-    acc = sum(weighted_values(w) for w, (_, weighted_values) in zip(weights, scored))
+    rescaled = [jnp.exp(p.row_max - row_max) for p in partials]
+    total = sum(
+        [jnp.sum(w, axis=-1, keepdims=True) for w in weights] + [p.total * c for p, c in zip(partials, rescaled)]
+    )
+    acc = sum(
+        [weighted_values(w) for w, (_, weighted_values) in zip(weights, scored)]
+        + [p.acc * c for p, c in zip(partials, rescaled)]
+    )
     out = (acc / total).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
     if not collect_attention:
         return out, None

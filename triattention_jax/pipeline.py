@@ -13,12 +13,14 @@ import jax
 import numpy as np
 
 from triattention_jax import sharding
-from triattention_jax.calibration import calibrate
-from triattention_jax.checkpoints.stats import STATS_FILE, save_stats
+from triattention_jax.calibration import calibrate, text_file_sequences
+from triattention_jax.checkpoints.stats import FIT_FILE, STATS_FILE, save_fit, save_stats
 from triattention_jax.checkpoints.store import load_model
 from triattention_jax.decoding import generate, prompt_bucket
 from triattention_jax.errors import UserError
+from triattention_jax.eval.texts import fit_documents
 from triattention_jax.files import check_writable, write_json_atomic
+from triattention_jax.fitting import TARGETS, fit_scorer
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.policies import EvictionPolicy
 from triattention_jax.prompts import encode_prompts, has_chat_template, read_prompt_file
@@ -144,9 +146,9 @@ def decode_prompts(
 
 def _evicts(policy: EvictionPolicy, prompt_ids: list[list[int]], max_new_tokens: int, divide_length: int) -> bool:
     """Whether any compaction happens: the prefill's or a round's (the schedule `generate` follows)."""
-    slots = prompt_bucket(max(map(len, prompt_ids)))
-    rounds = -(-max_new_tokens // divide_length)
-    return slots > policy.budget or bool(policy.compacting_rounds(slots, rounds, divide_length))
+    longest = max(map(len, prompt_ids))
+    slots = prompt_bucket(longest)
+    return slots > policy.budget or bool(policy.compacting_rounds(longest, slots, max_new_tokens, divide_length))
 
 
 def _slim_error(standard, slim, prompt: list[int], generated: list[int], divide_length: int) -> dict[str, float] | None:
@@ -172,10 +174,27 @@ def run_calibration(
     out: str | None,
     report: bool,
     report_dir: str | None,
+    fit: bool = False,
+    fit_target: str = "attention",
+    fit_code_files: int = 4,
+    fit_seq_len: int = 4096,
 ) -> list[str]:
-    """Calibrates, writes the statistics (and the report); returns summary lines to print."""
+    """Calibrates, writes the statistics (and the report, and with `fit` the fitted scorer,
+    beside the statistics); returns summary lines to print.
+
+    The fit reads sequences of `fit_seq_len` tokens, long enough to see the distances decoding
+    meets: `calib_files` cut that long, or else the calibration's own generated sequences and
+    `fit_code_files` standard-library source files (`eval.texts.fit_documents`: never
+    evaluation texts)."""
+    fit_path = None
     if out:
         check_writable(out)
+        fit_path = Path(out).with_suffix(".fit.safetensors") if fit else None
+    if fit:
+        if fit_target not in TARGETS:
+            raise UserError(f"unknown --fit_target {fit_target!r}: choose one of {', '.join(TARGETS)}")
+        if fit_path:
+            check_writable(str(fit_path))
     loaded = load_model(model, dtype=dtype)
     calibration = calibrate(
         loaded, calib_files=calib_files, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size
@@ -206,4 +225,27 @@ def run_calibration(
             f"{norms['fraction_negative']:.0%} of KV heads"
         )
         lines.append("report: " + ", ".join(str(p) for p in paths))
+    if fit:
+        if calib_files:
+            long_sequences = text_file_sequences(loaded, calib_files, num_tokens, fit_seq_len)
+            texts = [(f"calib_file/{index}", seq) for index, seq in enumerate(long_sequences)]
+        else:
+            texts = [(f"calibration/{index}", list(seq)) for index, seq in enumerate(sequences)]
+            texts += fit_documents(loaded.tokenizer, fit_code_files, fit_seq_len)
+        fitted = fit_scorer(
+            loaded.transformer,
+            result.stats,
+            moments.band_variance(),
+            [tokens for _, tokens in texts],
+            target=fit_target,
+            documents=[name for name, _ in texts],
+        )
+        fit_path = fit_path or loaded.store_dir / FIT_FILE
+        save_fit(fit_path, fitted)
+        start, after = fitted.metadata["cross_entropy_start"], fitted.metadata["cross_entropy_fitted"]
+        lines.append(
+            f"fitted scorer: {fit_path} (target {fit_target}, {fitted.metadata['num_sequences']} sequences, "
+            f"{fitted.metadata['num_tokens']} tokens); cross-entropy per layer, mean: {np.mean(start):.3f} with "
+            f"the paper's two terms, {np.mean(after):.3f} fitted"
+        )
     return lines

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from triattention_jax.errors import UserError
 
@@ -40,3 +43,9 @@ def read_prompt_file(path: str) -> list[str]:
     if not prompts:
         raise UserError(f"--prompt_file {path} holds no prompts (one prompt per line)")
     return prompts
+
+
+def token_fingerprint(tokens: Sequence[int] | np.ndarray) -> str:
+    """A short hash (16 hex digits) of token ids as int32: names a text that was evaluated or
+    fitted on, so that studies can show the two never overlap."""
+    return hashlib.sha256(np.asarray(tokens, np.int32).tobytes()).hexdigest()[:16]

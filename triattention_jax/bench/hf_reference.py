@@ -9,12 +9,20 @@ import time
 
 from triattention_jax.bench.speed import SYNTHETIC_PROMPT
 
+# transformers' two ways of decoding with a static cache: eager PyTorch, and the forward
+# `torch.compile`d as `generate` does by itself for a static cache on a GPU (inductor,
+# "reduce-overhead": CUDA graphs).
+HF_MODES = ("eager", "compiled")
 
-def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len: int, steps: int = 128) -> float:
-    """transformers' steady per-step decode time (sdpa attention, a static cache of
-    `max_cache_len` slots, eager PyTorch, no torch.compile): the difference between generating
-    8 + steps and 8 tokens after a short prompt, over steps. `source`: a checkpoint folder, or
-    an HF config.json dict (random weights). On CUDA when PyTorch sees a GPU, else on the CPU."""
+
+def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len: int, steps: int = 128) -> dict:
+    """transformers' steady per-step decode time in each of `HF_MODES`, sdpa attention, one
+    static cache of `max_cache_len` slots (allocated once, reset between runs): the difference
+    between generating 8 + steps and 8 tokens after a short prompt, over steps, after an
+    8-token warm-up (which compiles and records the CUDA graphs). `source`: a checkpoint
+    folder, or an HF config.json dict (random weights). On CUDA when PyTorch sees a GPU, else
+    on the CPU (eager only: transformers compiles by itself on accelerators only).
+    Returns {mode: seconds}."""
     import torch
     import transformers
 
@@ -31,9 +39,10 @@ def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len
     model.eval()
     model.generation_config.eos_token_id = None
     prompt = torch.randint(0, model.config.vocab_size, (batch, SYNTHETIC_PROMPT), device=device)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
 
-    def seconds(new_tokens: int) -> float:
-        cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
+    def seconds(new_tokens: int, compiled: bool) -> float:
+        cache.reset()
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -45,19 +54,23 @@ def hf_step_seconds(source: str | dict, *, dtype: str, batch: int, max_cache_len
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
-                disable_compile=True,
+                disable_compile=not compiled,
             )
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    seconds(8)
-    return (seconds(8 + steps) - seconds(8)) / steps
+    results = {}
+    for mode in HF_MODES if device == "cuda" else HF_MODES[:1]:
+        compiled = mode == "compiled"
+        seconds(8, compiled)
+        results[mode] = (seconds(8 + steps, compiled) - seconds(8, compiled)) / steps
+    return results
 
 
-def hf_step_seconds_subprocess(source: str | dict, dtype: str, batch: int, max_cache_len: int) -> float | None:
+def hf_step_seconds_subprocess(source: str | dict, dtype: str, batch: int, max_cache_len: int) -> dict:
     """`hf_step_seconds` in a child process, so PyTorch and JAX never share the device's
-    memory; None (with the reason on stderr) when it fails, e.g. out of memory."""
+    memory; {} (with the reason on stderr) when it fails, e.g. out of memory."""
     code = (
         "import json, sys; from triattention_jax.bench.hf_reference import hf_step_seconds; "
         "a = json.loads(sys.argv[1]); print(json.dumps(hf_step_seconds(a['source'], dtype=a['dtype'], "
@@ -67,5 +80,5 @@ def hf_step_seconds_subprocess(source: str | dict, dtype: str, batch: int, max_c
     result = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
     if result.returncode:
         print(f"transformers at batch {batch} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return float(result.stdout.strip().splitlines()[-1])
+        return {}
+    return json.loads(result.stdout.strip().splitlines()[-1])

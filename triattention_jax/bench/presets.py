@@ -9,10 +9,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from triattention_jax.checkpoints.stats import FitResult
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.model import LAYER_WEIGHTS, Transformer, weight_specs
+from triattention_jax.policies.triattention_fit import FEATURES
 from triattention_jax.scoring import FrequencyStats
 from triattention_jax.slim import KV_CACHE_MODES, slim_transformer
 
@@ -130,6 +133,17 @@ def random_stats(transformer: Transformer, seed: int = 0) -> FrequencyStats:
     keys = jax.random.split(jax.random.key(seed), 2)
     mean_re, mean_im = jax.random.normal(keys[0], shape), jax.random.normal(keys[1], shape)
     return FrequencyStats(q_mean_real=mean_re, q_mean_imag=mean_im, q_abs_mean=1.5 * jnp.sqrt(mean_re**2 + mean_im**2))
+
+
+def random_fit(transformer: Transformer, seed: int = 0) -> FitResult:
+    """A fitted scorer of the model's shape with random weights (speed does not depend on them)."""
+    c = transformer.config
+    rng = np.random.default_rng(seed)
+    return FitResult(
+        weights=rng.normal(size=(c.num_layers, c.num_heads, len(FEATURES))).astype(np.float32),
+        q_band_var=rng.uniform(0.1, 1.0, size=(c.num_layers, c.num_heads, c.head_dim // 2)).astype(np.float32),
+        metadata={"features": list(FEATURES)},
+    )
 
 
 def cache_variants(transformer: Transformer, modes: list[str], *, random_weights: bool) -> dict[str, Transformer]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+from datetime import datetime, timezone
 from typing import Any
 
 import jax
+
+from triattention_jax.kernels import decode_attention
 
 
 def environment() -> dict[str, Any]:
@@ -20,6 +23,8 @@ def environment() -> dict[str, Any]:
         "flax": flax.__version__,
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "decode_kernel": decode_attention.supported(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
         import torch
@@ -31,13 +36,14 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def step_row(step, copy_bandwidth: float) -> dict[str, Any]:
+def step_row(step, roofline: float) -> dict[str, Any]:
+    """A `speed.StepTime` as a row, its bytes/s against the `roofline` (bytes/s)."""
     achieved = step.bytes_per_step / step.step_seconds
     return {
         **dataclasses.asdict(step),
         "tokens_per_second": step.tokens_per_second,
         "bytes_per_second": achieved,
-        "roofline_fraction": achieved / copy_bandwidth,
+        "roofline_fraction": achieved / roofline,
     }
 
 
@@ -56,6 +62,7 @@ STEP_COLUMNS = [
     ("kv_cache", "kv_cache", ""),
     ("batch", "batch", "d"),
     ("slots", "slots", "d"),
+    ("filled", "filled", "d"),
     ("ms/step", "ms", ".2f"),
     ("tok/s", "tokens_per_second", ".1f"),
     ("GB/step", "gb", ".2f"),
@@ -70,7 +77,9 @@ RUN_COLUMNS = [
     ("tok/s", "tokens_per_second", ".1f"),
     ("e2e tok/s", "e2e_tokens_per_second", ".1f"),
     ("e2e pred", "e2e_predicted_tokens_per_second", ".1f"),
-    ("HF tok/s", "hf_tokens_per_second", ".1f"),
-    ("roofline", "final_roofline_fraction", ".1%"),
+    ("HF eager", "hf_eager_tokens_per_second", ".1f"),
+    ("HF compiled", "hf_compiled_tokens_per_second", ".1f"),
+    ("roofline", "roofline_fraction", ".1%"),
+    ("last step", "final_roofline_fraction", ".1%"),
     ("evict", "eviction_share", ".1%"),
 ]

@@ -2,9 +2,9 @@
 
 A decode round (`divide_length` steps in one jitted `lax.scan`, eviction included) is timed on
 a buffer in the exact state it has in the middle of a long generation: `filled` slots in use
-(full attention: a buffer of the size it grows to; eviction methods: their fixed buffer, full,
-so the round starts with a compaction as every steady round does). Only K, V and positions are
-synthetic; the policy's own statistics and state come from a real prefill.
+(full attention: its one buffer, filled to where the round starts; eviction methods: their
+fixed buffer, full, so the round starts with a compaction as every steady round does). Only K,
+V and positions are synthetic; the policy's own statistics and state come from a real prefill.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,11 @@ from triattention_jax import sharding
 from triattention_jax.cache import EMPTY_POSITION, KVCache
 from triattention_jax.decoding import (
     DecodeState,
-    buffer_schedule,
     decode_round,
     prefill,
     prompt_bucket,
     put_rows,
+    round_steps,
     split_model,
 )
 from triattention_jax.model import Transformer
@@ -41,19 +42,43 @@ SYNTHETIC_PROMPT = 64
 MEMORY_BATCHES = (2, 4)
 
 
-def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> float:
-    """Bytes per second (read + written) of a large device-to-device copy: the roofline.
-    Default size: 2 GiB on accelerators, 128 MiB on the CPU (beyond its caches either way)."""
-    nbytes = nbytes or (1 << 27 if jax.default_backend() == "cpu" else 1 << 31)
-    x = jnp.arange(nbytes // 2, dtype=jnp.int32).astype(jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
-    jax.block_until_ready(copy(x))
+def _device_seconds(fn: Callable[[jax.Array], jax.Array], x: jax.Array, repeats: int, chained: int) -> float:
+    """Median seconds of one `fn(x)` on the device: each repetition queues `chained` calls back
+    to back and waits for the last (the device runs them in order), so the host's dispatch and
+    synchronisation are spread over `chained` calls rather than added to each."""
+    jax.block_until_ready(fn(x))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / float(np.median(times))
+        for _ in range(chained):
+            out = fn(x)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / chained)
+    return float(np.median(times))
+
+
+def roofline(nbytes: int | None = None) -> dict[str, Any]:
+    """Memory bandwidth the decode steps are held to: the larger of a device-to-device copy
+    (bytes read + written) and a read-only reduction (bytes read) over an `nbytes` array.
+    Default size: 4 GiB on accelerators, far beyond their caches, median of 15 repetitions;
+    on the CPU 64 MiB and 5 repetitions, only a small-size reading (labelled so in `size`)."""
+    cpu = jax.default_backend() == "cpu"
+    nbytes = nbytes or (1 << 26 if cpu else 1 << 32)
+    repeats, chained = (5, 2) if cpu else (15, 8)
+    x = jax.jit(lambda: (jax.lax.iota(jnp.int32, nbytes // 2) % 251).astype(jnp.bfloat16))()
+    copy = _device_seconds(jax.jit(jnp.copy), x, repeats, chained)
+    # One sum of everything: faster than row sums on an H200 (8 GiB: 4.48 against 4.16 TB/s).
+    read = _device_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x, repeats, chained)
+    copy_rate, read_rate = 2 * x.nbytes / copy, x.nbytes / read
+    return {
+        "copy_bytes_per_second": copy_rate,
+        "read_bytes_per_second": read_rate,
+        "roofline_bytes_per_second": max(copy_rate, read_rate),
+        "roofline_source": "copy" if copy_rate >= read_rate else "read",
+        "bytes": nbytes,
+        "size": f"{nbytes / 2**30:g} GiB" + (" (CPU: small size)" if cpu else ""),
+        "timing": f"median of {repeats} repetitions of {chained} chained calls, host clock after device sync",
+    }
 
 
 def weight_bytes(transformer: Transformer) -> int:
@@ -182,7 +207,9 @@ def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repea
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepTime:
-    """One steady decode step: `slots` buffer slots, `filled` of them in use."""
+    """One steady decode step on a buffer of `slots` slots whose round starts at cursor
+    `filled`; bytes_per_step: what the step needs to read (weights, and K, V and positions of
+    the slots in use, their mean over the round's steps), one device's share."""
 
     method: str
     batch: int
@@ -197,52 +224,83 @@ class StepTime:
         return self.batch / self.step_seconds
 
 
-def measure_step(
+def measure_steps(
     transformer: Transformer,
     policy: KVPolicy,
     method: str,
     *,
     batch: int,
     slots: int,
+    fills: list[int],
     divide_length: int,
     mesh: Mesh | None = None,
-) -> StepTime:
-    """A steady step on a buffer of `slots` slots. Full attention: all slots but one round's in
-    use; eviction policies: the buffer full, so the round compacts first, and the share of the
-    round spent compacting, from the same round started with room (no compaction). Bytes per
-    step are one device's (its weight shards, its rows' and heads' K, V and positions)."""
+) -> list[StepTime]:
+    """Steady steps on one buffer of `slots` slots, a round started at each cursor in `fills`
+    (slots past it keep stale entries: the decode kernel stops at the cursor, the XLA path
+    reads the whole buffer either way). An eviction policy's round that does not fit compacts
+    first; the share of its time spent compacting comes from the same round started at
+    `budget` (no compaction)."""
     evicts = isinstance(policy, EvictionPolicy)
-    filled = slots if evicts else slots - divide_length
-    setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=filled, mesh=mesh)
-    cursors = [filled, policy.budget] if evicts else [filled]
-    times = time_rounds(setup, divide_length, cursors)
-    bytes_per_step = device_bytes(nnx.state(nnx.merge(setup.graphdef, setup.state), nnx.Param)) + device_bytes(
-        (setup.cache.k, setup.cache.v, setup.cache.pos)
-    )
-    return StepTime(
-        method=method,
-        batch=batch,
-        slots=slots,
-        filled=filled,
-        step_seconds=times[0] / divide_length,
-        bytes_per_step=bytes_per_step,
-        eviction_share=max(0.0, 1 - times[1] / times[0]) if evicts else None,
-    )
+    setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=max(fills), mesh=mesh)
+    weights = device_bytes(nnx.state(nnx.merge(setup.graphdef, setup.state), nnx.Param))
+    slot_bytes = device_bytes((setup.cache.k, setup.cache.v, setup.cache.pos)) / slots
+    compacting = [evicts and fill + divide_length > slots for fill in fills]
+    cursors = [c for fill, compacts in zip(fills, compacting) for c in ([fill, policy.budget] if compacts else [fill])]
+    times = iter(time_rounds(setup, divide_length, cursors))  # one call: each round donates the buffer
+    steps = []
+    for fill, compacts in zip(fills, compacting):
+        seconds = next(times)
+        first = policy.budget if compacts else fill
+        steps.append(
+            StepTime(
+                method=method,
+                batch=batch,
+                slots=slots,
+                filled=fill,
+                step_seconds=seconds / divide_length,
+                bytes_per_step=int(weights + slot_bytes * (first + (divide_length - 1) / 2)),
+                eviction_share=max(0.0, 1 - next(times) / seconds) if compacts else None,
+            )
+        )
+    return steps
 
 
-def integrated_seconds(step_seconds: Callable[[int], float], schedule: list[int], divide_length: int) -> float:
-    """Decode seconds of a generation from the steady step time at each round's buffer size."""
-    return sum(divide_length * step_seconds(slots) for slots in schedule)
+def round_fills(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
+    """The cursor at the start of every decode round of a generation, counting every token
+    (full attention's fill; eviction methods are timed with their buffer full whatever it is)."""
+    fills = [policy.prefill_cursor(prompt_tokens, prompt_bucket(prompt_tokens))]
+    for steps in round_steps(policy, prompt_tokens, new_tokens, divide_length)[:-1]:
+        fills.append(fills[-1] + steps)
+    return fills
+
+
+def timed_fills(policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int) -> list[int]:
+    """Where a generation's steps are timed: an eviction policy's full buffer (its steady,
+    compacting round); full attention's first, middle and last round."""
+    if isinstance(policy, EvictionPolicy):
+        return [policy.num_slots(prompt_bucket(prompt_tokens), new_tokens, divide_length)]
+    fills = round_fills(policy, prompt_tokens, new_tokens, divide_length)
+    return sorted({fills[0], fills[len(fills) // 2], fills[-1]})
+
+
+def integrated(
+    fit: Callable[[int], float], policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int
+) -> float:
+    """A per-step quantity fitted against the round's starting cursor (seconds, bytes), summed
+    over every step of a generation."""
+    rounds = round_steps(policy, prompt_tokens, new_tokens, divide_length)
+    fills = round_fills(policy, prompt_tokens, new_tokens, divide_length)
+    return sum(steps * fit(fill) for steps, fill in zip(rounds, fills))
 
 
 def linear_fit(points: list[tuple[int, float]]) -> Callable[[int], float]:
-    """Step time against buffer slots (weights are read once per step, each slot once):
-    least squares a + b * slots through the measured points."""
+    """A per-step quantity against the round's starting cursor (weights are read once per
+    step, each slot in use once): least squares a + b * cursor through the measured points."""
     xs, ys = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
     if len(points) == 1:
-        return lambda slots: float(ys[0])
+        return lambda fill: float(ys[0])
     slope, intercept = np.polyfit(xs, ys, 1)
-    return lambda slots: float(intercept + slope * slots)
+    return lambda fill: float(intercept + slope * fill)
 
 
 def device_memory() -> tuple[int | None, int | None]:
@@ -261,10 +319,11 @@ def round_temp_bytes(setup: RoundSetup, divide_length: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceMemory:
-    """Device bytes of a generation beyond the weights: per sequence, the buffer (policy
-    statistics included, plus for a growing buffer the previous size, held while the next is
-    filled) and the round's scratch memory (compaction gathers into new arrays, scoring works
-    in float32); once per batch, the scratch that does not grow with it (logits, norms)."""
+    """Device bytes of a generation beyond the weights: per sequence, the buffer (allocated
+    once, policy statistics included) and the round's scratch memory (compaction gathers into
+    new arrays, scoring works in float32); once per batch, the scratch that does not grow with
+    it (logits, norms). The prefill's own scratch is not counted: it runs before the decode
+    rounds and is not part of the steady state timed here."""
 
     buffer: int
     scratch: int
@@ -274,19 +333,17 @@ class SequenceMemory:
 def sequence_memory(
     transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int
 ) -> SequenceMemory:
-    """Measured from the compiled round at the run's largest buffer, at batch 2 and 4 (XLA may
+    """Measured from the compiled round on the run's buffer, at batch 2 and 4 (XLA may
     compile batch 1 differently: an H100 Qwen3-8B round reserved 579 MiB at batch 1, 28 at 2)."""
-    schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
+    slots = policy.num_slots(prompt_bucket(prompt_tokens), new_tokens, divide_length)
     temps = []
     for batch in MEMORY_BATCHES:
-        setup = steady_round(transformer, policy, batch=batch, slots=schedule[-1], filled=1)
+        setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=1)
         temps.append(round_temp_bytes(setup, divide_length))
     small, large = MEMORY_BATCHES
-    per_slot = setup.cache.nbytes / (large * schedule[-1])
-    previous = max([s for s in schedule if s < schedule[-1]], default=0)
     per_sequence = max(0, (temps[1] - temps[0]) // (large - small))
     return SequenceMemory(
-        buffer=int(per_slot * (schedule[-1] + previous)),
+        buffer=setup.cache.nbytes // large,
         scratch=per_sequence,
         fixed_scratch=max(0, temps[0] - small * per_sequence),
     )
@@ -309,8 +366,8 @@ def end_to_end(
     mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """One real `generate` run of random prompts (EOS ignored): its wall time, and its rate over
-    the rounds that compiled nothing (not the first, nor those where the buffer grew), with the
-    buffer size of each such round for comparing against step times."""
+    the rounds that compiled nothing (not the first, nor one of another length than the one
+    before), with the cursor each such round started at, for comparing against step times."""
     from triattention_jax.decoding import generate
 
     prompts = np.random.default_rng(1).integers(0, transformer.config.vocab_size, (batch, prompt_tokens)).tolist()
@@ -326,14 +383,15 @@ def end_to_end(
         steps_per_call=divide_length,
         mesh=mesh,
     )
-    schedule = buffer_schedule(policy, prompt_tokens, new_tokens, divide_length)
-    steady = [i for i in range(1, len(ends)) if schedule[i] == schedule[i - 1]]
+    rounds = round_steps(policy, prompt_tokens, new_tokens, divide_length)
+    fills = round_fills(policy, prompt_tokens, new_tokens, divide_length)
+    steady = [i for i in range(1, len(ends)) if rounds[i] == rounds[i - 1]]
     seconds = sum(ends[i] - ends[i - 1] for i in steady)
     return {
         "wall_seconds": result.wall_seconds,
         "steady_rounds": len(steady),
         "steady_seconds": seconds,
-        "steady_tokens_per_second": batch * divide_length * len(steady) / seconds if steady else float("nan"),
-        "steady_round_slots": [schedule[i] for i in steady],
+        "steady_tokens_per_second": sum(batch * rounds[i] for i in steady) / seconds if steady else float("nan"),
+        "steady_round_fills": [fills[i] for i in steady],
         "kv_cache_bytes": result.kv_cache_bytes,
     }

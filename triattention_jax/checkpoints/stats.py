@@ -20,6 +20,8 @@ from triattention_jax.model import Transformer
 from triattention_jax.scoring import FrequencyStats
 
 STATS_FILE = "triattention_stats.safetensors"
+# The fitted scorer's weights, beside the statistics (`calibrate.py --fit`).
+FIT_FILE = "triattention_fit.safetensors"
 FORMAT_VERSION = 1
 # Every FINGERPRINT_STRIDE-th element of the q/k weights, rounded to bfloat16, identifies a
 # checkpoint whichever dtype it was loaded in, at a small fraction of the hashing cost.
@@ -208,6 +210,58 @@ def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResul
         else {"head_dim": config.head_dim, "source": str(path)}
     )
     return CalibrationResult(stats=FrequencyStats(**arrays), metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FitResult:
+    """A fitted scorer (`policies.triattention_fit`): weights (layers, heads, features) for the
+    features named in metadata["features"], the query variance per band q_band_var (layers,
+    heads, head_dim/2), and metadata (the model's, the target, the fitting texts' fingerprints)."""
+
+    weights: np.ndarray
+    q_band_var: np.ndarray
+    metadata: dict[str, Any]
+
+
+def save_fit(path: str | os.PathLike, result: FitResult) -> None:
+    write_safetensors(
+        Path(path),
+        {"weights": np.asarray(result.weights, np.float32), "q_band_var": np.asarray(result.q_band_var, np.float32)},
+        metadata={"triattention_fit": json.dumps({**result.metadata, "format_version": FORMAT_VERSION})},
+    )
+
+
+def load_fit(path: str | os.PathLike, transformer: Transformer, features: tuple[str, ...]) -> FitResult:
+    """Reads a fitted scorer and checks it against the model and the scorer's `features`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"fitted scorer {path} does not exist: run calibrate.py --fit")
+    tensors = read_safetensors(path)
+    raw = read_safetensors_metadata(path).get("triattention_fit")
+    if raw is None or not {"weights", "q_band_var"} <= tensors.keys():
+        raise UserError(f"{path} is not a fitted TriAttention scorer: run calibrate.py --fit to create one")
+    metadata = _metadata_dict(raw, path)
+    check_compatible(metadata, transformer, path)
+    if tuple(metadata.get("features", ())) != tuple(features):
+        raise UserError(
+            f"fitted scorer {path} has features {metadata.get('features')}, this version uses {list(features)}: "
+            "run calibrate.py --fit again"
+        )
+    config = transformer.config
+    shapes = {
+        "weights": (config.num_layers, config.num_heads, len(features)),
+        "q_band_var": (config.num_layers, config.num_heads, config.head_dim // 2),
+    }
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise UserError(
+                f"fitted scorer {path} has {name} of shape {tuple(tensors[name].shape)}, the model needs {shape}"
+            )
+    return FitResult(
+        weights=np.array(tensors["weights"], np.float32),
+        q_band_var=np.array(tensors["q_band_var"], np.float32),
+        metadata=metadata,
+    )
 
 
 def _torch():

@@ -4,16 +4,20 @@
       --prompt_tokens 1024 --new_tokens 16384 --largest_batch --out results/h100_qwen3_8b.json
 
 What it measures (on whatever device JAX has; see `bench/speed.py` for how):
-- steady per-step decode time against buffer size and batch, per method (`--cache_lengths`
-  for full attention; eviction methods have one fixed buffer), with bytes read per step, the
-  achieved bytes/s and its fraction of a device-to-device copy measured in the same run;
+- the roofline: the larger of a device-to-device copy (bytes read + written) and a read-only
+  reduction (bytes read), 4 GiB each (the CPU: a small size), in the same run;
+- steady per-step decode time against the filled length and batch, per method (full
+  attention: its one buffer filled to several lengths, `--cache_lengths`; eviction methods:
+  their fixed buffer, full), with the bytes a step needs to read, the achieved bytes/s and
+  its fraction of the roofline;
 - the share of eviction methods' decode time spent compacting;
 - tokens/s for generating --new_tokens after --prompt_tokens, integrated from the step
-  times over the buffer sizes the run passes through, and one real end-to-end `generate`
-  run of --e2e_tokens to confirm it;
+  times over the lengths the run passes through (and its bytes over its time against the
+  roofline), and one real end-to-end `generate` run of --e2e_tokens to confirm it;
 - KV bytes per sequence, peak device memory, and with --largest_batch the largest batch of
   each method in the same memory, timed;
-- transformers (PyTorch, sdpa, static cache) at the same batch and cache length (--hf).
+- transformers (PyTorch, sdpa, one static cache of prompt + generated slots), eager and
+  `torch.compile`d, at each --batch (--hf), in a child process before JAX takes the device.
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ flags.DEFINE_integer("new_tokens", 16384, "Generated tokens of the integrated ra
 flags.DEFINE_list(
     "cache_lengths",
     [],
-    "Full attention's buffer sizes to time (default: the smallest and largest of its run, and one between).",
+    "Full attention's filled lengths to time, each rounded to a round's starting cursor (default: its first, "
+    "middle and last round's).",
 )
 shared.define_budget("Budget of the eviction methods.")
+shared.define_slack_trigger()
 flags.DEFINE_integer("divide_length", 128, "Decode steps per round.")
 flags.DEFINE_integer("e2e_tokens", 4096, "Tokens of the end-to-end confirmation run at the first batch (0: none).")
 flags.DEFINE_bool("largest_batch", False, "Also time each method at the largest batch that fits in the same memory.")
@@ -73,11 +79,17 @@ flags.adopt_module_key_flags(runner)
 def main(argv: list[str]) -> None:
     from triattention_jax import sharding
     from triattention_jax.bench import speed
-    from triattention_jax.bench.hf_reference import hf_step_seconds_subprocess
-    from triattention_jax.bench.presets import cache_variants, preset_config, random_stats, random_transformer
+    from triattention_jax.bench.hf_reference import HF_MODES, hf_step_seconds_subprocess
+    from triattention_jax.bench.presets import (
+        cache_variants,
+        preset_config,
+        random_fit,
+        random_stats,
+        random_transformer,
+    )
     from triattention_jax.bench.report import RUN_COLUMNS, STEP_COLUMNS, environment, format_rows, step_row
     from triattention_jax.checkpoints.store import load_model
-    from triattention_jax.decoding import buffer_schedule
+    from triattention_jax.decoding import prompt_bucket
     from triattention_jax.files import check_writable, write_json_atomic
     from triattention_jax.methods import PolicySettings, build_policy, parse_method
 
@@ -100,7 +112,7 @@ def main(argv: list[str]) -> None:
     loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
     hf_source = hf_source if FLAGS.preset else str(loaded.path)
     P, N, divide = FLAGS.prompt_tokens, FLAGS.new_tokens, FLAGS.divide_length
-    hf_seconds = {}
+    hf_seconds: dict[int, dict[str, float]] = {}
     if FLAGS.hf and importlib.util.find_spec("torch") is None:
         raise UserError(
             "--hf times transformers, which needs torch: pip install 'triattention-jax[torch]', or pass --nohf"
@@ -109,11 +121,15 @@ def main(argv: list[str]) -> None:
         # Before JAX takes the device: PyTorch runs in a child process that exits first.
         for batch in batches:
             hf_seconds[batch] = hf_step_seconds_subprocess(hf_source, FLAGS.dtype, batch, P + N)
+            rates = ", ".join(f"{mode} {batch / seconds:.1f}" for mode, seconds in hf_seconds[batch].items())
+            print(f"transformers at batch {batch}, {P + N} slots: {rates or 'failed'} tok/s", flush=True)
+    # Before the weights: the roofline's arrays then leave no holes among them.
+    roofline = speed.roofline()
+    bandwidth = roofline["roofline_bytes_per_second"]
     base = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
     if mesh is not None:
         base = sharding.shard_transformer(base, mesh)
     variants = cache_variants(base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset))
-    bandwidth = speed.copy_bandwidth()
     weights = speed.weight_bytes(base)
     memory_limit, _ = speed.device_memory()
     steps, runs = [], []
@@ -128,7 +144,7 @@ def main(argv: list[str]) -> None:
                     "environment": environment(),
                     "model": FLAGS.preset or FLAGS.model,
                     "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
-                    "copy_bytes_per_second": bandwidth,
+                    "roofline": roofline,
                     "weight_bytes": weights,
                     "memory_limit_bytes": memory_limit,
                     "peak_memory_bytes": peak,
@@ -138,21 +154,18 @@ def main(argv: list[str]) -> None:
                 },
             )
 
-    def timed(transformer, policy, method: str, kv_cache: str, batch: int) -> tuple[list, Any]:
-        """Step times over the run's buffer sizes and the fit through them."""
-        schedule = buffer_schedule(policy, P, N, divide)
-        sizes = sorted(set(schedule))
-        if len(sizes) > 1:
-            chosen = (
-                shared.integers(FLAGS.cache_lengths, "cache_lengths")
-                if FLAGS.cache_lengths
-                else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
-            )
-            sizes = sorted({min(sizes, key=lambda s: abs(s - c)) for c in chosen})
-        measured = [
-            speed.measure_step(transformer, policy, method, batch=batch, slots=s, divide_length=divide, mesh=mesh)
-            for s in sizes
-        ]
+    def timed(transformer, policy, method: str, kv_cache: str, batch: int) -> tuple[list, Any, Any]:
+        """Step times at the timed fills of the run's one buffer, and the fits of seconds and
+        bytes per step through them."""
+        fills = speed.timed_fills(policy, P, N, divide)
+        if FLAGS.cache_lengths and len(fills) > 1:
+            starts = speed.round_fills(policy, P, N, divide)
+            chosen = shared.integers(FLAGS.cache_lengths, "cache_lengths")
+            fills = sorted({min(starts, key=lambda s: abs(s - c)) for c in chosen})
+        slots = policy.num_slots(prompt_bucket(P), N, divide)
+        measured = speed.measure_steps(
+            transformer, policy, method, batch=batch, slots=slots, fills=fills, divide_length=divide, mesh=mesh
+        )
         for step in measured:
             steps.append(
                 {
@@ -163,19 +176,29 @@ def main(argv: list[str]) -> None:
                 }
             )
             print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
-        return measured, speed.linear_fit([(m.slots, m.step_seconds) for m in measured])
+        return (
+            measured,
+            speed.linear_fit([(m.filled, m.step_seconds) for m in measured]),
+            speed.linear_fit([(m.filled, m.bytes_per_step) for m in measured]),
+        )
 
     for kv_cache, transformer in variants.items():
         for method in FLAGS.methods:
             # A K-only cache keeps one token set per layer; preset models get random statistics.
             settings = PolicySettings(
-                budget=FLAGS.budget, stats=FLAGS.stats, aggregation="per_layer" if transformer.slim else "per_head"
+                budget=FLAGS.budget,
+                stats=FLAGS.stats,
+                aggregation="per_layer" if transformer.slim else None,
+                slack_trigger=FLAGS.slack_trigger,
             )
             policy = build_policy(
-                loaded or transformer, method, settings, stats=random_stats(transformer) if loaded is None else None
+                loaded or transformer,
+                method,
+                settings,
+                stats=random_stats(transformer) if loaded is None else None,
+                fit=random_fit(transformer) if loaded is None else None,
             )
             memory = speed.sequence_memory(transformer, policy, P, N, divide)
-            schedule = buffer_schedule(policy, P, N, divide)
             run_batches = [(b, False) for b in batches]
             if FLAGS.largest_batch and memory_limit:
                 largest = speed.largest_batch(
@@ -191,8 +214,9 @@ def main(argv: list[str]) -> None:
                 if batch < 1:
                     print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
                     continue
-                measured, fit = timed(transformer, policy, method, kv_cache, batch)
-                seconds = speed.integrated_seconds(fit, schedule, divide)
+                measured, fit, fit_bytes = timed(transformer, policy, method, kv_cache, batch)
+                seconds = speed.integrated(fit, policy, P, N, divide)
+                hf = hf_seconds.get(batch, {}) if method == "full" else {}
                 row = {
                     "method": method,
                     "kv_cache": kv_cache,
@@ -207,11 +231,10 @@ def main(argv: list[str]) -> None:
                     "fixed_scratch_bytes": memory.fixed_scratch,
                     "integrated_seconds": seconds,
                     "tokens_per_second": batch * N / seconds,
+                    "roofline_fraction": speed.integrated(fit_bytes, policy, P, N, divide) / seconds / bandwidth,
                     "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
                     "eviction_share": measured[-1].eviction_share,
-                    "hf_tokens_per_second": None
-                    if hf_seconds.get(batch) is None or method != "full"
-                    else batch / hf_seconds[batch],
+                    **{f"hf_{mode}_tokens_per_second": batch / hf[mode] if mode in hf else None for mode in HF_MODES},
                 }
                 if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
                     e2e = speed.end_to_end(
@@ -223,7 +246,7 @@ def main(argv: list[str]) -> None:
                         divide_length=divide,
                         mesh=mesh,
                     )
-                    predicted = sum(divide * fit(s) for s in e2e["steady_round_slots"])
+                    predicted = sum(divide * fit(fill) for fill in e2e["steady_round_fills"])
                     row.update(
                         e2e=e2e,
                         e2e_tokens_per_second=e2e["steady_tokens_per_second"],
@@ -236,7 +259,9 @@ def main(argv: list[str]) -> None:
                 save()
     _, peak = speed.device_memory()
     print(
-        f"\n{environment()['device']}: copy {bandwidth / 1e9:.0f} GB/s, weights {weights / 1e9:.2f} GB, "
+        f"\n{environment()['device']}: roofline {bandwidth / 1e9:.0f} GB/s ({roofline['roofline_source']}; copy "
+        f"{roofline['copy_bytes_per_second'] / 1e9:.0f}, read {roofline['read_bytes_per_second'] / 1e9:.0f} GB/s "
+        f"over {roofline['size']}), weights {weights / 1e9:.2f} GB, "
         f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of "
         f"{memory_limit / 2**30 if memory_limit else float('nan'):.1f}"
     )
@@ -255,6 +280,7 @@ _BENCHMARK_FLAGS = (
     "new_tokens",
     "cache_lengths",
     "budget",
+    "slack_trigger",
     "divide_length",
     "e2e_tokens",
     "largest_batch",

@@ -3,6 +3,7 @@
 python calibrate.py                                   # default model, self-generated text
 python calibrate.py --model Qwen/Qwen3-0.6B --calib_file a.txt --calib_file b.txt --num_tokens 50000
 python calibrate.py --report --report_dir reports/smollm2
+python calibrate.py --model qwen2.5-coder-0.5b-instruct --fit      # also fit triattention_fit's weights
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("report", False, "Also write the concentration report (JSON and PNG plots).")
 flags.DEFINE_string("report_dir", None, "Folder for the report; default: <model folder>/report.")
+flags.DEFINE_bool(
+    "fit",
+    False,
+    "Also fit triattention_fit's weights on calibration traces, written beside the statistics "
+    "(<out>.fit.safetensors, or the model folder's triattention_fit.safetensors).",
+)
+flags.DEFINE_enum(
+    "fit_target",
+    "attention",
+    ["attention", "output"],
+    "What the fitted score predicts for each key: the attention future queries pay it, or that times "
+    "its value norm (its share of the attention output).",
+)
+flags.DEFINE_integer(
+    "fit_code_files", 4, "Standard-library source files added to the fitting texts (none with --calib_file)."
+)
+flags.DEFINE_integer("fit_seq_len", 4096, "Tokens per added source file.")
 # The shared flags belong to this command: `--help` lists them.
 flags.adopt_module_key_flags(shared)
 flags.adopt_module_key_flags(runner)
@@ -50,6 +68,10 @@ def main(argv: list[str]) -> None:
         out=FLAGS.out,
         report=FLAGS.report,
         report_dir=FLAGS.report_dir,
+        fit=FLAGS.fit,
+        fit_target=FLAGS.fit_target,
+        fit_code_files=FLAGS.fit_code_files,
+        fit_seq_len=FLAGS.fit_seq_len,
     )
     for line in summary:
         print(line)

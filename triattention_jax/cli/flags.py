@@ -38,6 +38,16 @@ def define_budget(help_text: str = "KV entries kept per (layer, KV head) by evic
     flags.DEFINE_integer("budget", 2048, help_text)
 
 
+def define_slack_trigger() -> None:
+    flags.DEFINE_bool(
+        "slack_trigger",
+        False,
+        "Compact exactly when the buffer holds budget + divide_length tokens, as the official TriAttention "
+        "code's use_slack_trigger does (the same compaction steps, for prompts within the budget); default: "
+        "at the first round boundary past the budget, rounds counted from the start of decoding.",
+    )
+
+
 def define_stats(
     help_text: str = "TriAttention statistics (.safetensors or reference .pt); default: the model "
     "folder's, the package's, or calibrated on first use.",
@@ -49,6 +59,7 @@ def define_policy_settings() -> None:
     """The flags of `methods.PolicySettings` (read back by `policy_settings`)."""
     define_budget()
     define_stats()
+    define_slack_trigger()
     flags.DEFINE_bool(
         "protect_prompt",
         None,
@@ -60,10 +71,12 @@ def define_policy_settings() -> None:
     )
     flags.DEFINE_enum(
         "aggregation",
-        "per_head",
+        None,
         ["per_head", "per_layer_per_head", "per_layer"],
-        "How TriAttention shares token sets across layers and heads.",
+        "How TriAttention shares token sets across layers and heads; default: per_head for triattention, "
+        "per_layer_per_head for triattention_fit (its weights are fitted per layer).",
     )
+    flags.DEFINE_string("fitted_scorer", None, "triattention_fit's weights (calibrate.py --fit); default: the model's.")
     flags.DEFINE_list("offsets", None, "TriAttention future offsets; default: 1, 2, 4, ..., 65536.")
     flags.DEFINE_bool("trig_term", True, "TriAttention's trigonometric term (off: the paper's ablation).")
     flags.DEFINE_bool(
@@ -90,6 +103,8 @@ def policy_settings(**overrides: object) -> PolicySettings:
         offsets=offsets,
         trigonometric=FLAGS.trig_term,
         norm_weighting=FLAGS.norm_weighting,
+        slack_trigger=FLAGS.slack_trigger,
+        fitted_scorer=FLAGS.fitted_scorer,
     )
     return PolicySettings(**{**values, **overrides})
 

@@ -16,7 +16,17 @@ from triattention_jax.compilation_cache import default_location, enable_compilat
 from triattention_jax.errors import UserError
 
 # The registered policies' names (`policies.policy_names()`, which imports jax; a test keeps them equal).
-METHOD_NAMES = ("expected_attention", "full", "h2o", "random", "rkv", "snapkv", "streaming", "triattention")
+METHOD_NAMES = (
+    "expected_attention",
+    "full",
+    "h2o",
+    "random",
+    "rkv",
+    "snapkv",
+    "streaming",
+    "triattention",
+    "triattention_fit",
+)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
-
 import numpy as np
 
 
@@ -19,12 +16,6 @@ def fidelity_metrics(full: np.ndarray, method: np.ndarray, targets: np.ndarray, 
         "delta_nll": float((full[rows, targets] - method[rows, targets]).mean()),
         "positions": int(len(targets)),
     }
-
-
-def input_fingerprint(tokens: Any) -> str:
-    """A short hash of a sample's token ids, stored with each cell whose input depends on the
-    running Python (stdlib sources and pydoc prose change between versions)."""
-    return hashlib.sha256(np.asarray(tokens, np.int32).tobytes()).hexdigest()[:16]
 
 
 def divergence_metrics(full: list[int], method: list[int]) -> dict[str, float]:

@@ -32,9 +32,9 @@ PAIRED_METRIC = {
 def _cells_by_group(store: ResultStore, task: str) -> dict[tuple[str, int], dict[int, dict]]:
     grouped: dict[tuple[str, int], dict[int, dict]] = {}
     for key, cell in store.cells.items():
-        cell_task, method, budget, sample = key.split("/")
+        cell_task, method, budget, sample = store.parse_key(key)
         if cell_task == task:
-            grouped.setdefault((method, int(budget)), {})[int(sample)] = cell
+            grouped.setdefault((method, budget), {})[sample] = cell
     return dict(sorted(grouped.items()))
 
 

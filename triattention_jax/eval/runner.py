@@ -11,29 +11,43 @@ Tasks (each cell is one (task, method, budget, sample)):
   and visited set) after k steps on a random graph, exact match against the true state.
 
 needle and dfs are scored against a known answer, so full attention is a row of their tables.
-Each (method, budget) runs its pending samples as one batch.
+Each (method, budget) runs its pending samples as one batch. fidelity and divergence may run on
+the user's own text files instead of the built-in texts (`texts.text_file_samples`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from triattention_jax.calibration import fit_for_model
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.decoding import generate, prompt_bucket, teacher_force
 from triattention_jax.errors import UserError
-from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, input_fingerprint
+from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics
 from triattention_jax.eval.report import GROUND_TRUTH_TASKS, write_outputs
 from triattention_jax.eval.store import ResultStore, check_output_folder, run_settings
 from triattention_jax.eval.tasks.dfs import dfs_metrics, dfs_problem, dfs_prompt, parse_dfs_answer
 from triattention_jax.eval.tasks.needle import needle_key, needle_length, needle_metrics, needle_stream
-from triattention_jax.eval.texts import PREFILL_TOKENS, REASONING_PROMPTS, fidelity_tokens, source_text, text_tokens
+from triattention_jax.eval.texts import (
+    PREFILL_TOKENS,
+    REASONING_PROMPTS,
+    SOURCES,
+    TextFile,
+    document_name,
+    fidelity_tokens,
+    source_text,
+    text_file_samples,
+    text_tokens,
+)
 from triattention_jax.methods import PolicySettings, build_policy, parse_method
 from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy
-from triattention_jax.prompts import encode_prompts, has_chat_template
+from triattention_jax.policies.triattention_fit import FEATURES
+from triattention_jax.prompts import encode_prompts, has_chat_template, token_fingerprint
 
 
 def first_eviction_position(policy: KVPolicy, prefill_length: int, total: int, divide_length: int) -> int:
@@ -43,20 +57,25 @@ def first_eviction_position(policy: KVPolicy, prefill_length: int, total: int, d
     bucket = prompt_bucket(prefill_length)
     if bucket > policy.budget:
         return prefill_length
-    rounds = -(-(total - prefill_length) // divide_length)
-    compacting = policy.compacting_rounds(bucket, rounds, divide_length)
-    return prefill_length + compacting[0] * divide_length if compacting else total
+    new_tokens = total - prefill_length
+    compacting = policy.compacting_rounds(prefill_length, bucket, new_tokens, divide_length)
+    steps = policy.round_steps(prefill_length, bucket, new_tokens, divide_length)
+    return prefill_length + sum(steps[: compacting[0]]) if compacting else total
 
 
-def build_eval_policy(model: LoadedModel, method: str, budget: int) -> KVPolicy:
+def build_eval_policy(model: LoadedModel, method: str, budget: int, *, slack_trigger: bool = False) -> KVPolicy:
     """Every method with the same rule for the prefix: the teacher-forced text is one document,
     not a user prompt, so no method protects its first tokens (TriAttention would otherwise
-    spend part of its budget on them while the baselines do not); a variant may say otherwise."""
-    return build_policy(model, method, PolicySettings(budget=budget, protect_prompt=False))
+    spend part of its budget on them while the baselines do not); a variant may say otherwise.
+    slack_trigger: the compaction phase of every method (`EvictionPolicy`)."""
+    return build_policy(model, method, PolicySettings(budget=budget, protect_prompt=False, slack_trigger=slack_trigger))
 
 
 Group = tuple[str, int, list[int]]  # method, budget, samples not stored yet
 Progress = Callable[[int, int, str], None]  # (cells done, cells to do, what runs now)
+Policies = Callable[[str, int], KVPolicy]  # (method, budget) -> the policy a cell runs
+TEXT_FILE_TASKS = ("fidelity", "divergence")
+DEFAULT_SAMPLES = 3
 
 
 def _pending_groups(
@@ -99,20 +118,25 @@ def run_fidelity(
     samples: range,
     seq_len: int,
     progress: Progress,
+    policies: Policies,
+    inputs: Sequence[list[int]] | None = None,
 ) -> None:
+    """inputs: the samples' token ids by index (the user's texts) instead of the built-in texts."""
     groups = _pending_groups(store, "fidelity", methods, budgets, samples)
     needed = _samples_in(groups)
     if not needed:
         return
-    batch = fidelity_tokens(model, needed, seq_len)
+    batch = (
+        fidelity_tokens(model, needed, seq_len) if inputs is None else np.asarray([inputs[s] for s in needed], np.int32)
+    )
     tokens = dict(zip(needed, batch))
-    fingerprints = {s: input_fingerprint(tokens[s]) for s in needed}
+    fingerprints = {s: token_fingerprint(tokens[s]) for s in needed}
     for sample, fingerprint in fingerprints.items():
         store.check_input("fidelity", sample, fingerprint)
     reference = dict(zip(needed, teacher_force(model.transformer, batch, prefill_length=PREFILL_TOKENS)))
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
-        policy = build_eval_policy(model, method, budget)
+        policy = policies(method, budget)
         start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
         logprobs = teacher_force(
             model.transformer, np.stack([tokens[s] for s in group]), prefill_length=PREFILL_TOKENS, policy=policy
@@ -133,19 +157,25 @@ def run_divergence(
     samples: range,
     seq_len: int,
     progress: Progress,
+    policies: Policies,
+    inputs: Sequence[list[int]] | None = None,
 ) -> None:
+    """inputs: the samples' prompts by index (the user's texts) instead of the built-in ones."""
     groups = _pending_groups(store, "divergence", methods, budgets, samples)
     needed = _samples_in(groups)
     if not needed:
         return
-    texts = [REASONING_PROMPTS[s % len(REASONING_PROMPTS)] for s in needed]
-    prompts = dict(zip(needed, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
+    if inputs is None:
+        texts = [REASONING_PROMPTS[s % len(REASONING_PROMPTS)] for s in needed]
+        prompts = dict(zip(needed, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
+    else:
+        prompts = {s: inputs[s] for s in needed}
     reference = dict(
         zip(needed, generate(model.transformer, list(prompts.values()), eos_ids=(), max_new_tokens=seq_len).token_ids)
     )
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
-        policy = build_eval_policy(model, method, budget)
+        policy = policies(method, budget)
         answers = generate(
             model.transformer, [prompts[s] for s in group], eos_ids=(), max_new_tokens=seq_len, policy=policy
         ).token_ids
@@ -162,6 +192,7 @@ def run_needle(
     samples: range,
     seq_len: int,
     progress: Progress,
+    policies: Policies,
 ) -> None:
     context = model.config.max_position_embeddings
     for budget in budgets:
@@ -182,14 +213,14 @@ def run_needle(
             )
             for s in group
         ]
-        fingerprints = [input_fingerprint(stream.tokens) for stream in streams]
+        fingerprints = [token_fingerprint(stream.tokens) for stream in streams]
         for sample, fingerprint in zip(group, fingerprints):
             store.check_input("needle", sample, fingerprint, budget)
         logprobs = teacher_force(
             model.transformer,
             np.stack([st.tokens for st in streams]),
             prefill_length=PREFILL_TOKENS,
-            policy=build_eval_policy(model, method, budget),
+            policy=policies(method, budget),
         )
         return [
             needle_metrics(row, stream) | {"input": fingerprint}
@@ -207,6 +238,7 @@ def run_dfs(
     samples: range,
     seq_len: int,
     progress: Progress,
+    policies: Policies,
 ) -> None:
     groups = _pending_groups(store, "dfs", methods, budgets, samples)
     problems = {s: dfs_problem(s) for s in _samples_in(groups)}
@@ -230,7 +262,7 @@ def run_dfs(
                 full_answers.update(zip(missing, answers(FullAttention(), missing)))
             outputs = [full_answers[s] for s in group]
         else:
-            outputs = answers(build_eval_policy(model, method, budget), group)
+            outputs = answers(policies(method, budget), group)
         cells = []
         for sample, ids in zip(group, outputs):
             parsed = parse_dfs_answer(model.tokenizer.decode(ids, skip_special_tokens=True))
@@ -250,17 +282,45 @@ def run_dfs(
 TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_needle, "dfs": run_dfs}
 
 
+def _check_disjoint_from_fit(task: str, samples: range, fit_documents: Sequence[str]) -> None:
+    """Refuses a study whose texts include one triattention_fit's weights were fitted on."""
+    if task != "fidelity":  # divergence prompts are REASONING_PROMPTS, which fitting never reads
+        return
+    fitted_on = set(fit_documents)
+    for sample in samples:
+        name = document_name(SOURCES[sample % len(SOURCES)], sample // len(SOURCES))
+        if name in fitted_on:
+            raise UserError(
+                f"sample {sample} reads {name}, one of the texts triattention_fit was fitted on: evaluate other "
+                "samples (a lower --seed or --num_samples) or refit on other texts"
+            )
+
+
+def check_study(task: str, methods: Sequence[str], texts: Sequence[TextFile] = ()) -> None:
+    """Refuses, before the model is loaded, a task, method list or text files that cannot run."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if texts and task not in TEXT_FILE_TASKS:
+        raise UserError(f"--text_file serves --task {' and '.join(TEXT_FILE_TASKS)}, not {task}: leave it out")
+    for method in methods:
+        parse_method(method)
+    if not methods:
+        raise UserError("no methods given: pass --methods, e.g. triattention,streaming")
+
+
 def evaluate(
     model: LoadedModel,
     *,
     task: str,
     methods: list[str],
     budgets: list[int],
-    num_samples: int,
+    num_samples: int | None = None,
     seq_len: int,
     out: Path,
     seed: int = 0,
     progress: Progress | None = None,
+    slack_trigger: bool = False,
+    texts: Sequence[TextFile] = (),
 ) -> list[Path]:
     """Runs the cells not in out/results.json yet; writes the table and plots; returns the files.
 
@@ -269,27 +329,54 @@ def evaluate(
     side. seq_len: tokens per sequence (fidelity; the needle's least length) or generated
     tokens (divergence; dfs at most). `progress(done, total, running)` is called before each
     group of cells and once at the end. The table compares the first method with each other
-    one, sample by sample.
+    one, sample by sample. slack_trigger: every method compacts in the official
+    implementation's phase (`EvictionPolicy`). texts (`texts.read_text_files`; fidelity and
+    divergence): the samples come from these files (`texts.text_file_samples`), sample i the
+    i-th they give. num_samples: by default 3, or with texts every sample from `seed` on.
     """
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    for method in methods:
-        parse_method(method)
-    if not methods:
-        raise UserError("no methods given: pass --methods, e.g. triattention,streaming")
+    check_study(task, methods, texts)
     reference = methods[0]
     if task in GROUND_TRUTH_TASKS and "full" not in methods:
         methods = ["full", *methods]
     check_output_folder(out)
+    run = TASKS[task]
+    if texts:
+        inputs = text_file_samples(model, texts, task, seq_len)
+        num_samples = max(1, len(inputs) - seed) if num_samples is None else num_samples
+        if seed + num_samples > len(inputs):
+            raise UserError(
+                f"the --text_file texts give {len(inputs)} {task} samples, numbered from 0, and this run asks for "
+                f"samples {seed} to {seed + num_samples - 1}: lower --seed or --num_samples (without --num_samples, "
+                "every sample from --seed on)"
+            )
+        run = functools.partial(run, inputs=inputs)
+    samples = range(seed, seed + (DEFAULT_SAMPLES if num_samples is None else num_samples))
+    # Each triattention_fit variant's weights (its fitted_scorer option, else the model's).
+    fits = {
+        m: fit_for_model(model, FEATURES, parse_method(m)[1].get("fitted_scorer"))
+        for m in methods
+        if parse_method(m)[0] == "triattention_fit"
+    }
+    for fitted in fits.values():
+        if not texts:
+            _check_disjoint_from_fit(task, samples, fitted.metadata.get("documents", []))
     out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out, run_settings(model, seq_len))
-    TASKS[task](
+    settings = run_settings(
+        model,
+        seq_len,
+        slack_trigger=slack_trigger,
+        text_files=[t.sha256 for t in texts],
+        fitted_scorers={m: token_fingerprint(f.weights.view(np.int32).reshape(-1)) for m, f in fits.items()},
+    )
+    store = ResultStore(out, settings)
+    run(
         model,
         store,
         methods,
         budgets,
-        range(seed, seed + num_samples),
+        samples,
         seq_len,
         progress or (lambda done, total, running: None),
+        functools.partial(build_eval_policy, model, slack_trigger=slack_trigger),
     )
     return [store.path, *write_outputs(store, task, out, reference)]

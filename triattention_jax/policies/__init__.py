@@ -9,6 +9,7 @@ from triattention_jax.policies.rkv import RKV
 from triattention_jax.policies.snapkv import SnapKV
 from triattention_jax.policies.streaming import StreamingLLM
 from triattention_jax.policies.triattention import TriAttention
+from triattention_jax.policies.triattention_fit import TriAttentionFit
 
 __all__ = [
     "EvictionPolicy",
@@ -22,6 +23,7 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "TriAttention",
+    "TriAttentionFit",
     "policy_class",
     "policy_names",
 ]

@@ -88,35 +88,59 @@ class KVPolicy(abc.ABC):
 
     @abc.abstractmethod
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
-        """Turns the prefilled prompt cache (one slot per prompt-bucket token) into the buffer."""
+        """Turns the prefilled prompt cache (one slot per prompt-bucket token) into the buffer
+        of `num_slots` that decoding keeps to the end."""
 
-    def prefill_slots(self, prompt_slots: int, num_slots: int) -> int:
-        """The buffer size `fit_prefill` returns: fixed-size buffers start at `num_slots`."""
-        return num_slots
+    def prefill_cursor(self, prompt_tokens: int, prompt_slots: int) -> int:
+        """The cursor `fit_prefill` leaves (host side), after a longest prompt of
+        `prompt_tokens` tokens right-padded to `prompt_slots`: by default every bucket slot."""
+        return prompt_slots
 
-    def round_slots(self, num_slots: int, filled: int, divide_length: int, max_slots: int) -> int:
-        """The buffer size for the next round (host side, between rounds): `num_slots` now,
-        `filled` slots a cache that never evicts would hold, `max_slots` from `num_slots()`.
-        Fixed-size buffers keep their size."""
-        return num_slots
+    def first_round_steps(self, prefill_cursor: int, divide_length: int) -> int:
+        """The steps of the first decode round. Eviction happens only between rounds, so this
+        sets their phase; the later rounds are `divide_length` long. By default whole rounds
+        from the start of decoding."""
+        return divide_length
+
+    def round_steps(self, prompt_tokens: int, prompt_slots: int, new_tokens: int, divide_length: int) -> list[int]:
+        """The steps of every decode round that together cover `new_tokens` (the last may run
+        past them): `first_round_steps`, then whole rounds. Host side, known before decoding."""
+        if new_tokens < 1:
+            return []
+        first = self.first_round_steps(self.prefill_cursor(prompt_tokens, prompt_slots), divide_length)
+        return [first] + [divide_length] * -(-max(0, new_tokens - first) // divide_length)
 
     @abc.abstractmethod
     def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:
-        """Runs inside jit before every round of `divide_length` steps; must leave room for it."""
+        """Runs inside jit before every round (`divide_length` steps, the first round
+        possibly fewer: `first_round_steps`); must leave room for `divide_length` more."""
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvictionPolicy(KVPolicy):
     """A buffer of budget + divide_length slots, cut back to `budget` whenever it fills.
 
     Subclasses score the slots; this class protects the prompt (when `protect_prompt`) and the
     last `window` positions, keeps the top-`budget` per (layer, row, KV head) (a stable sort
-    by score), and stores the kept slots sorted by position. Expected fields: budget,
-    protect_prompt, window.
+    by score), and stores the kept slots sorted by position. Subclasses declare budget,
+    protect_prompt and window again with their defaults; they inherit slack_trigger.
+
+    Schedule: compactions happen between rounds, when the next round would not fit. By default
+    rounds are whole from the start of decoding and the prompt bucket's padding slots count
+    toward the buffer, so a compaction comes at the first round boundary past `budget`.
+    `slack_trigger` reproduces the official implementation's `use_slack_trigger` (with
+    `count_prompt_tokens`): a compaction exactly when the buffer holds budget + divide_length
+    tokens, after the same decode steps as there. The padding slots are given back after
+    prefill (the cursor starts at the longest prompt's end, where the official cache ends) and
+    the first round is cut short, so that every round boundary falls where the cursor reaches
+    budget + divide_length (SPEC 5). The steps match for prompts within the budget; a longer
+    one is compacted here at prefill, there once the cache holds budget + divide_length.
     """
 
     budget: int
     protect_prompt: bool
     window: int
+    slack_trigger: bool = False
 
     @classmethod
     def default_protect_prompt(cls) -> bool:
@@ -133,8 +157,20 @@ class EvictionPolicy(KVPolicy):
 
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         """budget + divide_length, or fewer when the whole run fits (then nothing is evicted)."""
-        whole_run = prompt_slots + -(-max_new_tokens // divide_length) * divide_length
-        return min(self.budget + divide_length, whole_run)
+        # A first round cut short (slack_trigger) adds a round: room for one more.
+        rounds = -(-max_new_tokens // divide_length) + self.slack_trigger
+        return min(self.budget + divide_length, prompt_slots + rounds * divide_length)
+
+    def prefill_cursor(self, prompt_tokens: int, prompt_slots: int) -> int:
+        return min(prompt_tokens if self.slack_trigger else prompt_slots, self.budget)
+
+    def first_round_steps(self, prefill_cursor: int, divide_length: int) -> int:
+        """With slack_trigger: the steps until the cursor reaches budget + divide_length (or
+        a whole round when a boundary falls there already); every later boundary then does
+        too, since the cursor grows by whole rounds and is cut back to `budget`."""
+        if not self.slack_trigger:
+            return divide_length
+        return (self.budget - prefill_cursor) % divide_length or divide_length
 
     def check(
         self,
@@ -159,21 +195,29 @@ class EvictionPolicy(KVPolicy):
                 "prompt protected: raise --budget or pass --protect_prompt=false to compress the prompt"
             )
 
-    def compacting_rounds(self, prompt_slots: int, rounds: int, divide_length: int) -> list[int]:
-        """Which of `rounds` decode rounds start with a compaction, after a prefill of
-        `prompt_slots` slots: the same schedule as `fit_prefill` and `before_round`, on the host."""
-        cursor = min(prompt_slots, self.budget)
+    def compacting_rounds(
+        self, prompt_tokens: int, prompt_slots: int, new_tokens: int, divide_length: int
+    ) -> list[int]:
+        """Which rounds of `round_steps(...)` start with a compaction, after a longest prompt
+        of `prompt_tokens` tokens in a bucket of `prompt_slots`: the same schedule as
+        `fit_prefill` and `before_round`, on the host."""
+        cursor = self.prefill_cursor(prompt_tokens, prompt_slots)
         compacting = []
-        for index in range(rounds):
-            if cursor + divide_length > self.budget + divide_length:
+        for index, steps in enumerate(self.round_steps(prompt_tokens, prompt_slots, new_tokens, divide_length)):
+            if cursor > self.budget:  # before_round: cursor + divide_length > budget + divide_length
                 compacting.append(index)
                 cursor = self.budget
-            cursor += divide_length
+            cursor += steps
         return compacting
 
     def fit_prefill(self, cache: KVCache, num_slots: int, context: RoundContext) -> KVCache:
         if cache.num_slots > self.budget:
             cache = self.compact(cache, context)
+        if self.slack_trigger:
+            # Slots past the longest prompt hold padding in every row (after a compaction too:
+            # kept slots are sorted by position, empty ones last), so the cursor goes back to
+            # it: the buffer then counts tokens, as the official cache does.
+            cache = dataclasses.replace(cache, cursor=jnp.minimum(cache.cursor, jnp.max(context.prompt_lengths)))
         return cache.resized(num_slots)
 
     def before_round(self, cache: KVCache, divide_length: int, context: RoundContext) -> KVCache:

@@ -1,0 +1,234 @@
+"""Fitting the scorer of `policies.triattention_fit` on calibration traces.
+
+Each fitting sequence runs once through the model with full attention. At snapshots t0 (every
+`snapshot_every` tokens), every key before t0 gets its features as the scorer would compute
+them at t0, and a target: the attention the next `horizon` queries pay it (summed over the
+GQA group), optionally times ‖v‖ (the key's share of the attention output), normalised over
+the keys before t0. Per layer, the weights minimise the cross-entropy between that target
+and the scorer's predicted distribution (`group_log_attention`), with optax; features are
+standardised per head for the optimiser and the weights mapped back to raw units (a constant
+shift of a head's scores does not change its softmax, so the standardisation's offset drops).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from triattention_jax.checkpoints.stats import FitResult, model_metadata
+from triattention_jax.errors import UserError
+from triattention_jax.model import Transformer
+from triattention_jax.policies.triattention_fit import FEATURES, group_log_attention, key_features
+from triattention_jax.prompts import token_fingerprint
+from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_phasors
+
+TARGETS = ("attention", "output")
+
+
+def snapshot_positions(length: int, horizon: int, snapshot_every: int) -> tuple[int, ...]:
+    """The t0 at which a sequence of `length` tokens is scored: every `snapshot_every` tokens
+    from `snapshot_every` on, each with `horizon` tokens after it."""
+    return tuple(range(snapshot_every, length - horizon + 1, snapshot_every))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _trace(graphdef, state, tokens: jax.Array):
+    """One sequence (1, T) with full attention: per layer post-RoPE queries, keys and values."""
+    transformer = nnx.merge(graphdef, state)
+    positions = jnp.arange(tokens.shape[1])[None]
+    out = transformer.extend(None, tokens, positions, logits_at=jnp.zeros((1,), jnp.int32), collect_rope_queries=True)
+    return out.rope_queries[:, 0], jnp.stack(out.k)[:, 0], jnp.stack(out.v)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("snapshots", "horizon", "target", "attention_scale", "attention_scaling"))
+def _layer_examples(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    stats: FrequencyStats,
+    q_band_var: jax.Array,
+    inv_freq: jax.Array,
+    phasors: jax.Array,
+    *,
+    snapshots: tuple[int, ...],
+    horizon: int,
+    target: str,
+    attention_scale: float,
+    attention_scaling: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer of one sequence: features (snapshots, heads, T, features), the target
+    distribution (snapshots, kv_heads, T) and the mask of keys before t0 (snapshots, T).
+
+    queries: (T, heads, head_dim) post-RoPE; keys, values: (kv_heads, T, head_dim)."""
+    T, H, hd = queries.shape
+    K = keys.shape[0]
+    key_pos = jnp.broadcast_to(jnp.arange(T)[None, None], (1, K, T))
+    value_norm = jnp.linalg.norm(values.astype(jnp.float32), axis=-1)  # (K, T)
+    features, targets, masks = [], [], []
+    for t0 in snapshots:
+        before = jnp.arange(T) < t0
+        features.append(
+            key_features(
+                keys[None],
+                values[None],
+                key_pos,
+                jnp.asarray([t0]),
+                stats,
+                q_band_var,
+                inv_freq,
+                phasors,
+                attention_scaling,
+            )[0]
+        )
+        future = queries[t0 : t0 + horizon].astype(jnp.float32).reshape(horizon, K, H // K, hd)
+        logits = jnp.einsum("tkgd,ksd->kgts", future, keys.astype(jnp.float32)) * attention_scale
+        visible = jnp.arange(T)[None, :] <= jnp.arange(t0, t0 + horizon)[:, None]  # (horizon, T)
+        weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+        mass = jnp.sum(weights, axis=(1, 2))  # (K, T): summed over the group and the future queries
+        if target == "output":
+            mass = mass * value_norm
+        mass = jnp.where(before, mass, 0.0)
+        targets.append(mass / jnp.sum(mass, axis=-1, keepdims=True))
+        masks.append(before)
+    return jnp.stack(features), jnp.stack(targets), jnp.stack(masks)
+
+
+def _fit_layer(
+    features: np.ndarray, targets: np.ndarray, masks: np.ndarray, *, steps: int, learning_rate: float, l2: float
+) -> tuple[np.ndarray, float, float]:
+    """Weights (heads, features) in raw units, and the mean cross-entropy before (the paper's
+    score: trigonometric + norm) and after fitting.
+
+    features: (N, heads, T, F); targets: (N, kv_heads, T); masks: (N, T)."""
+    x, y, mask = jnp.asarray(features), jnp.asarray(targets), jnp.asarray(masks)
+    K = y.shape[1]
+    valid = mask[:, None, :, None]
+    count = jnp.maximum(jnp.sum(jnp.broadcast_to(valid, x.shape[:3] + (1,)), axis=(0, 2)), 1)  # (H, 1)
+    mean = jnp.sum(jnp.where(valid, x, 0.0), axis=(0, 2)) / count
+    std = jnp.sqrt(jnp.sum(jnp.where(valid, (x - mean[None, :, None]) ** 2, 0.0), axis=(0, 2)) / count)
+    std = jnp.where(std > 1e-6, std, 1.0)
+    x = jnp.where(valid, (x - mean[None, :, None]) / std[None, :, None], 0.0)
+    kv_mask = jnp.broadcast_to(mask[:, None, :], y.shape)
+
+    def cross_entropy(w: jax.Array) -> jax.Array:
+        log_q = group_log_attention(jnp.einsum("nhsf,hf->nhs", x, w), kv_mask, K)
+        return -jnp.sum(y * jnp.where(kv_mask, log_q, 0.0)) / (y.shape[0] * K)
+
+    def loss(w: jax.Array) -> jax.Array:
+        return cross_entropy(w) + l2 * jnp.sum(w**2)
+
+    # Start from the paper's score: trigonometric + norm, weight 1 each in raw units.
+    start = jnp.zeros(x.shape[1:2] + x.shape[3:]).at[:, :2].set(std[:, :2])
+    optimizer = optax.adam(learning_rate)
+
+    @jax.jit
+    def run(w: jax.Array) -> jax.Array:
+        def step(carry, _):
+            w, opt_state = carry
+            grads = jax.grad(loss)(w)
+            updates, opt_state = optimizer.update(grads, opt_state, w)
+            return (optax.apply_updates(w, updates), opt_state), None
+
+        (w, _), _ = jax.lax.scan(step, (w, optimizer.init(w)), length=steps)
+        return w
+
+    fitted = run(start)
+    return np.asarray(fitted / std, np.float32), float(cross_entropy(start)), float(cross_entropy(fitted))
+
+
+def fit_scorer(
+    transformer: Transformer,
+    stats: FrequencyStats,
+    q_band_var: np.ndarray,
+    sequences: Sequence[Sequence[int]],
+    *,
+    target: str = "attention",
+    horizon: int = 512,
+    snapshot_every: int = 256,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    l2: float = 1e-4,
+    documents: Sequence[str] = (),
+    progress: bool = True,
+) -> FitResult:
+    """Fits `triattention_fit`'s weights on `sequences` (token id lists; those shorter than
+    snapshot_every + horizon are skipped) with the model's TriAttention `stats` and the query
+    variance per band `q_band_var` (layers, heads, head_dim/2) of the same calibration
+    (`QueryMoments.band_variance`). documents: names of the texts the sequences come from,
+    recorded with the sequences' fingerprints so evaluations can prove they are disjoint."""
+    if target not in TARGETS:
+        raise UserError(f"unknown fit target {target!r}: choose one of {', '.join(TARGETS)}")
+    sequences = [list(s) for s in sequences if len(snapshot_positions(len(s), horizon, snapshot_every))]
+    if not sequences:
+        raise UserError(
+            f"no fitting sequence is long enough: each needs at least {snapshot_every + horizon} tokens "
+            "(give longer texts, or a larger --fit_seq_len)"
+        )
+    from tqdm import tqdm
+
+    config = transformer.config
+    q_band_var = np.asarray(q_band_var, np.float32)
+    inv_freq = np.asarray(transformer.inv_freq[...])
+    phasors = jnp.asarray(offset_phasors(inv_freq, DEFAULT_OFFSETS))
+    stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats)
+    graphdef, state = nnx.split(transformer)
+    per_layer: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(config.num_layers)]
+    width = max(len(s) for s in sequences)
+    for tokens in tqdm(sequences, desc="fitting traces", unit="seq", disable=not progress, file=sys.stderr):
+        queries, keys, values = _trace(graphdef, state, jnp.asarray([tokens], jnp.int32))
+        snapshots = snapshot_positions(len(tokens), horizon, snapshot_every)
+        for layer in range(config.num_layers):
+            x, y, mask = _layer_examples(
+                queries[layer],
+                keys[layer],
+                values[layer],
+                jax.tree.map(lambda s, i=layer: s[i : i + 1], stats),
+                jnp.asarray(q_band_var[layer]),
+                jnp.asarray(inv_freq),
+                phasors,
+                snapshots=snapshots,
+                horizon=horizon,
+                target=target,
+                attention_scale=config.head_dim**-0.5,
+                attention_scaling=float(transformer.attention_scaling),
+            )
+            pad = width - len(tokens)  # sequences of different lengths share one array per layer
+            per_layer[layer].append(
+                (
+                    np.pad(np.asarray(x), ((0, 0), (0, 0), (0, pad), (0, 0))),
+                    np.pad(np.asarray(y), ((0, 0), (0, 0), (0, pad))),
+                    np.pad(np.asarray(mask), ((0, 0), (0, pad))),
+                )
+            )
+    weights, before, after = [], [], []
+    for examples in tqdm(per_layer, desc="fitting layers", unit="layer", disable=not progress, file=sys.stderr):
+        w, loss_before, loss_after = _fit_layer(
+            *(np.concatenate(parts) for parts in zip(*examples)), steps=steps, learning_rate=learning_rate, l2=l2
+        )
+        weights.append(w)
+        before.append(loss_before)
+        after.append(loss_after)
+    metadata = {
+        **model_metadata(transformer),
+        "features": list(FEATURES),
+        "target": target,
+        "horizon": horizon,
+        "snapshot_every": snapshot_every,
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "l2": l2,
+        "num_sequences": len(sequences),
+        "num_tokens": sum(len(s) for s in sequences),
+        "documents": list(documents),
+        "fingerprints": [token_fingerprint(s) for s in sequences],
+        "cross_entropy_start": before,
+        "cross_entropy_fitted": after,
+    }
+    return FitResult(weights=np.stack(weights), q_band_var=q_band_var, metadata=metadata)

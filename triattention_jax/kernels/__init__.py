@@ -1,0 +1,1 @@
+"""Pallas kernels for the paths XLA serves badly (see each module)."""

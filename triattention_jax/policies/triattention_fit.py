@@ -1,0 +1,191 @@
+"""A fitted TriAttention: the paper's score terms and a few more, combined per (layer, head)
+with weights fitted offline (`fitting.fit_scorer`) so that the score predicts the attention
+future queries pay each key. Query-free at decode time, like the paper's scorer: everything
+is computed from the cached keys, values and positions when the buffer is compacted.
+
+Per query head h and cached key s at the current position t0, the features are
+
+    trigonometric  Σ_f Re(A_f · conj(k'_f))              the paper's series (mean over offsets)
+    norm           Σ_f (qa_f − |qm_f|)·|k'_f|            the paper's norm term
+    second_moment  Σ_f σ²_f·|k'_f|² / (2·head_dim)      E[exp(q·k)]'s second-order term, σ²_f the
+                                                          query variance of band f (RoPE-averaged
+                                                          covariance is isotropic within a band)
+    log_value_norm log ‖v_s‖                              the key's share of the output scales with it
+    log_age        log(1 + t0 − pos_s)                    recency
+    sink           pos_s < 4                              attention sinks
+
+and the head's score is w_h · features; the head's predicted attention is its softmax over
+the cached keys, and a KV head ranks its keys by the log of their summed predicted attention
+over its GQA group (the quantity the weights are fitted to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
+from triattention_jax.errors import UserError
+from triattention_jax.model import MASK_VALUE
+from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.scoring import (
+    AGGREGATIONS,
+    DEFAULT_OFFSETS,
+    FrequencyStats,
+    aggregate,
+    key_score_terms,
+    offset_phasors,
+)
+
+FEATURES = ("trigonometric", "norm", "second_moment", "log_value_norm", "log_age", "sink")
+SINK_POSITIONS = 4
+
+
+def key_features(
+    keys: jax.Array,
+    values: jax.Array,
+    key_positions: jax.Array,
+    position: jax.Array,
+    stats: FrequencyStats,
+    q_band_var: jax.Array,
+    inv_freq: jax.Array,
+    phasors: jax.Array,
+    attention_scaling: float = 1.0,
+) -> jax.Array:
+    """FEATURES of one layer's keys for each of its query heads, float32 (batch, heads, slots, features).
+
+    keys, values: (batch, kv_heads, slots, head_dim), keys post-RoPE as cached; key_positions:
+    (batch, kv_heads, slots); position: (batch,) t0; stats: the layer's statistics, each
+    (1, heads, head_dim/2); q_band_var: (heads, head_dim/2) the query variance per band.
+    """
+    B, K, S, hd = keys.shape
+    H = q_band_var.shape[0]
+    trig, norm = key_score_terms(
+        keys[None], stats, inv_freq, phasors, position, attention_scaling=attention_scaling
+    )  # each (1, B, H, S)
+    keys32 = keys.astype(jnp.float32)
+    band_power = keys32[..., : hd // 2] ** 2 + keys32[..., hd // 2 :] ** 2  # (B, K, S, hd/2)
+    second = jnp.einsum("kgf,bksf->bkgs", q_band_var.reshape(K, H // K, hd // 2), band_power) / (2 * hd)
+    value_norm = jnp.linalg.norm(values.astype(jnp.float32), axis=-1)
+    age = jnp.maximum(position[:, None, None] - key_positions, 0).astype(jnp.float32)
+    sink = ((key_positions >= 0) & (key_positions < SINK_POSITIONS)).astype(jnp.float32)
+    per_key = jnp.stack([jnp.log(value_norm + 1e-6), jnp.log1p(age), sink], axis=-1)  # (B, K, S, 3)
+    per_head = jnp.repeat(per_key, H // K, axis=1)  # (B, H, S, 3): heads are KV-head major
+    return jnp.concatenate([jnp.stack([trig[0], norm[0], second.reshape(B, H, S)], axis=-1), per_head], axis=-1)
+
+
+def group_log_attention(scores: jax.Array, valid: jax.Array, num_kv_heads: int) -> jax.Array:
+    """log(Σ_group softmax(scores) / group) per KV head: the predicted share of the group's
+    attention each key receives. scores: (batch, heads, slots); valid: (batch, kv_heads, slots).
+    Returns (batch, kv_heads, slots), −inf on invalid slots."""
+    B, H, S = scores.shape
+    group = H // num_kv_heads
+    # A finite mask value keeps every row finite (and its gradient defined) even without a valid key.
+    masked = jnp.where(valid[:, :, None, :], scores.reshape(B, num_kv_heads, group, S), MASK_VALUE)
+    log_group = jax.nn.logsumexp(jax.nn.log_softmax(masked, axis=-1), axis=2) - jnp.log(group)
+    return jnp.where(valid, log_group, -jnp.inf)
+
+
+@policy_dataclass
+class TriAttentionFit(EvictionPolicy):
+    """Build with `TriAttentionFit.create(transformer, stats, q_band_var, weights, budget=...)`.
+
+    weights: (layers, heads, len(FEATURES)) from `fitting.fit_scorer`; aggregation as
+    TriAttention's (default per_layer_per_head: the weights are fitted per layer).
+    """
+
+    stats: FrequencyStats = array_field()
+    q_band_var: jax.Array = array_field()
+    weights: jax.Array = array_field()
+    inv_freq: jax.Array = array_field()
+    phasors: jax.Array = array_field()
+    budget: int = 2048
+    protect_prompt: bool = True
+    window: int = 0
+    aggregation: str = "per_layer_per_head"
+    offsets: tuple[int, ...] = DEFAULT_OFFSETS
+    attention_scaling: float = 1.0
+
+    @classmethod
+    def create(
+        cls,
+        transformer,
+        stats: FrequencyStats,
+        q_band_var: np.ndarray,
+        weights: np.ndarray,
+        *,
+        offsets: tuple[int, ...] = DEFAULT_OFFSETS,
+        **options,
+    ) -> TriAttentionFit:
+        config = transformer.config
+        half = config.head_dim // 2
+        expected = {
+            "statistics": ((config.num_layers, config.num_heads, half), tuple(np.shape(stats.q_mean_real))),
+            "q_band_var": ((config.num_layers, config.num_heads, half), tuple(np.shape(q_band_var))),
+            "weights": ((config.num_layers, config.num_heads, len(FEATURES)), tuple(np.shape(weights))),
+        }
+        for name, (want, got) in expected.items():
+            if want != got:
+                raise UserError(
+                    f"fitted scorer's {name} have shape {got}, the model needs {want}: run calibrate.py --fit"
+                )
+        if options.get("aggregation", "per_layer_per_head") not in AGGREGATIONS:
+            raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
+        inv_freq = np.asarray(transformer.inv_freq[...])
+        return cls(
+            stats=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats),
+            q_band_var=jnp.asarray(q_band_var, jnp.float32),
+            weights=jnp.asarray(weights, jnp.float32),
+            inv_freq=jnp.asarray(inv_freq),
+            phasors=jnp.asarray(offset_phasors(inv_freq, tuple(offsets))),
+            offsets=tuple(int(o) for o in offsets),
+            attention_scaling=float(transformer.attention_scaling),
+            **options,
+        )
+
+    def check(
+        self,
+        prompt_lengths: Sequence[int],
+        divide_length: int,
+        *,
+        slim: bool = False,
+        context_length: int | None = None,
+    ) -> None:
+        if slim:
+            raise UserError(
+                "triattention_fit weighs keys by ‖v‖, which a K-only (--kv_cache slim) cache does not hold: "
+                "use the standard cache, or --method triattention"
+            )
+        super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
+
+    def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
+        num_kv_heads = cache.pos[0].shape[1]
+
+        def one_layer(layer: CacheLayer, stats: FrequencyStats, q_band_var: jax.Array, weights: jax.Array) -> jax.Array:
+            features = key_features(
+                layer.rope_keys,
+                layer.v,
+                layer.pos,
+                context.position,
+                stats,
+                q_band_var,
+                self.inv_freq,
+                self.phasors,
+                self.attention_scaling,
+            )
+            scores = jnp.einsum("bhsf,hf->bhs", features, weights)
+            return group_log_attention(scores, layer.pos != EMPTY_POSITION, num_kv_heads)
+
+        layers = range(cache.num_layers)
+        layer_stats = [jax.tree.map(lambda s, i=i: s[i : i + 1], self.stats) for i in layers]
+        scores = jnp.stack(
+            layer_by_layer(one_layer, cache.layers(), layer_stats, list(self.q_band_var), list(self.weights))
+        )
+        valid = cache.stacked("pos") != EMPTY_POSITION
+        return aggregate(jnp.where(valid, scores, -jnp.inf), valid, self.aggregation)
+
+
+register("triattention_fit", TriAttentionFit)
