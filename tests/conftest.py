@@ -157,6 +157,16 @@ def slim_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return {name: save_tiny_model(root, name) for name in SLIM_MODELS}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module: the whole suite in one process
+    otherwise accumulates thousands of executables (XLA:CPU aborted once, late in the suite)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture()
 def compiles() -> list[str]:
     """XLA backend compilations that happen while the test runs, in order."""
