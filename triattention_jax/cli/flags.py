@@ -73,8 +73,7 @@ def define_policy_settings() -> None:
         "aggregation",
         None,
         ["per_head", "per_layer_per_head", "per_layer"],
-        "How TriAttention shares token sets across layers and heads; default: per_head for triattention, "
-        "per_layer_per_head for triattention_fit (its weights are fitted per layer).",
+        "How TriAttention and triattention_fit share token sets across layers and heads; default: per_head.",
     )
     flags.DEFINE_string("fitted_scorer", None, "triattention_fit's weights (calibrate.py --fit); default: the model's.")
     flags.DEFINE_list("offsets", None, "TriAttention future offsets; default: 1, 2, 4, ..., 65536.")

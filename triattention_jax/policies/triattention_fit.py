@@ -16,7 +16,8 @@ Per query head h and cached key s at the current position t0, the features are
 
 and the head's score is w_h · features; the head's predicted attention is its softmax over
 the cached keys, and a KV head ranks its keys by the log of their summed predicted attention
-over its GQA group (the quantity the weights are fitted to).
+over its GQA group (the quantity the weights are fitted to), averaged over layers by default
+like the paper's scorer.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class TriAttentionFit(EvictionPolicy):
     """Build with `TriAttentionFit.create(transformer, stats, q_band_var, weights, budget=...)`.
 
     weights: (layers, heads, len(FEATURES)) from `fitting.fit_scorer`; aggregation as
-    TriAttention's (default per_layer_per_head: the weights are fitted per layer).
+    TriAttention's, per_head by default: one token set per KV-head index shared by all layers
+    (SmolLM2, budget 512 of 4,096, 3 texts: KL 0.058 against 0.086 selecting per layer).
     """
 
     stats: FrequencyStats = array_field()
@@ -105,7 +107,7 @@ class TriAttentionFit(EvictionPolicy):
     budget: int = 2048
     protect_prompt: bool = True
     window: int = 0
-    aggregation: str = "per_layer_per_head"
+    aggregation: str = "per_head"
     offsets: tuple[int, ...] = DEFAULT_OFFSETS
     attention_scaling: float = 1.0
 
@@ -132,7 +134,7 @@ class TriAttentionFit(EvictionPolicy):
                 raise UserError(
                     f"fitted scorer's {name} have shape {got}, the model needs {want}: run calibrate.py --fit"
                 )
-        if options.get("aggregation", "per_layer_per_head") not in AGGREGATIONS:
+        if options.get("aggregation", "per_head") not in AGGREGATIONS:
             raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
         inv_freq = np.asarray(transformer.inv_freq[...])
         return cls(
