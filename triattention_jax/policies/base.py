@@ -267,3 +267,27 @@ def policy_class(name: str) -> type[KVPolicy]:
     if name not in _REGISTRY:
         raise UserError(f"unknown method {name!r}: choose one of {', '.join(policy_names())}")
     return _REGISTRY[name]
+
+
+def last_prompt_entries(
+    values: jax.Array, positions: jax.Array, count: int, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """The last `count` real prompt tokens of each right-padded row: values (layers, batch, T,
+    ...) -> (layers, batch, count, ...) in `dtype`, and their positions (batch, count), marked
+    EMPTY_POSITION where a row's prompt is shorter than `count`."""
+    lengths = jnp.sum(positions >= 0, axis=1)
+    index = lengths[:, None] - count + jnp.arange(count)[None]
+    gather = jnp.clip(index, 0, positions.shape[1] - 1)
+    taken = jnp.take_along_axis(values, gather.reshape((1, *gather.shape) + (1,) * (values.ndim - 3)), axis=2)
+    taken_positions = jnp.where(index >= 0, jnp.take_along_axis(positions, gather, axis=1), EMPTY_POSITION)
+    return taken.astype(dtype), taken_positions
+
+
+def slide_window(
+    values: jax.Array, positions: jax.Array, new_values: jax.Array, new_positions: jax.Array, count: int
+) -> tuple[jax.Array, jax.Array]:
+    """The last `count` entries after appending T >= 1 new ones (one decode step, or a
+    teacher-forced round at once): values along axis 2, positions along axis 1."""
+    values = jnp.concatenate([values, new_values.astype(values.dtype)], axis=2)
+    positions = jnp.concatenate([positions, new_positions], axis=1)
+    return values[:, :, -count:], positions[:, -count:]

@@ -19,7 +19,15 @@ import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
 from triattention_jax.errors import UserError
-from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.base import (
+    EvictionPolicy,
+    RoundContext,
+    array_field,
+    last_prompt_entries,
+    policy_dataclass,
+    register,
+    slide_window,
+)
 from triattention_jax.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
@@ -92,21 +100,11 @@ class ExpectedAttention(EvictionPolicy):
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
-        # The last `query_window` real prompt tokens of each right-padded row (fewer, marked
-        # empty, for a shorter prompt).
-        lengths = jnp.sum(positions >= 0, axis=1)
-        index = lengths[:, None] - self.query_window + jnp.arange(self.query_window)[None]
-        gather = jnp.clip(index, 0, positions.shape[1] - 1)
-        queries = jnp.take_along_axis(out.queries, gather[None, :, :, None, None], axis=2)
-        query_positions = jnp.where(index >= 0, jnp.take_along_axis(positions, gather, axis=1), EMPTY_POSITION)
-        return _with_state(cache, queries.astype(cache.dtype), query_positions)
+        return _with_state(cache, *last_prompt_entries(out.queries, positions, self.query_window, cache.dtype))
 
     def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
-        # T >= 1 new tokens (one decode step, or a teacher-forced round at once): the window
-        # after them is the last `query_window` of the old window followed by them.
-        queries = jnp.concatenate([cache.state["recent_queries"], out.queries.astype(cache.dtype)], axis=2)
-        query_positions = jnp.concatenate([cache.state["recent_positions"], positions], axis=1)
-        return _with_state(cache, queries[:, :, -self.query_window :], query_positions[:, -self.query_window :])
+        window = (cache.state["recent_queries"], cache.state["recent_positions"])
+        return _with_state(cache, *slide_window(*window, out.queries, positions, self.query_window))
 
     def future_rotation(self, position: jax.Array) -> tuple[jax.Array, jax.Array]:
         """R̄ for each row: the mean over positions p = position … position + n_future_positions − 1

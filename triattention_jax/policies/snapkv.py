@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from triattention_jax.cache import EMPTY_POSITION, KVCache
-from triattention_jax.policies.base import EvictionPolicy, RoundContext, policy_dataclass, register
+from triattention_jax.policies.base import (
+    EvictionPolicy,
+    RoundContext,
+    last_prompt_entries,
+    policy_dataclass,
+    register,
+    slide_window,
+)
 
 
 @policy_dataclass
@@ -24,18 +31,11 @@ class SnapKV(EvictionPolicy):
     pool_kernel: int = 7
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
-        # The last `window` real prompt tokens of each right-padded row.
-        lengths = jnp.sum(positions >= 0, axis=1)
-        index = lengths[:, None] - self.window + jnp.arange(self.window)[None]
-        gather = jnp.clip(index, 0, positions.shape[1] - 1)
-        queries = jnp.take_along_axis(out.rope_queries, gather[None, :, :, None, None], axis=2)
-        window_positions = jnp.where(index >= 0, jnp.take_along_axis(positions, gather, axis=1), EMPTY_POSITION)
-        return _with_state(cache, queries.astype(cache.dtype), window_positions)
+        return _with_state(cache, *last_prompt_entries(out.rope_queries, positions, self.window, cache.dtype))
 
     def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
-        queries = jnp.concatenate([cache.state["window_queries"], out.rope_queries.astype(cache.dtype)], axis=2)
-        window_positions = jnp.concatenate([cache.state["window_positions"], positions], axis=1)
-        return _with_state(cache, queries[:, :, -self.window :], window_positions[:, -self.window :])
+        window = (cache.state["window_queries"], cache.state["window_positions"])
+        return _with_state(cache, *slide_window(*window, out.rope_queries, positions, self.window))
 
     def window_attention(self, cache: KVCache) -> jax.Array:
         """Mean attention of the window queries over the cache, max over the GQA group,

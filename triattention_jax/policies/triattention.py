@@ -57,15 +57,7 @@ class TriAttention(EvictionPolicy):
             raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
         if not offsets or min(offsets) < 0:
             raise UserError(f"offsets must be a non-empty list of non-negative distances, got {offsets}")
-        inv_freq = np.asarray(transformer.inv_freq[...])
-        return cls(
-            stats=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats),
-            inv_freq=jnp.asarray(inv_freq),
-            phasors=jnp.asarray(offset_phasors(inv_freq, tuple(offsets))),
-            offsets=tuple(int(o) for o in offsets),
-            attention_scaling=float(transformer.attention_scaling),
-            **options,
-        )
+        return cls(**scoring_fields(transformer, stats, offsets), **options)
 
     def check(
         self,
@@ -100,6 +92,20 @@ class TriAttention(EvictionPolicy):
         raw = jnp.concatenate(layer_by_layer(one_layer, cache.layers(), layer_stats))
         valid = cache.stacked("pos") != EMPTY_POSITION
         return aggregate(normalized_scores(raw, valid, cache.pos[0].shape[1]), valid, self.aggregation)
+
+
+def scoring_fields(transformer, stats: FrequencyStats, offsets: tuple[int, ...]) -> dict:
+    """The fields the trigonometric score needs from a model and its statistics (float32
+    statistics, RoPE frequencies, offset phasors, magnitude factor): TriAttention's and
+    TriAttentionFit's."""
+    inv_freq = np.asarray(transformer.inv_freq[...])
+    return {
+        "stats": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats),
+        "inv_freq": jnp.asarray(inv_freq),
+        "phasors": jnp.asarray(offset_phasors(inv_freq, tuple(offsets))),
+        "offsets": tuple(int(o) for o in offsets),
+        "attention_scaling": float(transformer.attention_scaling),
+    }
 
 
 def _layer_slice(stats: FrequencyStats, layer: int) -> FrequencyStats:

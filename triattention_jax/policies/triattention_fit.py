@@ -32,13 +32,13 @@ from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by
 from triattention_jax.errors import UserError
 from triattention_jax.model import MASK_VALUE
 from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.triattention import scoring_fields
 from triattention_jax.scoring import (
     AGGREGATIONS,
     DEFAULT_OFFSETS,
     FrequencyStats,
     aggregate,
     key_score_terms,
-    offset_phasors,
 )
 
 FEATURES = ("trigonometric", "norm", "second_moment", "log_value_norm", "log_age", "sink")
@@ -136,15 +136,10 @@ class TriAttentionFit(EvictionPolicy):
                 )
         if options.get("aggregation", "per_head") not in AGGREGATIONS:
             raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
-        inv_freq = np.asarray(transformer.inv_freq[...])
         return cls(
-            stats=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats),
+            **scoring_fields(transformer, stats, offsets),
             q_band_var=jnp.asarray(q_band_var, jnp.float32),
             weights=jnp.asarray(weights, jnp.float32),
-            inv_freq=jnp.asarray(inv_freq),
-            phasors=jnp.asarray(offset_phasors(inv_freq, tuple(offsets))),
-            offsets=tuple(int(o) for o in offsets),
-            attention_scaling=float(transformer.attention_scaling),
             **options,
         )
 
