@@ -75,16 +75,15 @@ def test_needle_stream_layout(tokenizer):
 
 def test_needle_metrics():
     stream = NeedleStream(np.array([5, 1, 2, 3, 4], np.int32), fact=(1, 2), question_start=2, answer=(2, 5))
-    logprobs = np.log(np.full((5, 6), 0.1))
-    # Row t predicts token t + 1: right on the key's first two tokens, wrong on the third.
-    logprobs[1, 2] = logprobs[2, 3] = logprobs[3, 0] = np.log(0.5)
-    assert needle_metrics(logprobs, stream) == {
+    # Row t's greedy token predicts token t + 1: right on the key's first two tokens, wrong on the third.
+    greedy = np.array([9, 2, 3, 0, 9])
+    assert needle_metrics(greedy, stream) == {
         "answer_accuracy": pytest.approx(2 / 3),
         "exact_match": 0.0,
         "length": 5,
     }
-    logprobs[3, 4] = 0.0
-    assert needle_metrics(logprobs, stream)["exact_match"] == 1.0
+    greedy[3] = 4
+    assert needle_metrics(greedy, stream)["exact_match"] == 1.0
 
 
 def test_dfs_state_by_hand():

@@ -19,7 +19,7 @@ from triattention_jax.errors import UserError
 from triattention_jax.eval.runner import _check_disjoint_from_fit
 from triattention_jax.eval.store import ResultStore
 from triattention_jax.eval.texts import FIT_FIRST_SOURCE, SOURCES, document_name, stdlib_sources
-from triattention_jax.fitting import _fit_layer, fit_scorer
+from triattention_jax.fitting import _fit_layer, _layer_examples, fit_scorer, snapshot_positions
 from triattention_jax.policies import FullAttention, TriAttentionFit
 from triattention_jax.policies.triattention_fit import FEATURES, group_log_attention, key_features
 from triattention_jax.prompts import token_fingerprint
@@ -123,6 +123,38 @@ def test_fit_recovers_the_weights_that_made_the_targets():
     weights, before, after = _fit_layer(features, targets, masks, steps=1500, learning_rate=0.05, l2=0.0)
     assert after < before
     np.testing.assert_allclose(weights, truth, rtol=0.1, atol=0.05 * np.abs(truth).max())
+
+
+@pytest.mark.parametrize("horizon", [24, None])
+def test_targets_match_numpy(horizon):
+    """The target at each snapshot t0: the attention queries t0 .. t0 + horizon - 1 (every
+    later query with horizon None) pay each key before t0, summed over the group, normalised."""
+    problem, rng, T = _problem(3), np.random.default_rng(6), 80
+    queries, keys = rng.normal(size=(T, H, HD)), rng.normal(size=(K, T, HD))
+    snapshots = snapshot_positions(T, horizon, 16)
+    assert snapshots == ((16, 32, 48) if horizon else (16, 32, 48, 64))
+    _, targets, masks = _layer_examples(
+        jnp.asarray(queries, jnp.float32),
+        jnp.asarray(keys, jnp.float32),
+        jnp.asarray(rng.normal(size=(K, T, HD)), jnp.float32),
+        problem["stats"],
+        jnp.asarray(problem["q_band_var"], jnp.float32),
+        jnp.asarray(problem["inv_freq"]),
+        jnp.asarray(offset_phasors(problem["inv_freq"], DEFAULT_OFFSETS)),
+        snapshots=snapshots,
+        horizon=horizon,
+        target="attention",
+        attention_scale=HD**-0.5,
+        attention_scaling=1.0,
+    )
+    logits = np.einsum("tkgd,ksd->kgts", queries.reshape(T, K, G, HD), keys) * HD**-0.5
+    logits = np.where(np.tri(T, dtype=bool), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights = (weights / weights.sum(-1, keepdims=True)).sum(1)  # (K, T queries, T keys)
+    for i, t0 in enumerate(snapshots):
+        mass = weights[:, t0 : T if horizon is None else t0 + horizon, :t0].sum(1)
+        np.testing.assert_allclose(targets[i][:, :t0], mass / mass.sum(-1, keepdims=True), rtol=2e-4, atol=1e-7)
+        assert not np.any(targets[i][:, t0:]) and np.array_equal(masks[i], np.arange(T) < t0)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -418,6 +418,84 @@ def _token_prompts(
     return encode_prompts(tokenizer, prompts, chat=has_chat_template(tokenizer) if chat is None else chat)
 
 
+def teacher_forced_pieces(
+    model: Transformer | LoadedModel,
+    tokens: np.ndarray,
+    *,
+    prefill_length: int,
+    policy: KVPolicy = FullAttention(),
+    divide_length: int = DEFAULT_DIVIDE_LENGTH,
+    block: bool = True,
+    mesh: Mesh | None = None,
+    steps: Sequence[int] | None = None,
+) -> Iterator[tuple[int, jax.Array]]:
+    """The log-probabilities `teacher_force` returns, piece by piece and left on the device:
+    (begin, float32 (batch, width, vocab)) with row begin + i predicting token begin + i + 1;
+    the prefill's piece first, then one per round, together covering every position of `tokens`.
+
+    steps: the rounds' lengths, by default `round_steps` (what generation runs); full attention
+    evicts nothing, so it may follow another policy's rounds and give pieces that line up with
+    that policy's. Everything is checked before the first piece is computed.
+    """
+    transformer, _ = _transformer_and_tokenizer(model)
+    config = transformer.config
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2:
+        raise UserError(f"tokens must be a (batch, T) array of token ids, got shape {tokens.shape}")
+    batch, total = tokens.shape
+    if not 1 <= prefill_length <= total:
+        raise UserError(f"prefill_length must be in [1, {total}], got {prefill_length}")
+    if total > config.max_position_embeddings:
+        raise UserError(f"sequence of {total} tokens exceeds the model's context of {config.max_position_embeddings}")
+    if mesh is not None:
+        sharding.check_batch(batch, mesh)
+    policy.check(
+        [prefill_length] * batch, divide_length, slim=transformer.slim, context_length=config.max_position_embeddings
+    )
+    steps = list(round_steps(policy, prefill_length, total - prefill_length, divide_length) if steps is None else steps)
+    if sum(steps) < total - prefill_length:
+        raise UserError(f"steps {steps} cover {sum(steps)} of the {total - prefill_length} tokens after the prefill")
+    num_slots = policy.num_slots(prompt_bucket(prefill_length), total - prefill_length, divide_length)
+    _check_buffer_fits(transformer, batch, num_slots, mesh)
+    return _pieces(transformer, tokens, prefill_length, policy, divide_length, block, mesh, steps, num_slots)
+
+
+def _pieces(transformer, tokens, prefill_length, policy, divide_length, block, mesh, steps, num_slots):
+    """`teacher_forced_pieces` once its arguments are checked (a generator runs only when iterated)."""
+    batch, total = tokens.shape
+    padded = np.zeros((batch, prompt_bucket(prefill_length)), np.int32)
+    padded[:, :prefill_length] = tokens[:, :prefill_length]
+    graphdef, state = split_model(transformer, mesh)
+    padded, prompt_lengths = put_rows(mesh, padded, np.full(batch, prefill_length, np.int32))
+    logits, cache = prefill(
+        graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh
+    )
+    yield 0, jax.nn.log_softmax(logits[:, :prefill_length], axis=-1)
+    begin = prefill_length
+    for length in steps:
+        if begin >= total:
+            return
+        chunk = np.zeros((batch, length), np.int32)
+        width = min(length, total - begin)
+        chunk[:, :width] = tokens[:, begin : begin + width]
+        positions = np.broadcast_to(np.arange(begin, begin + length, dtype=np.int32), (batch, length))
+        chunk, positions = put_rows(mesh, chunk, positions)
+        cache, logprobs = teacher_forced_round(
+            graphdef,
+            state,
+            policy,
+            cache,
+            chunk,
+            positions,
+            prompt_lengths,
+            divide_length=divide_length,
+            block=block,
+            mesh=mesh,
+        )
+        yield begin, logprobs[:, :width]
+        begin += length
+
+
 def teacher_force(
     model: Transformer | LoadedModel,
     tokens: np.ndarray,
@@ -436,65 +514,20 @@ def teacher_force(
     token at a time through generation's decode step (see `teacher_forced_round`). Returns float32 (batch, T, vocab):
     row t is the distribution predicting token t + 1; with `targets_only`, (batch, T - 1): the
     log-probability of each actual next token (the vocabulary axis never reaches the host).
-    `model` and `mesh` as in `generate`.
+    `model` and `mesh` as in `generate`; `teacher_forced_pieces` keeps the pieces on the device.
     """
-    transformer, _ = _transformer_and_tokenizer(model)
-    config = transformer.config
+    pieces = teacher_forced_pieces(
+        model, tokens, prefill_length=prefill_length, policy=policy, divide_length=divide_length, block=block, mesh=mesh
+    )
     tokens = np.asarray(tokens, np.int32)
-    if tokens.ndim != 2:
-        raise UserError(f"tokens must be a (batch, T) array of token ids, got shape {tokens.shape}")
-    batch, total = tokens.shape
-    if not 1 <= prefill_length <= total:
-        raise UserError(f"prefill_length must be in [1, {total}], got {prefill_length}")
-    if total > config.max_position_embeddings:
-        raise UserError(f"sequence of {total} tokens exceeds the model's context of {config.max_position_embeddings}")
-    if mesh is not None:
-        sharding.check_batch(batch, mesh)
-    # The next token at every position, 0 past the end (those log-probs are dropped); a round's
-    # last piece may run past the sequence.
-    targets = np.zeros((batch, total + divide_length), np.int32)
-    targets[:, : total - 1] = tokens[:, 1:]
-
-    def to_host(logprobs: jax.Array, begin: int, width: int) -> np.ndarray:
+    # The next token at every position, 0 at the last (its log-prob is dropped).
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    host = []
+    for begin, logprobs in pieces:
         if targets_only:
-            picked = targets[:, begin : begin + logprobs.shape[1]]
-            logprobs = jnp.take_along_axis(logprobs, jnp.asarray(picked)[..., None], axis=-1)[..., 0]
-        return sharding.to_host(logprobs)[:, :width]
-
-    bucket = prompt_bucket(prefill_length)
-    padded = np.zeros((batch, bucket), np.int32)
-    padded[:, :prefill_length] = tokens[:, :prefill_length]
-    policy.check(
-        [prefill_length] * batch, divide_length, slim=transformer.slim, context_length=config.max_position_embeddings
-    )
-    num_slots = policy.num_slots(bucket, total - prefill_length, divide_length)
-    _check_buffer_fits(transformer, batch, num_slots, mesh)
-    graphdef, state = split_model(transformer, mesh)
-    padded, prompt_lengths = put_rows(mesh, padded, np.full(batch, prefill_length, np.int32))
-    logits, cache = prefill(
-        graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh
-    )
-    pieces = [to_host(jax.nn.log_softmax(logits[:, :prefill_length], axis=-1), 0, prefill_length)]
-    begin = prefill_length
-    for steps in round_steps(policy, prefill_length, total - prefill_length, divide_length):
-        chunk = np.zeros((batch, steps), np.int32)
-        width = min(steps, total - begin)
-        chunk[:, :width] = tokens[:, begin : begin + width]
-        positions = np.broadcast_to(np.arange(begin, begin + steps, dtype=np.int32), (batch, steps))
-        chunk, positions = put_rows(mesh, chunk, positions)
-        cache, logprobs = teacher_forced_round(
-            graphdef,
-            state,
-            policy,
-            cache,
-            chunk,
-            positions,
-            prompt_lengths,
-            divide_length=divide_length,
-            block=block,
-            mesh=mesh,
-        )
-        pieces.append(to_host(logprobs, begin, width))
-        begin += steps
-    logprobs = np.concatenate(pieces, axis=1)
+            picked = jnp.asarray(targets[:, begin : begin + logprobs.shape[1]])
+            logprobs = jnp.take_along_axis(logprobs, picked[..., None], axis=-1)[..., 0]
+        host.append(sharding.to_host(logprobs))
+    logprobs = np.concatenate(host, axis=1)
     return logprobs[:, :-1] if targets_only else logprobs

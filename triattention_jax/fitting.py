@@ -2,9 +2,10 @@
 
 Each fitting sequence runs once through the model with full attention. At snapshots t0 (every
 `snapshot_every` tokens), every key before t0 gets its features as the scorer would compute
-them at t0, and a target: the attention the next `horizon` queries pay it (summed over the
-GQA group), optionally times ‖v‖ (the key's share of the attention output), normalised over
-the keys before t0. Per layer, the weights minimise the cross-entropy between that target
+them at t0, and a target: the attention the next `horizon` queries pay it (with horizon None
+every later query of the sequence: an evicted key is gone for good), summed over the GQA
+group, optionally times ‖v‖ (the key's share of the attention output), normalised over the
+keys before t0. Per layer, the weights minimise the cross-entropy between that target
 and the scorer's predicted distribution (`group_log_attention`), with optax; features are
 standardised per head for the optimiser and the weights mapped back to raw units (a constant
 shift of a head's scores does not change its softmax, so the standardisation's offset drops).
@@ -32,10 +33,11 @@ from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_pha
 TARGETS = ("attention", "output")
 
 
-def snapshot_positions(length: int, horizon: int, snapshot_every: int) -> tuple[int, ...]:
+def snapshot_positions(length: int, horizon: int | None, snapshot_every: int) -> tuple[int, ...]:
     """The t0 at which a sequence of `length` tokens is scored: every `snapshot_every` tokens
-    from `snapshot_every` on, each with `horizon` tokens after it."""
-    return tuple(range(snapshot_every, length - horizon + 1, snapshot_every))
+    from `snapshot_every` on, each with `horizon` tokens after it (None: at least
+    `snapshot_every`, the target then covering every query to the end of the sequence)."""
+    return tuple(range(snapshot_every, length - (horizon or snapshot_every) + 1, snapshot_every))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -58,7 +60,7 @@ def _layer_examples(
     phasors: jax.Array,
     *,
     snapshots: tuple[int, ...],
-    horizon: int,
+    horizon: int | None,
     target: str,
     attention_scale: float,
     attention_scaling: float,
@@ -71,6 +73,14 @@ def _layer_examples(
     K = keys.shape[0]
     key_pos = jnp.broadcast_to(jnp.arange(T)[None, None], (1, K, T))
     value_norm = jnp.linalg.norm(values.astype(jnp.float32), axis=-1)  # (K, T)
+    # A query's attention weights do not depend on t0, so one causal attention pass serves every
+    # snapshot: mass_after[t, s] sums what queries t, t+1, ... pay key s (over the GQA group).
+    grouped = queries.astype(jnp.float32).reshape(T, K, H // K, hd)
+    logits = jnp.einsum("tkgd,ksd->kgts", grouped, keys.astype(jnp.float32)) * attention_scale
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    weights = jnp.sum(jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1), axis=1)  # (K, T, T)
+    mass_after = jnp.cumsum(weights[:, ::-1], axis=1)[:, ::-1]
+    mass_after = jnp.concatenate([mass_after, jnp.zeros_like(mass_after[:, :1])], axis=1)  # row T: nothing after
     features, targets, masks = [], [], []
     for t0 in snapshots:
         before = jnp.arange(T) < t0
@@ -87,11 +97,7 @@ def _layer_examples(
                 attention_scaling,
             )[0]
         )
-        future = queries[t0 : t0 + horizon].astype(jnp.float32).reshape(horizon, K, H // K, hd)
-        logits = jnp.einsum("tkgd,ksd->kgts", future, keys.astype(jnp.float32)) * attention_scale
-        visible = jnp.arange(T)[None, :] <= jnp.arange(t0, t0 + horizon)[:, None]  # (horizon, T)
-        weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-        mass = jnp.sum(weights, axis=(1, 2))  # (K, T): summed over the group and the future queries
+        mass = mass_after[:, t0] - mass_after[:, T if horizon is None else t0 + horizon]  # (K, T)
         if target == "output":
             mass = mass * value_norm
         mass = jnp.where(before, mass, 0.0)
@@ -150,7 +156,7 @@ def fit_scorer(
     sequences: Sequence[Sequence[int]],
     *,
     target: str = "attention",
-    horizon: int = 512,
+    horizon: int | None = 512,
     snapshot_every: int = 256,
     steps: int = 300,
     learning_rate: float = 0.05,
@@ -159,7 +165,8 @@ def fit_scorer(
     progress: bool = True,
 ) -> FitResult:
     """Fits `triattention_fit`'s weights on `sequences` (token id lists; those shorter than
-    snapshot_every + horizon are skipped) with the model's TriAttention `stats` and the query
+    snapshot_every + horizon are skipped; horizon None: every later query of a sequence, which
+    needs snapshot_every more tokens) with the model's TriAttention `stats` and the query
     variance per band `q_band_var` (layers, heads, head_dim/2) of the same calibration
     (`QueryMoments.band_variance`). documents: names of the texts the sequences come from,
     recorded with the sequences' fingerprints so evaluations can prove they are disjoint."""
@@ -168,7 +175,8 @@ def fit_scorer(
     sequences = [list(s) for s in sequences if len(snapshot_positions(len(s), horizon, snapshot_every))]
     if not sequences:
         raise UserError(
-            f"no fitting sequence is long enough: each needs at least {snapshot_every + horizon} tokens "
+            f"no fitting sequence is long enough: each needs at least {snapshot_every + (horizon or snapshot_every)} "
+            "tokens "
             "(give longer texts, or a larger --fit_seq_len)"
         )
     from tqdm import tqdm

@@ -178,6 +178,7 @@ def run_calibration(
     fit_target: str = "attention",
     fit_code_files: int = 4,
     fit_seq_len: int = 4096,
+    fit_horizon: int | None = 512,
 ) -> list[str]:
     """Calibrates, writes the statistics (and the report, and with `fit` the fitted scorer,
     beside the statistics); returns summary lines to print.
@@ -185,7 +186,8 @@ def run_calibration(
     The fit reads sequences of `fit_seq_len` tokens, long enough to see the distances decoding
     meets: `calib_files` cut that long, or else the calibration's own generated sequences and
     `fit_code_files` standard-library source files (`eval.texts.fit_documents`: never
-    evaluation texts)."""
+    evaluation texts); fit_horizon: the future queries the target counts (None: all to the end of
+    each sequence)."""
     fit_path = None
     if out:
         check_writable(out)
@@ -238,13 +240,16 @@ def run_calibration(
             moments.band_variance(),
             [tokens for _, tokens in texts],
             target=fit_target,
+            horizon=fit_horizon,
             documents=[name for name, _ in texts],
         )
         fit_path = fit_path or loaded.store_dir / FIT_FILE
         save_fit(fit_path, fitted)
         start, after = fitted.metadata["cross_entropy_start"], fitted.metadata["cross_entropy_fitted"]
+        horizon = fit_horizon or "to the end"
         lines.append(
-            f"fitted scorer: {fit_path} (target {fit_target}, {fitted.metadata['num_sequences']} sequences, "
+            f"fitted scorer: {fit_path} (target {fit_target}, horizon {horizon}, "
+            f"{fitted.metadata['num_sequences']} sequences, "
             f"{fitted.metadata['num_tokens']} tokens); cross-entropy per layer, mean: {np.mean(start):.3f} with "
             f"the paper's two terms, {np.mean(after):.3f} fitted"
         )

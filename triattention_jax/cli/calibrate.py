@@ -46,6 +46,12 @@ flags.DEFINE_integer(
     "fit_code_files", 4, "Standard-library source files added to the fitting texts (none with --calib_file)."
 )
 flags.DEFINE_integer("fit_seq_len", 4096, "Tokens per added source file.")
+flags.DEFINE_integer(
+    "fit_horizon",
+    512,
+    "Future queries whose attention the fitted score predicts; 0: every later query of the fitting text.",
+    lower_bound=0,
+)
 # The shared flags belong to this command: `--help` lists them.
 flags.adopt_module_key_flags(shared)
 flags.adopt_module_key_flags(runner)
@@ -72,6 +78,7 @@ def main(argv: list[str]) -> None:
         fit_target=FLAGS.fit_target,
         fit_code_files=FLAGS.fit_code_files,
         fit_seq_len=FLAGS.fit_seq_len,
+        fit_horizon=FLAGS.fit_horizon or None,
     )
     for line in summary:
         print(line)

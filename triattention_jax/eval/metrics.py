@@ -1,21 +1,33 @@
-"""Per-cell metrics of the comparisons with full attention, and the input fingerprint."""
+"""Per-cell metrics of the comparisons with full attention."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+POSITION_METRICS = ("kl", "top1_agreement", "delta_nll")
 
-def fidelity_metrics(full: np.ndarray, method: np.ndarray, targets: np.ndarray, start: int) -> dict[str, float]:
-    """full, method: (T, V) log-probs predicting targets (T,); over positions >= start."""
-    full, method, targets = full[start:], method[start:], targets[start:]
-    kl = np.sum(np.exp(full) * (full - method), axis=-1)
-    rows = np.arange(len(targets))
-    return {
-        "kl": float(kl.mean()),
-        "top1_agreement": float((full.argmax(-1) == method.argmax(-1)).mean()),
-        "delta_nll": float((full[rows, targets] - method[rows, targets]).mean()),
-        "positions": int(len(targets)),
-    }
+
+@jax.jit
+def position_metrics(full: jax.Array, method: jax.Array, next_tokens: jax.Array) -> jax.Array:
+    """Per position (batch, T, POSITION_METRICS): KL(full ‖ method), whether the two agree on
+    the most likely token, and the method's extra negative log-likelihood of the actual next
+    token. full, method: (batch, T, V) log-probs; next_tokens: (batch, T). On the device, so
+    the vocabulary axis never reaches the host."""
+    kl = jnp.sum(jnp.exp(full) * (full - method), axis=-1)
+    agree = (jnp.argmax(full, axis=-1) == jnp.argmax(method, axis=-1)).astype(jnp.float32)
+
+    def picked(logprobs: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(logprobs, next_tokens[..., None], axis=-1)[..., 0]
+
+    return jnp.stack([kl, agree, picked(full) - picked(method)], axis=-1)
+
+
+def fidelity_metrics(per_position: np.ndarray, start: int) -> dict[str, float]:
+    """per_position: (T, POSITION_METRICS) from `position_metrics`; means over positions >= start."""
+    kept = np.asarray(per_position, np.float64)[start:]
+    return {name: float(kept[:, i].mean()) for i, name in enumerate(POSITION_METRICS)} | {"positions": len(kept)}
 
 
 def divergence_metrics(full: list[int], method: list[int]) -> dict[str, float]:

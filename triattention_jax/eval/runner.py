@@ -21,14 +21,16 @@ import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from triattention_jax.calibration import fit_for_model
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
-from triattention_jax.decoding import generate, prompt_bucket, teacher_force
+from triattention_jax.decoding import generate, prompt_bucket, teacher_forced_pieces
 from triattention_jax.errors import UserError
-from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics
+from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, position_metrics
 from triattention_jax.eval.report import GROUND_TRUTH_TASKS, write_outputs
 from triattention_jax.eval.store import ResultStore, check_output_folder, run_settings
 from triattention_jax.eval.tasks.dfs import dfs_metrics, dfs_problem, dfs_prompt, parse_dfs_answer
@@ -110,6 +112,18 @@ def _run_groups(
         progress(total, total, "")
 
 
+@jax.jit
+def _compare_piece(
+    reference: jax.Array, next_tokens: jax.Array, rows: jax.Array, begin: jax.Array, logprobs: jax.Array
+) -> jax.Array:
+    """`position_metrics` of a method's piece (batch, width, V) of log-probs starting at `begin`
+    against the same positions of rows `rows` of full attention's `reference` (samples, T, V);
+    next_tokens: (samples, T)."""
+    width = logprobs.shape[1]
+    full = jax.lax.dynamic_slice_in_dim(reference, begin, width, axis=1)[rows]
+    return position_metrics(full, logprobs, jax.lax.dynamic_slice_in_dim(next_tokens, begin, width, axis=1)[rows])
+
+
 def run_fidelity(
     model: LoadedModel,
     store: ResultStore,
@@ -133,18 +147,25 @@ def run_fidelity(
     fingerprints = {s: token_fingerprint(tokens[s]) for s in needed}
     for sample, fingerprint in fingerprints.items():
         store.check_input("fidelity", sample, fingerprint)
-    reference = dict(zip(needed, teacher_force(model.transformer, batch, prefill_length=PREFILL_TOKENS)))
+    # Full attention's log-probs stay on the device; each method's round is compared with them
+    # there, so only per-position metrics reach the host.
+    reference = jnp.concatenate(
+        [logprobs for _, logprobs in teacher_forced_pieces(model.transformer, batch, prefill_length=PREFILL_TOKENS)],
+        axis=1,
+    )
+    row_of = {s: i for i, s in enumerate(needed)}
+    next_tokens = jnp.asarray(np.pad(batch[:, 1:], ((0, 0), (0, 1))))
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
         policy = policies(method, budget)
         start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
-        logprobs = teacher_force(
-            model.transformer, np.stack([tokens[s] for s in group]), prefill_length=PREFILL_TOKENS, policy=policy
+        rows = np.asarray([row_of[s] for s in group])
+        pieces = teacher_forced_pieces(model.transformer, batch[rows], prefill_length=PREFILL_TOKENS, policy=policy)
+        per_position = np.concatenate(
+            [np.asarray(_compare_piece(reference, next_tokens, rows, begin, logprobs)) for begin, logprobs in pieces],
+            axis=1,
         )
-        return [
-            fidelity_metrics(reference[s][:-1], row[:-1], tokens[s][1:], start) | {"input": fingerprints[s]}
-            for s, row in zip(group, logprobs)
-        ]
+        return [fidelity_metrics(row[:-1], start) | {"input": fingerprints[s]} for s, row in zip(group, per_position)]
 
     _run_groups(store, "fidelity", groups, run_group, progress)
 
@@ -216,15 +237,16 @@ def run_needle(
         fingerprints = [token_fingerprint(stream.tokens) for stream in streams]
         for sample, fingerprint in zip(group, fingerprints):
             store.check_input("needle", sample, fingerprint, budget)
-        logprobs = teacher_force(
+        pieces = teacher_forced_pieces(
             model.transformer,
             np.stack([st.tokens for st in streams]),
             prefill_length=PREFILL_TOKENS,
             policy=policies(method, budget),
         )
+        greedy = np.concatenate([np.asarray(jnp.argmax(logprobs, axis=-1)) for _, logprobs in pieces], axis=1)
         return [
             needle_metrics(row, stream) | {"input": fingerprint}
-            for row, stream, fingerprint in zip(logprobs, streams, fingerprints)
+            for row, stream, fingerprint in zip(greedy, streams, fingerprints)
         ]
 
     _run_groups(store, "needle", _pending_groups(store, "needle", methods, budgets, samples), run_group, progress)

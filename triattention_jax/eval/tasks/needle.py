@@ -78,8 +78,9 @@ def needle_stream(tokenizer: Any, key: str, filler: Sequence[int], length: int) 
     )
 
 
-def needle_metrics(logprobs: np.ndarray, stream: NeedleStream) -> dict[str, float]:
-    """logprobs (length, V), row t predicting token t + 1: greedy accuracy on the key's tokens."""
+def needle_metrics(greedy: np.ndarray, stream: NeedleStream) -> dict[str, float]:
+    """greedy (length,): the most likely token after each position (predicting token t + 1):
+    accuracy on the key's tokens."""
     start, end = stream.answer
-    correct = logprobs[start - 1 : end - 1].argmax(-1) == stream.tokens[start:end]
+    correct = greedy[start - 1 : end - 1] == stream.tokens[start:end]
     return {"answer_accuracy": float(correct.mean()), "exact_match": float(correct.all()), "length": len(stream.tokens)}
