@@ -5,13 +5,16 @@
   python -m triattention_jax.cli.evaluate --task needle --budgets 64,128,256 --num_samples 8 --seq_len 1024 \
       --out results/needle
   python -m triattention_jax.cli.evaluate --task dfs --budgets 128,256 --num_samples 15 --seq_len 2048 --out results/dfs
+  python -m triattention_jax.cli.evaluate --task code --budgets 512,1024,2048 --num_samples 8 --seq_len 8192 \
+      --out results/code
   python -m triattention_jax.cli.evaluate --task fidelity --budgets 512 --out results/fidelity_ablations \
       --methods "triattention,triattention:aggregation=per_layer_per_head,triattention:max_offset=4096"
   python -m triattention_jax.cli.evaluate --task fidelity --text_file notes.md --text_file main.py --seq_len 2048 \
       --budgets 256,512 --out results/my_texts
 
 Tasks: fidelity and divergence compare each method with full attention; needle (pass-key
-retrieval across four budgets of filler) and dfs (the paper's recursive state query) score
+retrieval across four budgets of filler), dfs (the paper's recursive state query) and code
+(the next lines of a long held-out Python source file: exact match and edit similarity) score
 against the true answer, with full attention as a row. Finished (task, method, budget,
 sample) cells in <out>/results.json are not recomputed. The table ends with the first method
 compared with each other one on the samples both have. With --text_file, fidelity cuts each
@@ -32,7 +35,7 @@ from triattention_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 shared.define_model()
-flags.DEFINE_enum("task", "fidelity", ["fidelity", "divergence", "needle", "dfs"], "What to measure.")
+flags.DEFINE_enum("task", "fidelity", ["fidelity", "divergence", "needle", "dfs", "code"], "What to measure.")
 flags.DEFINE_list(
     "methods",
     ["triattention", "streaming", "h2o", "snapkv", "rkv", "random"],
@@ -48,7 +51,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "seq_len",
     4096,
-    "Tokens per sequence (fidelity; needle: at least, its filler covers four budgets) "
+    "Tokens per sequence (fidelity; needle: at least, its filler covers four budgets; code: the prompt, at most) "
     "or generated tokens (divergence; dfs: at most).",
 )
 flags.DEFINE_integer("seed", 0, "First sample index: another seed evaluates other texts and prompts.")

@@ -15,9 +15,10 @@ TASK_METRICS = {
     "divergence": ("tokens_to_divergence", "agreement"),
     "needle": ("answer_accuracy", "exact_match"),
     "dfs": ("stack_exact", "current_exact", "visited_exact"),
+    "code": ("exact_match", "edit_similarity"),
 }
 # Scored against a known answer rather than against full attention: full attention is a row.
-GROUND_TRUTH_TASKS = ("needle", "dfs")
+GROUND_TRUTH_TASKS = ("needle", "dfs", "code")
 
 
 # Each task's headline metric and whether lower is better, for the paired comparison.
@@ -26,6 +27,7 @@ PAIRED_METRIC = {
     "divergence": ("tokens_to_divergence", False),
     "needle": ("answer_accuracy", False),
     "dfs": ("stack_exact", False),
+    "code": ("edit_similarity", False),
 }
 
 

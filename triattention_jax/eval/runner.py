@@ -9,8 +9,11 @@ Tasks (each cell is one (task, method, budget, sample)):
   filler, then a question; greedy accuracy on the key's tokens and exact match.
 - dfs: the paper's recursive state query; the greedy answer's DFS stack (also current node
   and visited set) after k steps on a random graph, exact match against the true state.
+- code: long-context code completion; about seq_len tokens of a held-out standard-library
+  source file, then the greedy continuation's next lines against the file's own: exact match
+  and edit similarity.
 
-needle and dfs are scored against a known answer, so full attention is a row of their tables.
+needle, dfs and code are scored against a known answer, so full attention is a row of their tables.
 Each (method, budget) runs its pending samples as one batch. fidelity and divergence may run on
 the user's own text files instead of the built-in texts (`texts.text_file_samples`).
 """
@@ -33,6 +36,7 @@ from triattention_jax.errors import UserError
 from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, position_metrics
 from triattention_jax.eval.report import GROUND_TRUTH_TASKS, write_outputs
 from triattention_jax.eval.store import ResultStore, check_output_folder, run_settings
+from triattention_jax.eval.tasks.code import MAX_NEW_TOKENS, code_files, code_metrics, code_sample
 from triattention_jax.eval.tasks.dfs import dfs_metrics, dfs_problem, dfs_prompt, parse_dfs_answer
 from triattention_jax.eval.tasks.needle import needle_key, needle_length, needle_metrics, needle_stream
 from triattention_jax.eval.texts import (
@@ -252,6 +256,34 @@ def run_needle(
     _run_groups(store, "needle", _pending_groups(store, "needle", methods, budgets, samples), run_group, progress)
 
 
+def _greedy_answers(
+    model: LoadedModel, prompts: dict[int, list[int]], max_new_tokens: int, policies: Policies
+) -> Callable[[str, int, list[int]], list[list[int]]]:
+    """(method, budget, samples) -> each sample's greedy answer to its prompt (token ids, up to
+    the model's EOS), the samples as one batch. Full attention's answers are the same at every
+    budget, so they are generated once."""
+    full: dict[int, list[int]] = {}
+
+    def run(policy: KVPolicy, group: list[int]) -> list[list[int]]:
+        return generate(
+            model.transformer,
+            [prompts[s] for s in group],
+            max_new_tokens=max_new_tokens,
+            eos_ids=model.config.eos_token_ids,
+            policy=policy,
+        ).token_ids
+
+    def answers(method: str, budget: int, group: list[int]) -> list[list[int]]:
+        if method != "full":
+            return run(policies(method, budget), group)
+        missing = [s for s in group if s not in full]
+        if missing:
+            full.update(zip(missing, run(FullAttention(), missing)))
+        return [full[s] for s in group]
+
+    return answers
+
+
 def run_dfs(
     model: LoadedModel,
     store: ResultStore,
@@ -266,27 +298,11 @@ def run_dfs(
     problems = {s: dfs_problem(s) for s in _samples_in(groups)}
     texts = [dfs_prompt(p) for p in problems.values()]
     prompts = dict(zip(problems, encode_prompts(model.tokenizer, texts, chat=has_chat_template(model.tokenizer))))
-    full_answers: dict[int, list[int]] = {}
-
-    def answers(policy: KVPolicy, group: list[int]) -> list[list[int]]:
-        return generate(
-            model.transformer,
-            [prompts[s] for s in group],
-            max_new_tokens=seq_len,
-            eos_ids=model.config.eos_token_ids,
-            policy=policy,
-        ).token_ids
+    answers = _greedy_answers(model, prompts, seq_len, policies)
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
-        if method == "full":  # the same answers at every budget: generated once
-            missing = [s for s in group if s not in full_answers]
-            if missing:
-                full_answers.update(zip(missing, answers(FullAttention(), missing)))
-            outputs = [full_answers[s] for s in group]
-        else:
-            outputs = answers(policies(method, budget), group)
         cells = []
-        for sample, ids in zip(group, outputs):
+        for sample, ids in zip(group, answers(method, budget, group)):
             parsed = parse_dfs_answer(model.tokenizer.decode(ids, skip_special_tokens=True))
             cells.append(
                 {
@@ -301,12 +317,52 @@ def run_dfs(
     _run_groups(store, "dfs", groups, run_group, progress)
 
 
-TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_needle, "dfs": run_dfs}
+def run_code(
+    model: LoadedModel,
+    store: ResultStore,
+    methods: list[str],
+    budgets: list[int],
+    samples: range,
+    seq_len: int,
+    progress: Progress,
+    policies: Policies,
+) -> None:
+    """seq_len: the most tokens of a prompt (`tasks.code.code_sample`); MAX_NEW_TOKENS are generated after it."""
+    context = model.config.max_position_embeddings
+    if seq_len + MAX_NEW_TOKENS > context:
+        raise UserError(
+            f"code prompts of up to --seq_len {seq_len} tokens and {MAX_NEW_TOKENS} generated tokens exceed the "
+            f"model's context of {context}: lower --seq_len to at most {context - MAX_NEW_TOKENS}"
+        )
+    groups = _pending_groups(store, "code", methods, budgets, samples)
+    needed = _samples_in(groups)
+    if not needed:
+        return
+    files = code_files(model.tokenizer, seq_len)
+    problems = {s: code_sample(model.tokenizer, files, s, seq_len) for s in needed}
+    fingerprints = {s: token_fingerprint(p.tokens) for s, p in problems.items()}
+    for sample, fingerprint in fingerprints.items():
+        store.check_input("code", sample, fingerprint)
+    answers = _greedy_answers(model, {s: p.tokens for s, p in problems.items()}, MAX_NEW_TOKENS, policies)
+
+    def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
+        return [
+            code_metrics(model.tokenizer.decode(ids, skip_special_tokens=True), problems[s].reference)
+            | {"file": problems[s].name, "prompt_tokens": len(problems[s].tokens), "input": fingerprints[s]}
+            for s, ids in zip(group, answers(method, budget, group))
+        ]
+
+    _run_groups(store, "code", groups, run_group, progress)
+
+
+TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_needle, "dfs": run_dfs, "code": run_code}
 
 
 def _check_disjoint_from_fit(task: str, samples: range, fit_documents: Sequence[str]) -> None:
     """Refuses a study whose texts include one triattention_fit's weights were fitted on."""
-    if task != "fidelity":  # divergence prompts are REASONING_PROMPTS, which fitting never reads
+    # divergence prompts are REASONING_PROMPTS, and code reads sources below FIT_FIRST_SOURCE only:
+    # fitting reads neither.
+    if task != "fidelity":
         return
     fitted_on = set(fit_documents)
     for sample in samples:
@@ -348,13 +404,14 @@ def evaluate(
 
     Samples are numbered from `seed`: sample i draws its text (or prompt, key, graph) by index,
     so a seed picks another set of samples and results of different seeds accumulate side by
-    side. seq_len: tokens per sequence (fidelity; the needle's least length) or generated
-    tokens (divergence; dfs at most). `progress(done, total, running)` is called before each
-    group of cells and once at the end. The table compares the first method with each other
-    one, sample by sample. slack_trigger: every method compacts in the official
-    implementation's phase (`EvictionPolicy`). texts (`texts.read_text_files`; fidelity and
-    divergence): the samples come from these files (`texts.text_file_samples`), sample i the
-    i-th they give. num_samples: by default 3, or with texts every sample from `seed` on.
+    side. seq_len: tokens per sequence (fidelity; the needle's least length; code: the
+    prompt's most) or generated tokens (divergence; dfs at most). `progress(done, total,
+    running)` is called before each group of cells and once at the end. The table compares the
+    first method with each other one, sample by sample. slack_trigger: every method compacts in
+    the official implementation's phase (`EvictionPolicy`). texts (`texts.read_text_files`;
+    fidelity and divergence): the samples come from these files (`texts.text_file_samples`),
+    sample i the i-th they give. num_samples: by default 3, or with texts every sample from
+    `seed` on.
     """
     check_study(task, methods, texts)
     reference = methods[0]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The issue-18 study for one model: fits the scorer twice (next-512-query target, and every
+# later query), then fidelity (KL against full attention on 4,096-token texts), pass-key
+# retrieval and (Qwen models) code completion, each a resumable `evaluate` folder under OUT.
+#   bash results/study/run_study.sh MODEL OUT [quick]
+# quick: a smoke test of the whole pipeline in minutes on a CPU (tiny calibration, one budget).
+# Tasks run side by side; set XLA_PYTHON_CLIENT_PREALLOCATE=false on a GPU so they share it.
+set -euo pipefail
+model=$1
+out=$2
+quick=${3:-}
+mkdir -p "$out/fits"
+if [[ -n "$quick" ]]; then
+    calib=(--num_tokens 2048 --fit_code_files 1 --fit_seq_len 1024)
+    budgets=128 samples=1 seq_len=512 needle_len=256 code_len=512 code_budgets=128 code_samples=2
+else
+    calib=()
+    budgets=128,256,512,1024 samples=9 seq_len=4096 needle_len=1024 code_len=4096 code_budgets=256,512,1024
+    code_samples=24
+fi
+log() { echo "[$(date +%T)] $*" >&2; }
+# The first calibration goes to the model's folder, where every method reads its statistics;
+# the second fit's calibration repeats it (compared below).
+store="${TRIATTENTION_MODELS:-models}/$model"
+if [[ ! -f "$out/fits/next512.fit.safetensors" ]]; then
+    log "$model: calibration + fit (next 512 queries)"
+    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 512
+    cp "$store/triattention_stats.safetensors" "$out/fits/next512.safetensors"
+    cp "$store/triattention_fit.safetensors" "$out/fits/next512.fit.safetensors"
+fi
+if [[ ! -f "$out/fits/rest.fit.safetensors" ]]; then
+    log "$model: calibration + fit (every later query)"
+    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 0 --out "$out/fits/rest.safetensors"
+fi
+cmp -s "$out/fits/next512.safetensors" "$out/fits/rest.safetensors" || log "warning: the two calibrations differ"
+methods="triattention_fit:fitted_scorer=$out/fits/rest.fit.safetensors,triattention,expected_attention,h2o,snapkv,rkv,streaming,random,triattention_fit:fitted_scorer=$out/fits/next512.fit.safetensors"
+evaluate() {
+    python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" "$@"
+}
+evaluate --task fidelity --budgets "$budgets" --num_samples "$samples" --seq_len "$seq_len" --out "$out/fidelity" \
+    > "$out/fidelity.log" 2>&1 &
+evaluate --task needle --budgets "$budgets" --num_samples 6 --seq_len "$needle_len" --out "$out/needle" \
+    > "$out/needle.log" 2>&1 &
+if [[ "$model" == qwen* ]]; then
+    evaluate --task code --budgets "$code_budgets" --num_samples "$code_samples" --seq_len "$code_len" \
+        --out "$out/code" > "$out/code.log" 2>&1 &
+fi
+wait
+log "$model: done"
