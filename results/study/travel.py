@@ -17,12 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from triattention_jax.checkpoints.gguf import PACKAGED_MODELS, part_paths
-
 MANIFEST = "manifest.json"
 
 
 def pack(folder: Path, chunk_mib: int) -> None:
+    from triattention_jax.checkpoints.gguf import PACKAGED_MODELS, part_paths
+
     manifest, calls = {}, 0
     for name, entry in PACKAGED_MODELS.items():
         paths = part_paths(name)
@@ -50,6 +50,10 @@ def pack(folder: Path, chunk_mib: int) -> None:
 def unpack(chunks: Path, site: Path) -> None:
     manifest = json.loads((chunks / MANIFEST).read_text())
     for name, entry in manifest.items():
+        ready = site / f".{name}.ready"
+        if ready.exists():
+            print(f"{name}: ready")
+            continue
         have = sorted(chunks.glob(f"{name}.*"))
         if len(have) < entry["chunks"]:
             print(f"{name}: {len(have)}/{entry['chunks']} chunks")
@@ -63,6 +67,7 @@ def unpack(chunks: Path, site: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data[offset : offset + size])
             offset += size
+        ready.touch()
         print(f"{name}: ready ({len(data)} bytes, SHA-256 checked)")
 
 
