@@ -1,0 +1,123 @@
+"""Tables and plots across the study's models: python results/study/summarize.py results/study
+
+Reads <folder>/<model>/{fidelity,needle,code}/results.json (written by `evaluate`, see
+run_study.sh) and writes <folder>/SUMMARY.md and <folder>/fidelity_kl.png: KL against full
+attention per method and budget (mean, std over the texts), the issue's targets at budget 512
+with paired wins, pass-key and code-completion accuracy with full attention as a row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+MODELS = {"smol": "SmolLM2-135M-Instruct", "q05": "Qwen2.5-Coder-0.5B-Instruct", "q15": "Qwen2.5-Coder-1.5B-Instruct"}
+FIT_REST, FIT_NEXT = "triattention_fit", "triattention_fit (next 512)"
+ORDER = [FIT_REST, FIT_NEXT, "triattention", "expected_attention", "h2o", "snapkv", "rkv", "streaming", "random"]
+
+
+def label(method: str) -> str:
+    if method.startswith("triattention_fit:"):
+        return FIT_REST if "rest.fit" in method else FIT_NEXT
+    return method
+
+
+def cells(folder: Path, task: str) -> dict[tuple[str, int], dict[int, dict]]:
+    path = folder / task / "results.json"
+    out: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
+    if path.exists():
+        for key, cell in json.loads(path.read_text()).items():
+            _, rest = key.split("/", 1)
+            method, budget, sample = rest.rsplit("/", 2)
+            out[(label(method), int(budget))][int(sample)] = cell
+    return out
+
+
+def methods_in(table: dict) -> list[str]:
+    present = {m for m, _ in table}
+    return [m for m in ["full", *ORDER] if m in present]
+
+
+def metric_table(table: dict, metric: str, digits: int) -> list[str]:
+    budgets = sorted({b for _, b in table})
+    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "| --- |" + " ---: |" * len(budgets)]
+    for m in methods_in(table):
+        row = []
+        for b in budgets:
+            values = [c[metric] for c in table.get((m, b), {}).values()]
+            row.append(f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if values else "—")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return lines
+
+
+def paired(table: dict, a: str, b: str, budget: int, metric: str = "kl") -> tuple[float, float, int, int]:
+    """(mean of a, mean of b, texts where a is lower, texts both have)."""
+    x, y = table.get((a, budget), {}), table.get((b, budget), {})
+    common = sorted(x.keys() & y.keys())
+    if not common:
+        return float("nan"), float("nan"), 0, 0
+    xa, ya = np.array([x[s][metric] for s in common]), np.array([y[s][metric] for s in common])
+    return float(xa.mean()), float(ya.mean()), int((xa < ya).sum()), len(common)
+
+
+def summarize(root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# Issue 18 study: KV-cache methods on three real models", ""]
+    present = [s for s in MODELS if (root / s).is_dir()]
+    fig, axes = plt.subplots(1, len(present), figsize=(5.5 * len(present), 4.2), squeeze=False)
+    for ax, short in zip(axes[0], present):
+        folder, name = root / short, MODELS[short]
+        fidelity = cells(folder, "fidelity")
+        lines += [f"## {name}", ""]
+        if fidelity:
+            samples = len({s for v in fidelity.values() for s in v})
+            lines += [f"Fidelity: KL(full ‖ method) per position after the first eviction, mean ± std over "
+                      f"{samples} texts of 4,096 tokens (code, prose, self-generated).", ""]
+            lines += metric_table(fidelity, "kl", 4) + [""]
+            lines += ["Targets at budget 512 (paired over the same texts):", ""]
+            for fit in (FIT_REST, FIT_NEXT):
+                for other, bound in (("streaming", 0.5), ("triattention", 0.85)):
+                    a, b, wins, n = paired(fidelity, fit, other, 512)
+                    if n:
+                        verdict = "met" if a <= bound * b else "missed"
+                        lines.append(f"- {fit} / {other}: {a:.4f} / {b:.4f} = {a / b:.2f}x (target <= {bound}x: "
+                                     f"{verdict}); lower on {wins}/{n} texts")
+            for b in sorted({b for _, b in fidelity}):
+                ranked = sorted(((np.mean([c["kl"] for c in fidelity[(m, b)].values()]), m)
+                                 for m in methods_in(fidelity) if (m, b) in fidelity))
+                lines.append(f"- budget {b}: lowest KL {ranked[0][1]} ({ranked[0][0]:.4f}), then {ranked[1][1]} "
+                             f"({ranked[1][0]:.4f})")
+            lines.append("")
+            for m in methods_in(fidelity):
+                budgets = sorted(b for mm, b in fidelity if mm == m)
+                means = [np.mean([c["kl"] for c in fidelity[(m, b)].values()]) for b in budgets]
+                ax.plot(budgets, means, marker="o", label=m, linestyle="--" if m == FIT_NEXT else "-")
+            ax.set(xscale="log", yscale="log", xlabel="KV budget (of 4,096 tokens)", ylabel="mean KL", title=name)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+        for task, metrics in (("needle", ("exact_match",)), ("code", ("exact_match", "edit_similarity"))):
+            table = cells(folder, task)
+            if not table:
+                continue
+            samples = len({s for v in table.values() for s in v})
+            what = ("Pass-key retrieval (filler of at least 4 budgets)" if task == "needle"
+                    else "Code completion (next 2 lines of a held-out stdlib file after ~4,096 tokens)")
+            for metric in metrics:
+                lines += [f"{what}: {metric}, mean ± std over {samples} samples.", ""]
+                lines += metric_table(table, metric, 3) + [""]
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "fidelity_kl.png", dpi=110)
+    (root / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    summarize(Path(sys.argv[1]))
