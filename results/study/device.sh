@@ -9,7 +9,8 @@
 set -uo pipefail
 root=/tmp/s
 mkdir -p $root/chunks $root/bin $root/lib $root/site
-ln -sf "$(command -v python3)" $root/bin/python
+# A wrapper, not a link: a link to a virtualenv's python3 starts it outside the virtualenv.
+printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > $root/bin/python && chmod +x $root/bin/python
 export PATH=$root/bin:$PATH PYTHONPATH=$root/site:$root/lib TRIATTENTION_MODELS=$root/store \
     TRIATTENTION_COMPILATION_CACHE=$root/xla XLA_PYTHON_CLIENT_PREALLOCATE=false \
     JAX_DEFAULT_MATMUL_PRECISION=highest PYTHONUNBUFFERED=1

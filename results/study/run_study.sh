@@ -4,6 +4,7 @@
 # retrieval and (Qwen models) code completion, each a resumable `evaluate` folder under OUT.
 #   bash results/study/run_study.sh MODEL OUT [quick]
 # quick: a smoke test of the whole pipeline in minutes on a CPU (tiny calibration, one budget).
+# BUDGETS, SAMPLES and TASKS (e.g. TASKS=fidelity) narrow a full run; it resumes where it stopped.
 # Tasks run side by side; set XLA_PYTHON_CLIENT_PREALLOCATE=false on a GPU so they share it.
 set -euo pipefail
 model=$1
@@ -15,9 +16,10 @@ if [[ -n "$quick" ]]; then
     budgets=128 samples=1 seq_len=512 needle_len=256 code_len=512 code_budgets=128 code_samples=2
 else
     calib=()
-    budgets=128,256,512,1024 samples=9 seq_len=4096 needle_len=1024 code_len=4096 code_budgets=256,512,1024
-    code_samples=24
+    budgets=${BUDGETS:-128,256,512,1024} samples=${SAMPLES:-9} seq_len=4096 needle_len=1024 code_len=4096
+    code_budgets=256,512,1024 code_samples=24
 fi
+tasks=${TASKS:-fidelity needle code}
 log() { echo "[$(date +%T)] $*" >&2; }
 # The first calibration goes to the model's folder, where every method reads its statistics;
 # the second fit's calibration repeats it (compared below).
@@ -37,11 +39,15 @@ methods="triattention_fit:fitted_scorer=$out/fits/rest.fit.safetensors,triattent
 evaluate() {
     python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" "$@"
 }
-evaluate --task fidelity --budgets "$budgets" --num_samples "$samples" --seq_len "$seq_len" --out "$out/fidelity" \
-    > "$out/fidelity.log" 2>&1 &
-evaluate --task needle --budgets "$budgets" --num_samples 6 --seq_len "$needle_len" --out "$out/needle" \
-    > "$out/needle.log" 2>&1 &
-if [[ "$model" == qwen* ]]; then
+if [[ " $tasks " == *" fidelity "* ]]; then
+    evaluate --task fidelity --budgets "$budgets" --num_samples "$samples" --seq_len "$seq_len" \
+        --out "$out/fidelity" > "$out/fidelity.log" 2>&1 &
+fi
+if [[ " $tasks " == *" needle "* ]]; then
+    evaluate --task needle --budgets "$budgets" --num_samples 6 --seq_len "$needle_len" --out "$out/needle" \
+        > "$out/needle.log" 2>&1 &
+fi
+if [[ " $tasks " == *" code "* && "$model" == qwen* ]]; then
     evaluate --task code --budgets "$code_budgets" --num_samples "$code_samples" --seq_len "$code_len" \
         --out "$out/code" > "$out/code.log" 2>&1 &
 fi
