@@ -1,6 +1,6 @@
 """Tables and plots across the study's models: python results/study/summarize.py results/study
 
-Reads <folder>/<model>/{fidelity,needle,code}/results.json (written by `evaluate`, see
+Reads <folder>/<model>/{fidelity,needle,code}*/results.json (written by `evaluate`, see
 run_study.sh) and writes <folder>/SUMMARY.md and <folder>/fidelity_kl.png: KL against full
 attention per method and budget (mean, std over the texts), the issue's targets at budget 512
 with paired wins, pass-key and code-completion accuracy with full attention as a row.
@@ -27,9 +27,10 @@ def label(method: str) -> str:
 
 
 def cells(folder: Path, task: str) -> dict[tuple[str, int], dict[int, dict]]:
-    path = folder / task / "results.json"
+    """The task's cells from every <folder>/<task>*/results.json (a study may run its methods
+    in several folders side by side)."""
     out: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
-    if path.exists():
+    for path in sorted(folder.glob(f"{task}*/results.json")):
         for key, cell in json.loads(path.read_text()).items():
             _, rest = key.split("/", 1)
             method, budget, sample = rest.rsplit("/", 2)
