@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 MODELS = {"smol": "SmolLM2-135M-Instruct", "q05": "Qwen2.5-Coder-0.5B-Instruct", "q15": "Qwen2.5-Coder-1.5B-Instruct"}
-FIT_REST, FIT_NEXT = "triattention_fit", "triattention_fit (next 512)"
-ORDER = [FIT_REST, FIT_NEXT, "triattention", "expected_attention", "h2o", "snapkv", "rkv", "streaming", "random"]
+FIT_REST, FIT_NEXT = "triattention_fit (every later query)", "triattention_fit (next 512)"
+ORDER = [FIT_NEXT, FIT_REST, "triattention", "expected_attention", "h2o", "snapkv", "rkv", "streaming", "random"]
 
 
 def label(method: str) -> str:
@@ -44,13 +44,16 @@ def methods_in(table: dict) -> list[str]:
 
 
 def metric_table(table: dict, metric: str, digits: int) -> list[str]:
+    """Mean ± std per method and budget; "(n)" marks a cell with fewer samples than the most."""
     budgets = sorted({b for _, b in table})
+    most = max(len(v) for v in table.values())
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "| --- |" + " ---: |" * len(budgets)]
     for m in methods_in(table):
         row = []
         for b in budgets:
             values = [c[metric] for c in table.get((m, b), {}).values()]
-            row.append(f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if values else "—")
+            count = f" ({len(values)})" if len(values) < most else ""
+            row.append(f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}{count}" if values else "—")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return lines
 
@@ -84,7 +87,7 @@ def summarize(root: Path) -> None:
                       f"{samples} texts of 4,096 tokens (code, prose, self-generated).", ""]
             lines += metric_table(fidelity, "kl", 4) + [""]
             lines += ["Targets at budget 512 (paired over the same texts):", ""]
-            for fit in (FIT_REST, FIT_NEXT):
+            for fit in (FIT_NEXT, FIT_REST):
                 for other, bound in (("streaming", 0.5), ("triattention", 0.85)):
                     a, b, wins, n = paired(fidelity, fit, other, 512)
                     if n:
