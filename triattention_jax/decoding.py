@@ -427,15 +427,11 @@ def teacher_forced_pieces(
     divide_length: int = DEFAULT_DIVIDE_LENGTH,
     block: bool = True,
     mesh: Mesh | None = None,
-    steps: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, jax.Array]]:
     """The log-probabilities `teacher_force` returns, piece by piece and left on the device:
     (begin, float32 (batch, width, vocab)) with row begin + i predicting token begin + i + 1;
-    the prefill's piece first, then one per round, together covering every position of `tokens`.
-
-    steps: the rounds' lengths, by default `round_steps` (what generation runs); full attention
-    evicts nothing, so it may follow another policy's rounds and give pieces that line up with
-    that policy's. Everything is checked before the first piece is computed.
+    the prefill's piece first, then one per round (`round_steps`), together covering every
+    position of `tokens`. Everything is checked before the first piece is computed.
     """
     transformer, _ = _transformer_and_tokenizer(model)
     config = transformer.config
@@ -452,9 +448,7 @@ def teacher_forced_pieces(
     policy.check(
         [prefill_length] * batch, divide_length, slim=transformer.slim, context_length=config.max_position_embeddings
     )
-    steps = list(round_steps(policy, prefill_length, total - prefill_length, divide_length) if steps is None else steps)
-    if sum(steps) < total - prefill_length:
-        raise UserError(f"steps {steps} cover {sum(steps)} of the {total - prefill_length} tokens after the prefill")
+    steps = round_steps(policy, prefill_length, total - prefill_length, divide_length)
     num_slots = policy.num_slots(prompt_bucket(prefill_length), total - prefill_length, divide_length)
     _check_buffer_fits(transformer, batch, num_slots, mesh)
     return _pieces(transformer, tokens, prefill_length, policy, divide_length, block, mesh, steps, num_slots)
@@ -473,8 +467,6 @@ def _pieces(transformer, tokens, prefill_length, policy, divide_length, block, m
     yield 0, jax.nn.log_softmax(logits[:, :prefill_length], axis=-1)
     begin = prefill_length
     for length in steps:
-        if begin >= total:
-            return
         chunk = np.zeros((batch, length), np.int32)
         width = min(length, total - begin)
         chunk[:, :width] = tokens[:, begin : begin + width]

@@ -147,8 +147,7 @@ def run_fidelity(
     batch = (
         fidelity_tokens(model, needed, seq_len) if inputs is None else np.asarray([inputs[s] for s in needed], np.int32)
     )
-    tokens = dict(zip(needed, batch))
-    fingerprints = {s: token_fingerprint(tokens[s]) for s in needed}
+    fingerprints = {s: token_fingerprint(row) for s, row in zip(needed, batch)}
     for sample, fingerprint in fingerprints.items():
         store.check_input("fidelity", sample, fingerprint)
     # Full attention's log-probs stay on the device; each method's round is compared with them
