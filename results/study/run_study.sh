@@ -22,7 +22,9 @@ fi
 tasks=${TASKS:-fidelity needle code}
 log() { echo "[$(date +%T)] $*" >&2; }
 # The first calibration goes to the model's folder, where every method reads its statistics;
-# the second fit's calibration repeats it (compared below).
+# the second fit's calibration repeats it (compared below) while the tasks already run with the
+# first fit, and each task adds the second fit's cells once it is there.
+# BUDGET_GROUPS (e.g. "512,128 256,1024" on a GPU) runs fidelity as one process per group.
 store="${TRIATTENTION_MODELS:-models}/$model"
 if [[ ! -f "$out/fits/next512.fit.safetensors" ]]; then
     log "$model: calibration + fit (next 512 queries)"
@@ -30,26 +32,38 @@ if [[ ! -f "$out/fits/next512.fit.safetensors" ]]; then
     cp "$store/triattention_stats.safetensors" "$out/fits/next512.safetensors"
     cp "$store/triattention_fit.safetensors" "$out/fits/next512.fit.safetensors"
 fi
-if [[ ! -f "$out/fits/rest.fit.safetensors" ]]; then
+rest="$out/fits/rest.fit.safetensors" rest_fit=
+if [[ ! -f "$rest" ]]; then
     log "$model: calibration + fit (every later query)"
-    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 0 --out "$out/fits/rest.safetensors"
+    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 0 --out "$out/fits/rest.safetensors" \
+        > "$out/fit_rest.log" 2>&1 &
+    rest_fit=$!
 fi
-cmp -s "$out/fits/next512.safetensors" "$out/fits/rest.safetensors" || log "warning: the two calibrations differ"
-methods="triattention_fit:fitted_scorer=$out/fits/rest.fit.safetensors,triattention,expected_attention,h2o,snapkv,rkv,streaming,random,triattention_fit:fitted_scorer=$out/fits/next512.fit.safetensors"
-evaluate() {
-    python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" "$@"
+methods="triattention_fit:fitted_scorer=$out/fits/next512.fit.safetensors,triattention,expected_attention,h2o,snapkv,rkv,streaming,random"
+# task NAME ARGS...: evaluate into $out/NAME, then again with the second fit added.
+task() {
+    local name=$1
+    shift
+    python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" --out "$out/$name" "$@"
+    while [[ -n "$rest_fit" ]] && kill -0 "$rest_fit" 2> /dev/null; do sleep 5; done
+    if [[ -f "$rest" ]]; then
+        python -m triattention_jax.cli.evaluate --model "$model" --methods "triattention_fit:fitted_scorer=$rest" \
+            --out "$out/$name" "$@"
+    fi
 }
 if [[ " $tasks " == *" fidelity "* ]]; then
-    evaluate --task fidelity --budgets "$budgets" --num_samples "$samples" --seq_len "$seq_len" \
-        --out "$out/fidelity" > "$out/fidelity.log" 2>&1 &
+    for group in ${BUDGET_GROUPS:-$budgets}; do
+        task "fidelity_${group//,/_}" --task fidelity --budgets "$group" --num_samples "$samples" \
+            --seq_len "$seq_len" > "$out/fidelity_${group//,/_}.log" 2>&1 &
+    done
 fi
 if [[ " $tasks " == *" needle "* ]]; then
-    evaluate --task needle --budgets "$budgets" --num_samples 6 --seq_len "$needle_len" --out "$out/needle" \
-        > "$out/needle.log" 2>&1 &
+    task needle --task needle --budgets "$budgets" --num_samples 6 --seq_len "$needle_len" > "$out/needle.log" 2>&1 &
 fi
 if [[ " $tasks " == *" code "* && "$model" == qwen* ]]; then
-    evaluate --task code --budgets "$code_budgets" --num_samples "$code_samples" --seq_len "$code_len" \
-        --out "$out/code" > "$out/code.log" 2>&1 &
+    task code --task code --budgets "$code_budgets" --num_samples "$code_samples" --seq_len "$code_len" \
+        > "$out/code.log" 2>&1 &
 fi
 wait
+cmp -s "$out/fits/next512.safetensors" "$out/fits/rest.safetensors" || log "warning: the two calibrations differ"
 log "$model: done"
