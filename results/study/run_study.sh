@@ -26,27 +26,35 @@ log() { echo "[$(date +%T)] $*" >&2; }
 # first fit, and each task adds the second fit's cells once it is there.
 # BUDGET_GROUPS (e.g. "512,128 256,1024" on a GPU) runs fidelity as one process per group.
 store="${TRIATTENTION_MODELS:-models}/$model"
-if [[ ! -f "$out/fits/next512.fit.safetensors" ]]; then
-    log "$model: calibration + fit (next 512 queries)"
-    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 512
-    cp "$store/triattention_stats.safetensors" "$out/fits/next512.safetensors"
-    cp "$store/triattention_fit.safetensors" "$out/fits/next512.fit.safetensors"
-fi
 rest="$out/fits/rest.fit.safetensors" rest_fit=
-if [[ ! -f "$rest" ]]; then
-    log "$model: calibration + fit (every later query)"
-    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 0 --out "$out/fits/rest.safetensors" \
-        > "$out/fit_rest.log" 2>&1 &
-    rest_fit=$!
+methods="triattention,expected_attention,h2o,snapkv,rkv,streaming,random"
+if [[ "${FIT:-1}" == 0 ]]; then
+    # The baselines only (FIT=0): the model folder's statistics, calibrated here if missing.
+    [[ -f "$store/triattention_stats.safetensors" ]] || python calibrate.py --model "$model" "${calib[@]}"
+    cp "$store/triattention_stats.safetensors" "$out/fits/stats.safetensors"
+    rest=
+else
+    if [[ ! -f "$out/fits/next512.fit.safetensors" ]]; then
+        log "$model: calibration + fit (next 512 queries)"
+        python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 512
+        cp "$store/triattention_stats.safetensors" "$out/fits/next512.safetensors"
+        cp "$store/triattention_fit.safetensors" "$out/fits/next512.fit.safetensors"
+    fi
+    if [[ ! -f "$rest" ]]; then
+        log "$model: calibration + fit (every later query)"
+        python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 0 --out "$out/fits/rest.safetensors" \
+            > "$out/fit_rest.log" 2>&1 &
+        rest_fit=$!
+    fi
+    methods="triattention_fit:fitted_scorer=$out/fits/next512.fit.safetensors,$methods"
 fi
-methods="triattention_fit:fitted_scorer=$out/fits/next512.fit.safetensors,triattention,expected_attention,h2o,snapkv,rkv,streaming,random"
 # task NAME ARGS...: evaluate into $out/NAME, then again with the second fit added.
 task() {
     local name=$1
     shift
     python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" --out "$out/$name" "$@"
     while [[ -n "$rest_fit" ]] && kill -0 "$rest_fit" 2> /dev/null; do sleep 5; done
-    if [[ -f "$rest" ]]; then
+    if [[ -n "$rest" && -f "$rest" ]]; then
         python -m triattention_jax.cli.evaluate --model "$model" --methods "triattention_fit:fitted_scorer=$rest" \
             --out "$out/$name" "$@"
     fi
@@ -65,5 +73,5 @@ if [[ " $tasks " == *" code "* && "$model" == qwen* ]]; then
         > "$out/code.log" 2>&1 &
 fi
 wait
-cmp -s "$out/fits/next512.safetensors" "$out/fits/rest.safetensors" || log "warning: the two calibrations differ"
+[[ -z "$rest" ]] || cmp -s "$out/fits/next512.safetensors" "$out/fits/rest.safetensors" || log "warning: the two calibrations differ"
 log "$model: done"

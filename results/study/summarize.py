@@ -87,13 +87,15 @@ def summarize(root: Path) -> None:
                       f"{samples} texts of 4,096 tokens (code, prose, self-generated).", ""]
             lines += metric_table(fidelity, "kl", 4) + [""]
             lines += ["Targets at budget 512 (paired over the same texts):", ""]
-            for fit in (FIT_NEXT, FIT_REST):
-                for other, bound in (("streaming", 0.5), ("triattention", 0.85)):
-                    a, b, wins, n = paired(fidelity, fit, other, 512)
-                    if n:
-                        verdict = "met" if a <= bound * b else "missed"
-                        lines.append(f"- {fit} / {other}: {a:.4f} / {b:.4f} = {a / b:.2f}x (target <= {bound}x: "
-                                     f"{verdict}); lower on {wins}/{n} texts")
+            # The paper's scorer against the same bound, for the models the fit has not run on yet.
+            pairs = [(fit, other, bound) for fit in (FIT_NEXT, FIT_REST)
+                     for other, bound in (("streaming", 0.5), ("triattention", 0.85))]
+            for fit, other, bound in [*pairs, ("triattention", "streaming", 0.5)]:
+                a, b, wins, n = paired(fidelity, fit, other, 512)
+                if n:
+                    verdict = "met" if a <= bound * b else "missed"
+                    lines.append(f"- {fit} / {other}: {a:.4f} / {b:.4f} = {a / b:.2f}x (target <= {bound}x: "
+                                 f"{verdict}); lower on {wins}/{n} texts")
             for b in sorted({b for _, b in fidelity}):
                 ranked = sorted(((np.mean([c["kl"] for c in fidelity[(m, b)].values()]), m)
                                  for m in methods_in(fidelity) if (m, b) in fidelity))
