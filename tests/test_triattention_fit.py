@@ -126,17 +126,20 @@ def test_fit_recovers_the_weights_that_made_the_targets():
 
 
 @pytest.mark.parametrize("horizon", [24, None])
-def test_targets_match_numpy(horizon):
+@pytest.mark.parametrize("padding", [0, 48])
+def test_targets_match_numpy(horizon, padding):
     """The target at each snapshot t0: the attention queries t0 .. t0 + horizon - 1 (every
-    later query with horizon None) pay each key before t0, summed over the group, normalised."""
+    later query with horizon None) pay each key before t0, summed over the group, normalised;
+    a sequence padded past its length (garbage there) gives the same for its own snapshots."""
     problem, rng, T = _problem(3), np.random.default_rng(6), 80
-    queries, keys = rng.normal(size=(T, H, HD)), rng.normal(size=(K, T, HD))
+    queries, keys = rng.normal(size=(T + padding, H, HD)), rng.normal(size=(K, T + padding, HD))
     snapshots = snapshot_positions(T, horizon, 16)
     assert snapshots == ((16, 32, 48) if horizon else (16, 32, 48, 64))
     _, targets, masks = _layer_examples(
         jnp.asarray(queries, jnp.float32),
         jnp.asarray(keys, jnp.float32),
-        jnp.asarray(rng.normal(size=(K, T, HD)), jnp.float32),
+        jnp.asarray(rng.normal(size=(K, T + padding, HD)), jnp.float32),
+        jnp.asarray(T, jnp.int32),
         problem["stats"],
         jnp.asarray(problem["q_band_var"], jnp.float32),
         jnp.asarray(problem["inv_freq"]),
@@ -147,6 +150,7 @@ def test_targets_match_numpy(horizon):
         attention_scale=HD**-0.5,
         attention_scaling=1.0,
     )
+    queries, keys = queries[:T], keys[:, :T]
     logits = np.einsum("tkgd,ksd->kgts", queries.reshape(T, K, G, HD), keys) * HD**-0.5
     logits = np.where(np.tri(T, dtype=bool), logits, -np.inf)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
@@ -154,7 +158,7 @@ def test_targets_match_numpy(horizon):
     for i, t0 in enumerate(snapshots):
         mass = weights[:, t0 : T if horizon is None else t0 + horizon, :t0].sum(1)
         np.testing.assert_allclose(targets[i][:, :t0], mass / mass.sum(-1, keepdims=True), rtol=2e-4, atol=1e-7)
-        assert not np.any(targets[i][:, t0:]) and np.array_equal(masks[i], np.arange(T) < t0)
+        assert not np.any(targets[i][:, t0:]) and np.array_equal(masks[i], np.arange(T + padding) < t0)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,16 @@ from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_pha
 TARGETS = ("attention", "output")
 
 
+TRACE_LENGTH_STEP = 512
+
+
+def _trace_width(length: int) -> int:
+    """Traces are padded to a multiple of TRACE_LENGTH_STEP tokens, so they compile once per
+    step rather than once per length (on a GPU a compile costs more than a sequence's work;
+    a coarser step, such as powers of two, would waste more compute on a CPU)."""
+    return -(-length // TRACE_LENGTH_STEP) * TRACE_LENGTH_STEP
+
+
 def snapshot_positions(length: int, horizon: int | None, snapshot_every: int) -> tuple[int, ...]:
     """The t0 at which a sequence of `length` tokens is scored: every `snapshot_every` tokens
     from `snapshot_every` on, each with `horizon` tokens after it (None: at least
@@ -54,6 +64,7 @@ def _layer_examples(
     queries: jax.Array,
     keys: jax.Array,
     values: jax.Array,
+    length: jax.Array,
     stats: FrequencyStats,
     q_band_var: jax.Array,
     inv_freq: jax.Array,
@@ -68,7 +79,8 @@ def _layer_examples(
     """One layer of one sequence: features (snapshots, heads, T, features), the target
     distribution (snapshots, kv_heads, T) and the mask of keys before t0 (snapshots, T).
 
-    queries: (T, heads, head_dim) post-RoPE; keys, values: (kv_heads, T, head_dim)."""
+    queries: (T, heads, head_dim) post-RoPE; keys, values: (kv_heads, T, head_dim); length:
+    () the sequence's own length, the rest of T padding whose queries pay nothing."""
     T, H, hd = queries.shape
     K = keys.shape[0]
     key_pos = jnp.broadcast_to(jnp.arange(T)[None, None], (1, K, T))
@@ -79,6 +91,7 @@ def _layer_examples(
     logits = jnp.einsum("tkgd,ksd->kgts", grouped, keys.astype(jnp.float32)) * attention_scale
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     weights = jnp.sum(jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1), axis=1)  # (K, T, T)
+    weights = jnp.where((jnp.arange(T) < length)[None, :, None], weights, 0.0)
     mass_after = jnp.cumsum(weights[:, ::-1], axis=1)[:, ::-1]
     mass_after = jnp.concatenate([mass_after, jnp.zeros_like(mass_after[:, :1])], axis=1)  # row T: nothing after
     features, targets, masks = [], [], []
@@ -188,26 +201,29 @@ def fit_scorer(
     stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats)
     graphdef, state = nnx.split(transformer)
     per_layer: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(config.num_layers)]
-    width = max(len(s) for s in sequences)
+    width = max(_trace_width(len(s)) for s in sequences)
     for tokens in tqdm(sequences, desc="fitting traces", unit="seq", disable=not progress, file=sys.stderr):
-        queries, keys, values = _trace(graphdef, state, jnp.asarray([tokens], jnp.int32))
-        snapshots = snapshot_positions(len(tokens), horizon, snapshot_every)
+        bucket = _trace_width(len(tokens))
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, : len(tokens)] = tokens
+        queries, keys, values = _trace(graphdef, state, jnp.asarray(padded))
         for layer in range(config.num_layers):
             x, y, mask = _layer_examples(
                 queries[layer],
                 keys[layer],
                 values[layer],
+                jnp.asarray(len(tokens), jnp.int32),
                 jax.tree.map(lambda s, i=layer: s[i : i + 1], stats),
                 jnp.asarray(q_band_var[layer]),
                 jnp.asarray(inv_freq),
                 phasors,
-                snapshots=snapshots,
+                snapshots=snapshot_positions(len(tokens), horizon, snapshot_every),
                 horizon=horizon,
                 target=target,
                 attention_scale=config.head_dim**-0.5,
                 attention_scaling=float(transformer.attention_scaling),
             )
-            pad = width - len(tokens)  # sequences of different lengths share one array per layer
+            pad = width - bucket  # sequences of different buckets share one array per layer
             per_layer[layer].append(
                 (
                     np.pad(np.asarray(x), ((0, 0), (0, 0), (0, pad), (0, 0))),
