@@ -354,6 +354,21 @@ def kernel_partial(
     return SoftmaxPartial(acc[:, :, :, None], row_max[..., None, None], total[..., None, None])
 
 
+# The most bytes of float32 attention scores (all heads, every key) that `_attention` computes
+# at once; more queries than that are taken in chunks. A prompt's prefill is one `extend` of
+# the whole bucket: scored at once, its (B, heads, T, T) scores and their softmax weights were
+# the largest buffers of a run (Qwen2.5-Coder-0.5B, 24 prompts of 4,096 tokens: 21 GiB each;
+# 42.75 GiB of temporaries compiled for the CPU, 42.38 GiB asked of an H200, out of memory).
+ATTENTION_SCORE_BYTES = 1 << 30
+
+
+def query_chunk_rows(batch: int, heads: int, keys: int) -> int:
+    """Queries per chunk of `_attention`: the largest power of two (at least 1) whose scores
+    over `keys` keys fit in ATTENTION_SCORE_BYTES."""
+    fit = max(1, ATTENTION_SCORE_BYTES // (batch * heads * keys * 4))
+    return 1 << (fit.bit_length() - 1)
+
+
 def _attention(
     q: jax.Array,
     positions: jax.Array,
@@ -372,9 +387,45 @@ def _attention(
     reads the cache with the length-aware kernel instead, whose result comes in `partials`
     and joins the same softmax (not with collect_attention).
 
+    Queries whose scores would pass ATTENTION_SCORE_BYTES (a prompt's prefill) are taken in
+    chunks of `query_chunk_rows`, one chunk after another (`lax.scan`), so attention's scratch
+    is O(chunk x keys) rather than O(T x keys). A query's softmax lies within its chunk, so the
+    output is what scoring every query at once gives; received attention adds up chunk by chunk.
+
     Returns the output (B,T,H,hd) and, with collect_attention, per block the attention each
     key (B,K,S) received, summed over the queries of its GQA group.
     """
+    B, T, H, hd = q.shape
+    rows = query_chunk_rows(B, H, sum(key_pos.shape[-1] for _, key_pos in blocks))
+    if T <= rows:
+        return _attention_of_queries(q, positions, blocks, scale, collect_attention, partials)
+    # T > 1 here, so no partials (the kernel serves single decode steps). Padding queries, at
+    # position -1, see no key, and received attention leaves them out.
+    count = -(-T // rows)
+    padded = count * rows
+    q_chunks = jnp.pad(q, ((0, 0), (0, padded - T), (0, 0), (0, 0))).reshape(B, count, rows, H, hd)
+    position_chunks = jnp.pad(positions, ((0, 0), (0, padded - T)), constant_values=-1).reshape(B, count, rows)
+
+    def chunk(received, chunk_inputs):
+        out, chunk_received = _attention_of_queries(*chunk_inputs, blocks, scale, collect_attention)
+        if collect_attention:
+            received = [total + part for total, part in zip(received, chunk_received)]
+        return received, out
+
+    received = [jnp.zeros(key_pos.shape, jnp.float32) for _, key_pos in blocks] if collect_attention else None
+    received, out = jax.lax.scan(chunk, received, (q_chunks.swapaxes(0, 1), position_chunks.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(B, padded, H, hd)[:, :T], received
+
+
+def _attention_of_queries(
+    q: jax.Array,
+    positions: jax.Array,
+    blocks: Sequence[tuple[AttentionBlock, jax.Array]],
+    scale: float,
+    collect_attention: bool,
+    partials: Sequence[SoftmaxPartial] = (),
+) -> tuple[jax.Array, list[jax.Array] | None]:
+    """`_attention` with every query scored at once."""
     B, T, H, hd = q.shape
     K = blocks[0][1].shape[1]
     qg = q.reshape(B, T, K, H // K, hd)
