@@ -27,16 +27,13 @@ ROWS = 16  # queries per chunk in the chunked runs
 
 
 def _whole_and_chunked(monkeypatch, run: Callable[[], Any], heads: int, keys: int) -> tuple[Any, Any]:
-    """run() with every query scored at once, then in chunks of ROWS queries over `keys` keys;
-    compiled programs are dropped around the chunked run, whose traces must not be reused."""
-    jax.clear_caches()
+    """run() with every query scored at once, then in chunks of ROWS queries over `keys` keys.
+    The chunk size is read when a program is traced, so run() must trace afresh (a new jit)."""
     whole = run()
     with monkeypatch.context() as patch:
         patch.setattr(model, "ATTENTION_SCORE_BYTES", ROWS * BATCH * heads * keys * 4)
         assert model.query_chunk_rows(BATCH, heads, keys) == ROWS
-        jax.clear_caches()
         chunked = run()
-    jax.clear_caches()
     return whole, chunked
 
 
@@ -75,9 +72,11 @@ def test_prefill_in_query_chunks_equals_scoring_at_once(transformer, monkeypatch
     num_slots = policy.num_slots(bucket, 32, 16)
 
     def run():
-        return prefill(
-            graphdef, state, policy, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths), num_slots=num_slots
-        )
+        # A new function each time: jit caches traces by the function, even across jit objects.
+        def whole_prefill(state, tokens, lengths):
+            return prefill.__wrapped__(graphdef, state, policy, tokens, lengths, num_slots=num_slots)
+
+        return jax.jit(whole_prefill)(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths))
 
     _assert_same(*_whole_and_chunked(monkeypatch, run, WIDE["num_attention_heads"], bucket))
 
@@ -102,17 +101,19 @@ def test_extend_over_a_cache_in_query_chunks(slim_model_dirs, monkeypatch, key_o
     positions = np.broadcast_to(np.arange(24, 64, dtype=np.int32), (BATCH, 40)).copy()
     positions[1, -8:] = -1
 
-    @jax.jit
-    def run(state, cache):
-        return nnx.merge(graphdef, state).extend(
-            cache,
-            tokens,
-            jnp.asarray(positions),
-            collect_pre_rope=True,
-            collect_rope_queries=True,
-            collect_attention=True,
-        )
+    def run():
+        def extend(state, cache):
+            return nnx.merge(graphdef, state).extend(
+                cache,
+                tokens,
+                jnp.asarray(positions),
+                collect_pre_rope=True,
+                collect_rope_queries=True,
+                collect_attention=True,
+            )
 
-    whole, chunked = _whole_and_chunked(monkeypatch, lambda: run(state, cache), config.num_heads, 64 + 40)
+        return jax.jit(extend)(state, cache)
+
+    whole, chunked = _whole_and_chunked(monkeypatch, run, config.num_heads, 64 + 40)
     # A K-only layer's V goes through W_K^-1, which scales rounding by cond(W_K) (`slim.py`).
     _assert_same(whole, chunked, atol=1e-4 if key_only else 1e-5)
