@@ -51,8 +51,9 @@ def snapshot_positions(length: int, horizon: int | None, snapshot_every: int) ->
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _trace(graphdef, state, tokens: jax.Array):
-    """One sequence (1, T) with full attention: per layer post-RoPE queries, keys and values."""
+def trace_sequence(graphdef, state, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One sequence (1, T) with full attention: per layer post-RoPE queries (layers, T, heads,
+    head_dim), keys and values (layers, kv_heads, T, head_dim)."""
     transformer = nnx.merge(graphdef, state)
     positions = jnp.arange(tokens.shape[1])[None]
     out = transformer.extend(None, tokens, positions, logits_at=jnp.zeros((1,), jnp.int32), collect_rope_queries=True)
@@ -206,18 +207,20 @@ def fit_scorer(
         bucket = _trace_width(len(tokens))
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(tokens)] = tokens
-        queries, keys, values = _trace(graphdef, state, jnp.asarray(padded))
+        queries, keys, values = trace_sequence(graphdef, state, jnp.asarray(padded))
+        length = jnp.asarray(len(tokens), jnp.int32)
+        snapshots = snapshot_positions(len(tokens), horizon, snapshot_every)
         for layer in range(config.num_layers):
             x, y, mask = _layer_examples(
                 queries[layer],
                 keys[layer],
                 values[layer],
-                jnp.asarray(len(tokens), jnp.int32),
+                length,
                 jax.tree.map(lambda s, i=layer: s[i : i + 1], stats),
                 jnp.asarray(q_band_var[layer]),
                 jnp.asarray(inv_freq),
                 phasors,
-                snapshots=snapshot_positions(len(tokens), horizon, snapshot_every),
+                snapshots=snapshots,
                 horizon=horizon,
                 target=target,
                 attention_scale=config.head_dim**-0.5,

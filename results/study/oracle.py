@@ -16,19 +16,20 @@ into OUT/results.json; each SAMPLES group (comma-separated indices) runs as one 
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from triattention_jax.cache import EMPTY_POSITION, KVCache, layer_by_layer
 from triattention_jax.checkpoints.store import LoadedModel, load_model
 from triattention_jax.eval.runner import run_fidelity
 from triattention_jax.eval.store import ResultStore, run_settings
 from triattention_jax.eval.texts import fidelity_tokens
+from triattention_jax.fitting import trace_sequence
 from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass
 from triattention_jax.scoring import aggregate
 
@@ -72,17 +73,11 @@ class FutureAttention(EvictionPolicy):
         return aggregate(jnp.where(valid, scores, -jnp.inf), valid, self.aggregation)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _trace(graphdef, state, tokens: jax.Array, attention_scale: float) -> tuple[jax.Array, jax.Array]:
-    """One sequence (1, T): queries (layers, T, heads, hd) and their log-sum-exp (layers, heads, T)."""
-    from flax import nnx
-
-    transformer = nnx.merge(graphdef, state)
-    T = tokens.shape[1]
-    out = transformer.extend(
-        None, tokens, jnp.arange(T)[None], logits_at=jnp.zeros((1,), jnp.int32), collect_rope_queries=True
-    )
-    queries, keys = out.rope_queries[:, 0].astype(jnp.float32), jnp.stack(out.k)[:, 0].astype(jnp.float32)
+@jax.jit
+def _log_norms(queries: jax.Array, keys: jax.Array, attention_scale: float) -> jax.Array:
+    """Each query's log-sum-exp over the keys before it, (layers, heads, T), from one sequence's
+    `fitting.trace_sequence` queries (layers, T, heads, hd) and keys (layers, kv_heads, T, hd)."""
+    T = queries.shape[1]
     causal = jnp.tri(T, dtype=bool)
 
     def layer_norm(qk: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -91,35 +86,36 @@ def _trace(graphdef, state, tokens: jax.Array, attention_scale: float) -> tuple[
         logits = jnp.einsum("thd,hsd->hts", q, jnp.repeat(k, H // K, axis=0)) * attention_scale
         return jax.nn.logsumexp(jnp.where(causal, logits, -jnp.inf), axis=-1)
 
-    return queries, jax.lax.map(layer_norm, (queries, keys))
+    return jax.lax.map(layer_norm, (queries.astype(jnp.float32), keys.astype(jnp.float32)))
 
 
-def oracle_arrays(model: LoadedModel, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from flax import nnx
-
+def oracle_arrays(model: LoadedModel, batch: np.ndarray, attention_scale: float) -> tuple[np.ndarray, np.ndarray]:
     graphdef, state = nnx.split(model.transformer)
-    scale = model.transformer.config.head_dim**-0.5
-    traces = [_trace(graphdef, state, jnp.asarray(row[None]), scale) for row in batch]
-    queries = np.stack([np.asarray(q) for q, _ in traces], axis=1)  # (L, B, T, H, hd)
-    norms = np.stack([np.asarray(n) for _, n in traces], axis=1)  # (L, B, H, T)
-    queries = np.pad(queries, ((0, 0), (0, 0), (0, HORIZON), (0, 0), (0, 0)))
-    norms = np.pad(norms, ((0, 0), (0, 0), (0, 0), (0, HORIZON)), constant_values=np.inf)
+    queries, norms = [], []
+    for row in batch:
+        q, k, _ = trace_sequence(graphdef, state, jnp.asarray(row[None]))
+        queries.append(np.asarray(q, np.float32))
+        norms.append(np.asarray(_log_norms(q, k, attention_scale)))
+    queries = np.pad(np.stack(queries, axis=1), ((0, 0), (0, 0), (0, HORIZON), (0, 0), (0, 0)))  # (L, B, T+h, H, hd)
+    norms = np.pad(np.stack(norms, axis=1), ((0, 0), (0, 0), (0, 0), (0, HORIZON)), constant_values=np.inf)
     return queries, norms
 
 
 def main(model_name: str, out: str, groups: list[list[int]]) -> None:
     model = load_model(model_name)
+    scale = model.transformer.config.head_dim**-0.5
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     store = ResultStore(folder, run_settings(model, SEQ_LEN))
     for samples in groups:
-        if samples != list(range(samples[0], samples[-1] + 1)):
+        batch_samples = range(samples[0], samples[-1] + 1)
+        if samples != list(batch_samples):
             sys.exit(f"samples {samples}: give consecutive indices (one batch)")
         if any(store.key("fidelity", m, BUDGET, s) in store.cells for m in VARIANTS for s in samples):
             print(f"samples {samples}: already there")
             continue
         # The oracle's rows must be the batch's rows: every cell of the group is pending.
-        queries, norms = oracle_arrays(model, fidelity_tokens(model, samples, SEQ_LEN))
+        queries, norms = oracle_arrays(model, fidelity_tokens(model, samples, SEQ_LEN), scale)
 
         def policies(method: str, budget: int, queries=queries, norms=norms) -> FutureAttention:
             return FutureAttention(
@@ -127,7 +123,7 @@ def main(model_name: str, out: str, groups: list[list[int]]) -> None:
                 log_norm=jnp.asarray(norms),
                 budget=budget,
                 aggregation=VARIANTS[method],
-                attention_scale=model.transformer.config.head_dim**-0.5,
+                attention_scale=scale,
             )
 
         run_fidelity(
@@ -135,7 +131,7 @@ def main(model_name: str, out: str, groups: list[list[int]]) -> None:
             store,
             list(VARIANTS),
             [BUDGET],
-            range(samples[0], samples[-1] + 1),
+            batch_samples,
             SEQ_LEN,
             lambda done, total, running: print(f"{done}/{total} {running}", flush=True),
             policies,
