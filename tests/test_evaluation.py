@@ -7,13 +7,16 @@ import json
 import numpy as np
 import pytest
 
+from triattention_jax.decoding import teacher_force
 from triattention_jax.errors import UserError
 from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, position_metrics
 from triattention_jax.eval.report import paired_comparison, write_outputs
 from triattention_jax.eval.runner import evaluate, first_eviction_position
 from triattention_jax.eval.store import ResultStore
+from triattention_jax.eval.texts import PREFILL_TOKENS, fidelity_tokens
 from triattention_jax.methods import parse_method
 from triattention_jax.policies import FullAttention, StreamingLLM
+from triattention_jax.prompts import token_fingerprint
 
 
 def test_fidelity_metrics():
@@ -73,6 +76,13 @@ def test_fidelity_run_is_resumable(tmp_path):
     assert 0 <= small["top1_agreement"] <= 1
     # 448 tokens predict 447; the first compaction comes at position 192 (budget 64) and 320 (budget 256).
     assert small["positions"] == 447 - 192 and large["positions"] == 447 - 320
+    # The stored KL is the one teacher forcing gives directly, from the text the cell records.
+    tokens = fidelity_tokens(model, [0], 448)
+    assert small["input"] == token_fingerprint(tokens[0])
+    full = teacher_force(model, tokens, prefill_length=PREFILL_TOKENS)[0, 192:447]
+    method = teacher_force(model, tokens, prefill_length=PREFILL_TOKENS, policy=StreamingLLM(budget=64))[0, 192:447]
+    kl = np.sum(np.exp(full) * (full - method), axis=-1).mean()
+    np.testing.assert_allclose(small["kl"], kl, rtol=1e-4)
     assert all(p.exists() for p in paths)
     assert "| streaming | 64 |" in (out / "fidelity.md").read_text()
     events.clear()

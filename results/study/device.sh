@@ -2,8 +2,10 @@
 # One call of the study on the device machine (run from the checkout there):
 #   bash results/study/device.sh          takes the chunk this call carried (.travel/cNN, from
 #                                         travel.py pack), rebuilds every model whose chunks are
-#                                         all there, starts its study once in the background
-#                                         (setsid: it outlives the call) and prints where each stands
+#                                         all there and prints where each study stands
+#   bash results/study/device.sh start MODEL TASKS [GROUPS]   the same, then starts run_study.sh
+#                                         for MODEL (smol, q05, q15) in the background (setsid: it
+#                                         outlives the call), resuming results/study/MODEL's cells
 #   bash results/study/device.sh wait S   the same, then waits up to S seconds for the studies
 # Every call ends by packing the studies' folders so far into $OUT/study.tgz (the machine may be
 # gone before the next call).
@@ -18,19 +20,24 @@ export PATH=$root/bin:$PATH PYTHONPATH=$root/site:$root/lib TRIATTENTION_MODELS=
 [[ -d $root/lib/gguf ]] || python3 -m pip install -q --no-index --no-deps --target $root/lib .travel/whl/*.whl
 for d in .travel/c*/; do [[ -d "$d" ]] && mv -f "$d"* $root/chunks/ 2>/dev/null; done
 PYTHONPATH=$PWD python3 results/study/travel.py unpack $root/chunks $root/site
-declare -A short=([smollm2-135m-instruct]=smol [qwen2.5-coder-0.5b-instruct]=q05 [qwen2.5-coder-1.5b-instruct]=q15)
-# Fidelity processes per model: each holds full attention's log-probs of all its texts on the GPU
-# (9 x 4,096 x vocabulary floats: 7 GB for SmolLM2, 22 GB for Qwen), so all of them fit at once.
-declare -A groups=([smol]="512,128,256,1024" [q05]="512,128 256,1024" [q15]="512,256 1024,128")
-for model in "${!short[@]}"; do
-    s=${short[$model]}
-    if [[ -f $root/site/.$model.ready && ! -d $root/repo_$s ]]; then
-        mkdir -p $root/repo_$s && tar --exclude=./.travel -cf - . | tar -xf - -C $root/repo_$s
-        (cd $root/repo_$s && BUDGET_GROUPS="${groups[$s]}" setsid -f bash results/study/run_study.sh "$model" $root/$s \
-            > $root/$s.log 2>&1 < /dev/null)
-        echo "$model: study started"
+declare -A model=([smol]=smollm2-135m-instruct [q05]=qwen2.5-coder-0.5b-instruct [q15]=qwen2.5-coder-1.5b-instruct)
+if [[ "${1:-}" == start ]]; then
+    s=$2
+    [[ -f $root/site/.${model[$s]}.ready ]] || { echo "$s: model not ready"; exit 1; }
+    if [[ ! -d $root/repo_$s ]]; then
+        mkdir -p $root/repo_$s $root/$s/fits && tar --exclude=./.travel -cf - . | tar -xf - -C $root/repo_$s
+        # What earlier runs measured on this Python's texts resumes: cells and statistics.
+        if [[ -f results/study/$s/stats.safetensors ]]; then
+            cp -r results/study/$s/fidelity_* results/study/$s/needle results/study/$s/code $root/$s/ 2> /dev/null
+            cp results/study/$s/stats.safetensors $root/$s/fits/stats.safetensors
+        fi
     fi
-done
+    # Each fidelity process holds full attention's log-probs of its 9 texts on the GPU (7 GB for
+    # SmolLM2, 22 GB for Qwen): the groups decide how many run at once.
+    (cd $root/repo_$s && TASKS="$3" BUDGET_GROUPS="${4:-}" setsid -f bash results/study/run_study.sh \
+        "${model[$s]}" $root/$s >> $root/$s.log 2>&1 < /dev/null)
+    echo "$s: $3 started"
+fi
 status() {
     for s in smol q05 q15; do
         [[ -f $root/$s.log ]] || continue

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The issue-18 study for one model: fits the scorer twice (next-512-query target, and every
-# later query), then fidelity (KL against full attention on 4,096-token texts), pass-key
-# retrieval and (Qwen models) code completion, each a resumable `evaluate` folder under OUT.
+# The issue-18 study for one model: calibration, then fidelity (KL against full attention on
+# 4,096-token texts), pass-key retrieval and (Qwen models) code completion, each a resumable
+# `evaluate` folder under OUT, while the fitted scorer is fitted beside them; each task adds the
+# fit's cells once it is there.
 #   bash results/study/run_study.sh MODEL OUT [quick]
 # quick: a smoke test of the whole pipeline in minutes on a CPU (tiny calibration, one budget).
-# BUDGETS, SAMPLES and TASKS (e.g. TASKS=fidelity) narrow a full run; it resumes where it stopped.
+# Environment (a full run resumes where it stopped):
+#   BUDGETS, SAMPLES, TASKS (e.g. TASKS=fidelity)  narrow it
+#   BUDGET_GROUPS (e.g. "512,128 256,1024")        one fidelity process per group (a GPU)
+#   FIT_HORIZON (default 512; 0: every later query) the fit's target; FIT=0 skips the fit
+#   CODE_BUDGETS, CODE_SAMPLES                      the code task's size
 # Tasks run side by side; set XLA_PYTHON_CLIENT_PREALLOCATE=false on a GPU so they share it.
 set -euo pipefail
 model=$1
@@ -17,46 +22,42 @@ if [[ -n "$quick" ]]; then
 else
     calib=()
     budgets=${BUDGETS:-128,256,512,1024} samples=${SAMPLES:-9} seq_len=4096 needle_len=1024 code_len=4096
-    code_budgets=256,512,1024 code_samples=24
+    code_budgets=${CODE_BUDGETS:-256,512,1024} code_samples=${CODE_SAMPLES:-24}
 fi
 tasks=${TASKS:-fidelity needle code}
 log() { echo "[$(date +%T)] $*" >&2; }
-# The first calibration goes to the model's folder, where every method reads its statistics;
-# the second fit's calibration repeats it (compared below) while the tasks already run with the
-# first fit, and each task adds the second fit's cells once it is there.
-# BUDGET_GROUPS (e.g. "512,128 256,1024" on a GPU) runs fidelity as one process per group.
+# Every method reads the statistics in the model's folder; the fit calibrates again (the same
+# texts, compared below) while the baselines already run.
 store="${TRIATTENTION_MODELS:-models}/$model"
-rest="$out/fits/rest.fit.safetensors" rest_fit=
 methods="triattention,expected_attention,h2o,snapkv,rkv,streaming,random"
-if [[ "${FIT:-1}" == 0 ]]; then
-    # The baselines only (FIT=0): the model folder's statistics, calibrated here if missing.
-    [[ -f "$store/triattention_stats.safetensors" ]] || python calibrate.py --model "$model" "${calib[@]}"
-    cp "$store/triattention_stats.safetensors" "$out/fits/stats.safetensors"
-    rest=
-else
-    if [[ ! -f "$out/fits/next512.fit.safetensors" ]]; then
-        log "$model: calibration + fit (next 512 queries)"
-        python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 512
-        cp "$store/triattention_stats.safetensors" "$out/fits/next512.safetensors"
-        cp "$store/triattention_fit.safetensors" "$out/fits/next512.fit.safetensors"
-    fi
-    if [[ ! -f "$rest" ]]; then
-        log "$model: calibration + fit (every later query)"
-        python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon 0 --out "$out/fits/rest.safetensors" \
-            > "$out/fit_rest.log" 2>&1 &
-        rest_fit=$!
-    fi
-    methods="triattention_fit:fitted_scorer=$out/fits/next512.fit.safetensors,$methods"
+# A resumed study's OUT/fits/stats.safetensors are the statistics its cells were measured with.
+if [[ -f "$out/fits/stats.safetensors" && ! -f "$store/triattention_stats.safetensors" ]]; then
+    python -c "import sys, triattention_jax as t; t.load_model(sys.argv[1], dtype='float32')" "$model"
+    cp "$out/fits/stats.safetensors" "$store/triattention_stats.safetensors"
+elif [[ ! -f "$store/triattention_stats.safetensors" ]]; then
+    log "$model: calibration"
+    python calibrate.py --model "$model" "${calib[@]}"
 fi
-# task NAME ARGS...: evaluate into $out/NAME, then again with the second fit added.
+cp "$store/triattention_stats.safetensors" "$out/fits/stats.safetensors"
+horizon=${FIT_HORIZON:-512}
+fit="$out/fits/horizon$horizon.safetensors" fitting=
+if [[ "${FIT:-1}" == 0 ]]; then
+    fit=
+elif [[ ! -f "${fit%.safetensors}.fit.safetensors" ]]; then
+    log "$model: calibration + fit (horizon $horizon) in the background"
+    python calibrate.py --model "$model" "${calib[@]}" --fit --fit_horizon "$horizon" --out "$fit" \
+        > "$out/fit.log" 2>&1 &
+    fitting=$!
+fi
+# task NAME ARGS...: evaluate the baselines into $out/NAME, then the fit's cells once it is there.
 task() {
     local name=$1
     shift
     python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" --out "$out/$name" "$@"
-    while [[ -n "$rest_fit" ]] && kill -0 "$rest_fit" 2> /dev/null; do sleep 5; done
-    if [[ -n "$rest" && -f "$rest" ]]; then
-        python -m triattention_jax.cli.evaluate --model "$model" --methods "triattention_fit:fitted_scorer=$rest" \
-            --out "$out/$name" "$@"
+    while [[ -n "$fitting" ]] && kill -0 "$fitting" 2> /dev/null; do sleep 5; done
+    if [[ -n "$fit" && -f "${fit%.safetensors}.fit.safetensors" ]]; then
+        python -m triattention_jax.cli.evaluate --model "$model" --out "$out/$name" "$@" \
+            --methods "triattention_fit:fitted_scorer=${fit%.safetensors}.fit.safetensors"
     fi
 }
 if [[ " $tasks " == *" fidelity "* ]]; then
@@ -73,5 +74,7 @@ if [[ " $tasks " == *" code "* && "$model" == qwen* ]]; then
         > "$out/code.log" 2>&1 &
 fi
 wait
-[[ -z "$rest" ]] || cmp -s "$out/fits/next512.safetensors" "$out/fits/rest.safetensors" || log "warning: the two calibrations differ"
+if [[ -n "$fit" ]] && ! cmp -s "$out/fits/stats.safetensors" "$fit"; then
+    log "warning: the fit's calibration differs from the statistics the baselines read"
+fi
 log "$model: done"

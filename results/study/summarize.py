@@ -25,7 +25,8 @@ ORDER = [FIT_NEXT, FIT_REST, "triattention", "expected_attention", "h2o", "snapk
 
 def label(method: str) -> str:
     if method.startswith("triattention_fit:"):
-        return FIT_REST if "rest.fit" in method else FIT_NEXT
+        # Fit files are named by their target: rest / horizon0 (every later query), else the next 512.
+        return FIT_REST if "rest.fit" in method or "horizon0.fit" in method else FIT_NEXT
     return method
 
 
