@@ -30,6 +30,8 @@ if [[ "${1:-}" == start ]]; then
         if [[ -f results/study/$s/stats.safetensors ]]; then
             cp -r results/study/$s/fidelity_* results/study/$s/needle results/study/$s/code $root/$s/ 2> /dev/null
             cp results/study/$s/stats.safetensors $root/$s/fits/stats.safetensors
+            cp results/study/$s/stats.safetensors $root/$s/fits/horizon512.safetensors
+            cp results/study/$s/horizon512.fit.safetensors $root/$s/fits/ 2> /dev/null
         fi
     fi
     # Each fidelity process holds full attention's log-probs of its 9 texts on the GPU (7 GB for

@@ -1,7 +1,7 @@
 """How low can a query-free scorer's KL go? An oracle for issue 18's fidelity targets.
 
   python results/study/oracle.py MODEL OUT SAMPLES [SAMPLES ...]   e.g. smollm2-135m-instruct
-      results/study/smol/fidelity_oracle 0,1 3,4
+      results/study/smol_cpu/fidelity_oracle 0,1 3,4
 
 At each compaction the oracle keeps, per KV head, the keys that full attention's own next 512
 queries pay the most attention (summed over the GQA group, each query normalised over the full

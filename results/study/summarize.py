@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = {"smol": "SmolLM2-135M-Instruct", "q05": "Qwen2.5-Coder-0.5B-Instruct", "q15": "Qwen2.5-Coder-1.5B-Instruct"}
+MODELS = {
+    "smol": "SmolLM2-135M-Instruct",
+    "q05": "Qwen2.5-Coder-0.5B-Instruct",
+    "q15": "Qwen2.5-Coder-1.5B-Instruct",
+    # Session 8's CPU run (Python 3.11's texts, 6 of them), where the oracles and the second fit ran.
+    "smol_cpu": "SmolLM2-135M-Instruct, 2-core CPU, Python 3.11 texts",
+}
 FIT_REST, FIT_NEXT = "triattention_fit (every later query)", "triattention_fit (next 512)"
 # Bounds that read the future (oracle.py), not methods: in the tables, never in the rankings.
 ORACLES = ["oracle_per_head", "oracle_per_layer_per_head"]
