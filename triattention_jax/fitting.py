@@ -120,14 +120,15 @@ def _layer_examples(
     return jnp.stack(features), jnp.stack(targets), jnp.stack(masks)
 
 
+@functools.partial(jax.jit, static_argnames=("steps", "learning_rate", "l2"))
 def _fit_layer(
-    features: np.ndarray, targets: np.ndarray, masks: np.ndarray, *, steps: int, learning_rate: float, l2: float
-) -> tuple[np.ndarray, float, float]:
+    x: jax.Array, y: jax.Array, mask: jax.Array, *, steps: int, learning_rate: float, l2: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Weights (heads, features) in raw units, and the mean cross-entropy before (the paper's
-    score: trigonometric + norm) and after fitting.
+    score: trigonometric + norm) and after fitting. Every layer's examples have the same shapes,
+    so this compiles once for all of them.
 
-    features: (N, heads, T, F); targets: (N, kv_heads, T); masks: (N, T)."""
-    x, y, mask = jnp.asarray(features), jnp.asarray(targets), jnp.asarray(masks)
+    x: (N, heads, T, F) features; y: (N, kv_heads, T) targets; mask: (N, T)."""
     K = y.shape[1]
     valid = mask[:, None, :, None]
     count = jnp.maximum(jnp.sum(jnp.broadcast_to(valid, x.shape[:3] + (1,)), axis=(0, 2)), 1)  # (H, 1)
@@ -148,19 +149,14 @@ def _fit_layer(
     start = jnp.zeros(x.shape[1:2] + x.shape[3:]).at[:, :2].set(std[:, :2])
     optimizer = optax.adam(learning_rate)
 
-    @jax.jit
-    def run(w: jax.Array) -> jax.Array:
-        def step(carry, _):
-            w, opt_state = carry
-            grads = jax.grad(loss)(w)
-            updates, opt_state = optimizer.update(grads, opt_state, w)
-            return (optax.apply_updates(w, updates), opt_state), None
+    def step(carry, _):
+        w, opt_state = carry
+        grads = jax.grad(loss)(w)
+        updates, opt_state = optimizer.update(grads, opt_state, w)
+        return (optax.apply_updates(w, updates), opt_state), None
 
-        (w, _), _ = jax.lax.scan(step, (w, optimizer.init(w)), length=steps)
-        return w
-
-    fitted = run(start)
-    return np.asarray(fitted / std, np.float32), float(cross_entropy(start)), float(cross_entropy(fitted))
+    (fitted, _), _ = jax.lax.scan(step, (start, optimizer.init(start)), length=steps)
+    return fitted / std, cross_entropy(start), cross_entropy(fitted)
 
 
 def fit_scorer(
@@ -237,11 +233,14 @@ def fit_scorer(
     weights, before, after = [], [], []
     for examples in tqdm(per_layer, desc="fitting layers", unit="layer", disable=not progress, file=sys.stderr):
         w, loss_before, loss_after = _fit_layer(
-            *(np.concatenate(parts) for parts in zip(*examples)), steps=steps, learning_rate=learning_rate, l2=l2
+            *(jnp.asarray(np.concatenate(parts)) for parts in zip(*examples)),
+            steps=steps,
+            learning_rate=learning_rate,
+            l2=l2,
         )
-        weights.append(w)
-        before.append(loss_before)
-        after.append(loss_after)
+        weights.append(np.asarray(w, np.float32))
+        before.append(float(loss_before))
+        after.append(float(loss_after))
     metadata = {
         **model_metadata(transformer),
         "features": list(FEATURES),
