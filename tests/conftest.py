@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Most tests run tiny programs, so their time is XLA compiling them; LLVM's level 0 compiles
-# them about 40% faster (XLA's own graph optimisations still run) and slows the few long real-
-# model runs by about 8% (2-core CPU, 2026-12-02).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
