@@ -6,6 +6,10 @@
 #   bash results/study/device.sh start MODEL TASKS [GROUPS]   the same, then starts run_study.sh
 #                                         for MODEL (smol, q05, q15) in the background (setsid: it
 #                                         outlives the call), resuming results/study/MODEL's cells
+#   bash results/study/device.sh eval MODEL FOLDER ARGS...   the same, then starts one `evaluate`
+#                                         in the background into $root/MODEL/FOLDER (a study's
+#                                         cells split over several processes; FIT in ARGS stands
+#                                         for the fitted scorer's file)
 #   bash results/study/device.sh wait S   the same, then waits up to S seconds for the studies
 # Every call ends by packing the studies' folders so far into $OUT/study.tgz (the machine may be
 # gone before the next call).
@@ -21,8 +25,8 @@ export PATH=$root/bin:$PATH PYTHONPATH=$root/site:$root/lib TRIATTENTION_MODELS=
 for d in .travel/c*/; do [[ -d "$d" ]] && mv -f "$d"* $root/chunks/ 2>/dev/null; done
 PYTHONPATH=$PWD python3 results/study/travel.py unpack $root/chunks $root/site
 declare -A model=([smol]=smollm2-135m-instruct [q05]=qwen2.5-coder-0.5b-instruct [q15]=qwen2.5-coder-1.5b-instruct)
-if [[ "${1:-}" == start ]]; then
-    s=$2
+prepare() {
+    local s=$1
     [[ -f $root/site/.${model[$s]}.ready ]] || { echo "$s: model not ready"; exit 1; }
     if [[ ! -d $root/repo_$s ]]; then
         mkdir -p $root/repo_$s $root/$s/fits && tar --exclude=./.travel -cf - . | tar -xf - -C $root/repo_$s
@@ -34,16 +38,35 @@ if [[ "${1:-}" == start ]]; then
             cp results/study/$s/horizon512.fit.safetensors $root/$s/fits/ 2> /dev/null
         fi
     fi
+    # `eval` reads the statistics from the model's folder, as run_study.sh leaves them.
+    local stats=$TRIATTENTION_MODELS/${model[$s]}/triattention_stats.safetensors
+    if [[ ! -f $stats && -f $root/$s/fits/stats.safetensors ]]; then
+        (cd $root/repo_$s && python -c "import sys, triattention_jax as t; t.load_model(sys.argv[1], dtype='float32')" \
+            "${model[$s]}") && cp $root/$s/fits/stats.safetensors "$stats"
+    fi
+}
+if [[ "${1:-}" == start ]]; then
+    s=$2
+    prepare $s
     # Each fidelity process holds full attention's log-probs of its 9 texts on the GPU (7 GB for
     # SmolLM2, 22 GB for Qwen): the groups decide how many run at once.
     (cd $root/repo_$s && TASKS="$3" BUDGET_GROUPS="${4:-}" setsid -f bash results/study/run_study.sh \
         "${model[$s]}" $root/$s >> $root/$s.log 2>&1 < /dev/null)
     echo "$s: $3 started"
 fi
+if [[ "${1:-}" == eval ]]; then
+    s=$2 folder=$3
+    shift 3
+    prepare $s
+    args=("${@//FIT/$root/$s/fits/horizon512.fit.safetensors}")
+    (cd $root/repo_$s && setsid -f python -m triattention_jax.cli.evaluate --model "${model[$s]}" \
+        --out $root/$s/$folder "${args[@]}" >> $root/$s/$folder.log 2>&1 < /dev/null)
+    echo "$s: $folder started"
+fi
 status() {
     for s in smol q05 q15; do
-        [[ -f $root/$s.log ]] || continue
-        echo "== $s: $(tail -n 1 $root/$s.log | tr '\r' '\n' | tail -n 1 | cut -c1-160)"
+        [[ -d $root/$s ]] || continue
+        echo "== $s: $(tail -n 1 $root/$s.log 2> /dev/null | tr '\r' '\n' | tail -n 1 | cut -c1-160)"
         for log in $root/$s/*.log; do
             [[ -f $log ]] && echo "   $(basename $log .log): $(tail -c 300 $log | tr '\r' '\n' | grep -v '^\s*$' | tail -n 1 | cut -c1-150)"
         done
@@ -52,7 +75,7 @@ status() {
 }
 if [[ "${1:-}" == wait ]]; then
     end=$((SECONDS + ${2:-60}))
-    while ((SECONDS < end)) && pgrep -f run_study.sh > /dev/null; do sleep 10; done
+    while ((SECONDS < end)) && pgrep -f 'run_study.sh|cli.evaluate' > /dev/null; do sleep 10; done
 fi
 status
 tar czf "$OUT/study.tgz" -C $root --exclude=./chunks --exclude=./site --exclude=./store --exclude=./xla \

@@ -78,6 +78,25 @@ def paired(table: dict, a: str, b: str, budget: int, metric: str = "kl") -> tupl
     return float(xa.mean()), float(ya.mean()), int((xa < ya).sum()), len(common)
 
 
+def code_target(table: dict) -> list[str]:
+    """The issue's code target at budget 512: edit similarity within 2 points of full
+    attention's, as paired differences over the same files (mean ± standard error)."""
+    lines = ["Code target at budget 512 (edit similarity within 2 points of full attention's; "
+             "paired over the same files, mean ± standard error of the difference):", ""]
+    full = table[("full", 512)]
+    for m in methods_in(table):
+        cells_m = table.get((m, 512), {})
+        common = sorted(full.keys() & cells_m.keys())
+        if m == "full" or not common:
+            continue
+        diff = 100 * np.array([cells_m[s]["edit_similarity"] - full[s]["edit_similarity"] for s in common])
+        error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        verdict = "met" if diff.mean() >= -2 else "missed"
+        lines.append(f"- {m}: {diff.mean():+.1f} ± {error:.1f} points ({verdict}); at least full's on "
+                     f"{int((diff >= 0).sum())}/{len(diff)} files")
+    return lines
+
+
 def summarize(root: Path) -> None:
     import matplotlib
 
@@ -130,6 +149,8 @@ def summarize(root: Path) -> None:
             for metric in metrics:
                 lines += [f"{what}: {metric}, mean ± std over {samples} samples.", ""]
                 lines += metric_table(table, metric, 3) + [""]
+            if task == "code" and ("full", 512) in table:
+                lines += code_target(table) + [""]
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "fidelity_kl.png", dpi=110)
