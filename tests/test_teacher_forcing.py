@@ -58,13 +58,14 @@ def test_each_round_block_equals_steps(transformer, name):
     lengths = jnp.full((batch,), PREFILL, jnp.int32)
     num_slots = policy.num_slots(bucket, rounds * DIVIDE, DIVIDE)
     _, cache = prefill(graphdef, state, policy, jnp.asarray(padded), lengths, num_slots=num_slots)
-    observed = False
+    observed, compacted = False, 0
     for index in range(rounds):
         begin = PREFILL + index * DIVIDE
         chunk = jnp.asarray(tokens[:, begin : begin + DIVIDE])
         positions = jnp.broadcast_to(jnp.arange(begin, begin + DIVIDE, dtype=jnp.int32), chunk.shape)
-        if cache.cursor + DIVIDE > cache.num_slots:  # full attention grows between rounds, as teacher_force does
+        if not policy.evicts and cache.cursor + DIVIDE > cache.num_slots:  # full attention grows, as in teacher_force
             cache = cache.resized(int(cache.cursor) + DIVIDE)
+        compacts = policy.evicts and int(cache.cursor) + DIVIDE > cache.num_slots
         results = {
             block: teacher_forced_round(
                 graphdef,
@@ -85,8 +86,11 @@ def test_each_round_block_equals_steps(transformer, name):
         for got, want in zip(jax.tree.leaves(block_cache), jax.tree.leaves(step_cache)):
             np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), atol=2e-5, rtol=1e-5)
         observed |= bool(block_cache.slot_stats or block_cache.state)
+        compacted += compacts
+        assert int(block_cache.cursor) == (BUDGET if compacts else int(cache.cursor)) + DIVIDE
         cache = block_cache
     assert observed == bool(policy.observes)
+    assert compacted == (rounds - 1 if policy.evicts else 0)
 
 
 # The per-round test covers every policy; the whole sequence, one policy of each kind of
