@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,31 @@ def compiles() -> list[str]:
     jax.monitoring.register_event_duration_secs_listener(listener)
     yield events
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def load_gguf_reference(path: Path) -> tuple[Any, Any]:
+    """transformers' tokenizer and float32 model (eval mode) read from the GGUF file `path`.
+
+    transformers parses the file's metadata for the tokenizer, the configuration and the
+    weights in turn, about 15 s a parse with Qwen's 151,646-token vocabulary; one reader of
+    the same unchanged file serves all three."""
+    import gguf
+    import torch
+    import transformers
+
+    readers: dict[tuple[str, str], Any] = {}
+    parse = gguf.GGUFReader
+
+    def reader(file, mode="r"):
+        key = (str(file), mode)
+        if key not in readers:
+            readers[key] = parse(file, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+    return tokenizer, model

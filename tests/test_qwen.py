@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import load_gguf_reference
 from test_tokenizer import CORPUS
 
 from triattention_jax.checkpoints import gguf
@@ -24,10 +24,7 @@ PROMPTS = [
 def _pair(name: str, tmp_path_factory):
     ours = load_model(name, dtype="float32")
     joined = gguf.join_parts(name, tmp_path_factory.mktemp(name) / f"{name}.gguf")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(joined.parent), gguf_file=joined.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(joined.parent), gguf_file=joined.name, dtype=torch.float32
-    ).eval()
+    tokenizer, model = load_gguf_reference(joined)
     model.generation_config.eos_token_id = None
     joined.unlink()
     return ours, tokenizer, model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from conftest import load_gguf_reference
 
 from triattention_jax.checkpoints import gguf
 from triattention_jax.checkpoints.store import load_model
@@ -24,12 +24,7 @@ def ours():
 
 @pytest.fixture(scope="module")
 def reference():
-    path = gguf.gguf_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    return tokenizer, model
+    return load_gguf_reference(gguf.gguf_path())
 
 
 def test_converted_tokenizer_matches_gguf_reader(ours, reference):
