@@ -121,7 +121,7 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "--calib_file",
         str(source),
         "--num_tokens",
-        "2048",
+        "1536",
         "--seq_len",
         "512",
         "--out",
@@ -131,14 +131,14 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         str(report),
         "--fit",
         "--fit_seq_len",
-        "1024",
+        "768",
     )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
-    # The fit cuts the calibration file's 2,048 tokens into sequences of 1,024.
+    # The fit cuts the calibration file's 1,536 tokens into sequences of 768.
     assert "fitted scorer:" in result.stdout and "2 sequences" in result.stdout
     numbers = json.loads((report / "report.json").read_text())
-    assert numbers["num_tokens"] == 2048 and numbers["heads"] == 30 * 9
+    assert numbers["num_tokens"] == 1536 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
     assert len(numbers["key_norm_vs_attention"]["spearman_per_kv_head"]) == 30
     assert -1 <= numbers["key_norm_vs_attention"]["spearman_median"] <= 1
