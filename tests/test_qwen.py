@@ -43,8 +43,7 @@ def _greedy_parity(ours, tokenizer, model, new_tokens: int) -> None:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
-    # One round of exactly `new_tokens` steps: the default round of 128 would decode past them.
-    result = generate(ours, prompt_ids, eos_ids=(), max_new_tokens=new_tokens, divide_length=new_tokens)
+    result = generate(ours, prompt_ids, eos_ids=(), max_new_tokens=new_tokens)
     for got, want in zip(result.token_ids, expected):
         assert got == want, f"diverged at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
 

@@ -49,8 +49,8 @@ def test_greedy_64_tokens_match_transformers(ours, reference):
             )
         expected.append(out[0, len(ids) :].tolist())
     # Both prompts in one batch of different lengths, decoded past EOS like the reference.
-    # One round of exactly 64 steps: the default round of 128 would decode past them.
-    result = generate(ours.transformer, prompt_ids, eos_ids=(), max_new_tokens=64, divide_length=64)
+    result = generate(ours.transformer, prompt_ids, eos_ids=(), max_new_tokens=64)
+    assert result.num_decode_steps == 64  # within its first round of 128, a run stops at its tokens
     for got, want in zip(result.token_ids, expected):
         assert len(want) == 64
         assert got == want, f"diverged at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"

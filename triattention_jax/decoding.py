@@ -266,7 +266,8 @@ def generate(
     default the model's (its generation config's), `eos_ids=()` never stops. Decoding runs in
     jitted pieces of `steps_per_call` steps, a divisor of `divide_length` (default: at most
     `STREAM_STEPS` with EOS ids or `on_round`, else whole rounds; a first round cut short by the
-    policy runs in the longest pieces of at most `steps_per_call` that divide it); `on_round`
+    policy, or a run of fewer tokens than its first round, runs in the longest pieces of at most
+    `steps_per_call` that divide it); `on_round`
     receives the tokens generated so far after each piece, for streaming, and decoding stops
     within a piece of the last row's EOS. Eviction runs between rounds whatever the pieces. With
     a `mesh` (`sharding.make_mesh`), rows are split over its data axis (their
@@ -321,6 +322,10 @@ def generate(
     finished = np.zeros(len(prompts), bool)
     steps = 0
     rounds = round_steps(policy, longest, max_new_tokens, divide_length)
+    if len(rounds) == 1:
+        # A run within its first round decodes only its tokens: one compilation either way. Longer
+        # runs keep whole rounds, compiled once each, rather than compile a shorter last one.
+        rounds = [min(rounds[0], max_new_tokens)]
     round_index = round_done = 0  # the round running and the steps it has run
     while min(len(g) for g in generated) < max_new_tokens and not finished.all():
         start_of_round = round_done == 0
