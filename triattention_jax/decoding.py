@@ -267,12 +267,11 @@ def generate(
     jitted pieces of `steps_per_call` steps, a divisor of `divide_length` (default: at most
     `STREAM_STEPS` with EOS ids or `on_round`, else whole rounds; a first round cut short by the
     policy, or a run of fewer tokens than its first round, runs in the longest pieces of at most
-    `steps_per_call` that divide it); `on_round`
-    receives the tokens generated so far after each piece, for streaming, and decoding stops
-    within a piece of the last row's EOS. Eviction runs between rounds whatever the pieces. With
-    a `mesh` (`sharding.make_mesh`), rows are split over its data axis (their
-    number must be a multiple of it) and heads over its model axis; weights not yet on it
-    are placed.
+    `steps_per_call` that divide it); `on_round` receives the tokens generated so far after each
+    piece, for streaming, and decoding stops within a piece of the last row's EOS. Eviction runs
+    between rounds whatever the pieces. With a `mesh` (`sharding.make_mesh`), rows are split over
+    its data axis (their number must be a multiple of it) and heads over its model axis; weights
+    not yet on it are placed.
     """
     transformer, tokenizer = _transformer_and_tokenizer(model)
     prompts = _token_prompts(tokenizer, prompts, chat)
