@@ -210,3 +210,30 @@ def load_gguf_reference(path: Path) -> tuple[Any, Any]:
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         ).eval()
     return tokenizer, model
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
+    """The model takes the length-aware kernels' path (interpreted) as on a GPU; records each
+    traced kernel call as (kernel, cache buffer shape)."""
+    import jax
+
+    from triattention_jax.kernels import decode_attention, key_only_attention
+
+    calls = []
+
+    def counted(module, name):
+        kernel = getattr(module, name)
+
+        def call(*args, **kwargs):
+            calls.append((name, args[1].shape))
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    monkeypatch.setattr(decode_attention, "supported", lambda: True)
+    counted(decode_attention, "decode_attention")
+    counted(key_only_attention, "key_only_attention")
+    jax.clear_caches()  # jitted rounds traced without the kernels must not be reused
+    yield calls
+    jax.clear_caches()

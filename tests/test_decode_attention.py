@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from conftest import WIDE, random_transformer
 
+from triattention_jax.bench.presets import random_stats
 from triattention_jax.cache import CacheLayer
 from triattention_jax.decoding import generate, teacher_force
 from triattention_jax.kernels import decode_attention
 from triattention_jax.model import _attention, kernel_partial, stored_block
-from triattention_jax.policies import FullAttention, StreamingLLM
+from triattention_jax.policies import FullAttention, StreamingLLM, TriAttention
+from triattention_jax.slim import slim_transformer
 
 SCALE = 0.3
 
@@ -63,7 +65,7 @@ def test_kernel_partial_joins_the_new_keys_under_one_softmax(length):
     new_block = (stored_block(new_k, new_v), jnp.broadcast_to(positions[:, None, :], (B, K, 1)))
     cached = CacheLayer(k=k, v=v, pos=jnp.asarray(pos))
     expected, _ = _attention(q, positions, [(stored_block(k, v), cached.pos), new_block], SCALE)
-    partial = kernel_partial(q, positions, cached, jnp.asarray(length), SCALE)
+    partial = kernel_partial({}, q, positions, cached, jnp.asarray(length), SCALE)
     got, _ = _attention(q, positions, [new_block], SCALE, partials=[partial])
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
 
@@ -74,38 +76,55 @@ def test_block_size_needs_a_divisor():
     assert decode_attention.block_size(1000) is None
 
 
-@pytest.fixture
-def kernel_on_cpu(monkeypatch):
-    """The model takes the kernel path (interpreted) as on a GPU; counts its traced calls."""
-    calls = []
-    kernel = decode_attention.decode_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(decode_attention, "supported", lambda: True)
-    monkeypatch.setattr(decode_attention, "decode_attention", counted)
-    jax.clear_caches()  # jitted rounds traced without the kernel must not be reused
-    yield calls
-    jax.clear_caches()
+# Multi-head attention for the K-only cache: Qwen2's biases, YaRN's attention scaling.
+MHA = dict(
+    WIDE,
+    model_type="qwen2",
+    num_key_value_heads=8,
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=512),
+)
 
 
-@pytest.mark.parametrize("policy", [FullAttention(), StreamingLLM(budget=48)], ids=["full", "streaming"])
-def test_decoding_with_the_kernel_gives_the_xla_tokens(policy, kernel_on_cpu):
-    transformer = random_transformer(WIDE)
+def _model(cache: str):
+    if cache == "standard":
+        return random_transformer(WIDE)
+    return slim_transformer(random_transformer(MHA))[0]
+
+
+def _policy(method: str, transformer):
+    if method == "full":
+        return FullAttention()
+    if method == "streaming":
+        return StreamingLLM(budget=48)
+    return TriAttention.create(transformer, random_stats(transformer), budget=48, aggregation="per_layer")
+
+
+@pytest.mark.parametrize(
+    "cache, method",
+    [
+        ("standard", "full"),
+        ("standard", "streaming"),
+        ("slim", "full"),
+        ("slim", "streaming"),
+        ("slim", "triattention"),
+    ],
+)
+def test_decoding_with_the_kernels_gives_the_xla_tokens(cache, method, kernels_on_cpu):
+    transformer = _model(cache)
+    policy = _policy(method, transformer)
     prompts = [np.random.default_rng(row).integers(3, 256, size=n).tolist() for row, n in enumerate([5, 30])]
     options = dict(eos_ids=(), max_new_tokens=40, divide_length=16, policy=policy)
     with_kernel = generate(transformer, prompts, **options)
-    assert kernel_on_cpu, "the decode step did not use the kernel"
+    expected_kernel = "key_only_attention" if cache == "slim" else "decode_attention"
+    assert {name for name, _ in kernels_on_cpu} == {expected_kernel}, "the decode step did not use the kernel"
     tokens = np.array(prompts[1] + with_kernel.token_ids[1])[None]
     forced_kernel = teacher_force(transformer, tokens, prefill_length=30, policy=policy, divide_length=16, block=False)
-    kernel_on_cpu.clear()
+    kernels_on_cpu.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(decode_attention, "supported", lambda: False)
         jax.clear_caches()
         without = generate(transformer, prompts, **options)
         forced = teacher_force(transformer, tokens, prefill_length=30, policy=policy, divide_length=16, block=False)
-    assert not kernel_on_cpu
+    assert not kernels_on_cpu
     assert with_kernel.token_ids == without.token_ids
     np.testing.assert_allclose(forced_kernel, forced, rtol=1e-4, atol=1e-4)

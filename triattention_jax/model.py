@@ -19,7 +19,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from triattention_jax.cache import CacheLayer, KVCache
 from triattention_jax.config import ModelConfig
-from triattention_jax.kernels import decode_attention
+from triattention_jax.kernels import decode_attention, key_only_attention
 from triattention_jax.kernels.decode_attention import MASK_VALUE
 from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -191,16 +191,17 @@ class Transformer(nnx.Module):
         logits are wanted; None returns logits for all T positions. The collect_* switches
         add per-layer extras to the output (see `ExtendOutput`); each costs only when on.
         decode_kernel: a decode step (T = 1) on a GPU reads the cache with the length-aware
-        kernel (`kernels/decode_attention.py`: only slots below the cursor, so its cost follows
-        the filled length), except in K-only layers, with collect_attention, or on a buffer no
-        key block divides; pass False where the cache is sharded over a mesh (the kernel is
-        one device's program, so XLA would gather the cache for it).
+        kernels (`kernels/decode_attention.py`, `kernels/key_only_attention.py` for K-only
+        layers: only slots below the cursor, so its cost follows the filled length), except
+        with collect_attention or on a buffer no key block divides; pass False where the cache
+        is sharded over a mesh (a kernel is one device's program, so XLA would gather the
+        cache for it).
         """
         cfg = self.config
         kernel = decode_kernel and tokens.shape[1] == 1 and not collect_attention and decode_attention.supported()
 
         def by_kernel(cached: CacheLayer) -> bool:
-            return kernel and cached.v is not None and decode_attention.block_size(cached.k.shape[2]) is not None
+            return kernel and decode_attention.block_size(kernel_slots(cached)) is not None
 
         x = jnp.take(self._weight("embed"), tokens, axis=0)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.inv_freq[...], self.attention_scaling)
@@ -216,7 +217,7 @@ class Transformer(nnx.Module):
             blocks = [(stored_block(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), new_pos)]
             partials = []
             if cached is not None and by_kernel(cached):
-                partials.append(kernel_partial(q, positions, cached, cache.cursor, self.attention_scale))
+                partials.append(kernel_partial(w, q, positions, cached, cache.cursor, self.attention_scale))
             elif cached is not None:
                 block = stored_block(cached.k, cached.v) if cached.v is not None else key_only_block(w, cached)
                 blocks.insert(0, (block, cached.pos))
@@ -341,12 +342,37 @@ class SoftmaxPartial:
     total: jax.Array
 
 
+def kernel_slots(cached: CacheLayer) -> int:
+    """The slots of a cache layer's buffer (K-only layers are slot-major)."""
+    return cached.k.shape[2] if cached.v is not None else cached.k.shape[1]
+
+
 def kernel_partial(
-    q: jax.Array, positions: jax.Array, cached: CacheLayer, length: jax.Array, scale: float
+    w: Mapping[str, jax.Array],
+    q: jax.Array,
+    positions: jax.Array,
+    cached: CacheLayer,
+    length: jax.Array,
+    scale: float,
 ) -> SoftmaxPartial:
     """A decode step's attention (q (B,1,H,hd) at positions (B,1)) over the first `length`
-    slots of a cache layer holding K and V, by the length-aware kernel."""
+    slots of a cache layer, by the length-aware kernels: `decode_attention` for K and V,
+    `key_only_attention` for a K-only layer (its sums over keys mapped to values with w)."""
     B, _, H, hd = q.shape
+    if cached.v is None:
+        summed, row_max, total = key_only_attention.key_only_attention(
+            q[:, 0],
+            cached.k,
+            cached.pos[:, 0],
+            positions[:, 0],
+            length,
+            inv_freq=cached.rotation.inv_freq,
+            attention_scaling=cached.rotation.attention_scaling,
+            scale=scale,
+        )
+        mass = total[:, :, None, None, None]
+        acc = recovered_values(w, summed[:, :, None, None, :], mass)
+        return SoftmaxPartial(acc, row_max[:, :, None, None, None], mass)
     K = cached.k.shape[1]
     acc, row_max, total = decode_attention.decode_attention(
         q.reshape(B, K, H // K, hd), cached.k, cached.v, cached.pos, positions[:, 0], length, scale=scale
@@ -472,13 +498,7 @@ def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionB
 
     def values(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
         summed = einsum_f32("bkgts,bsd->bkgtd", p.astype(keys.dtype), keys.reshape(B, S, K * hd))
-        mass = jnp.sum(p, axis=-1, keepdims=True)
-        if "bk" in w:
-            summed = summed - mass * w["bk"].reshape(K * hd).astype(jnp.float32)
-        out = einsum_f32("bkgtd,kdc->bkgtc", summed, w["w_kv"])
-        if "bv" in w:
-            out = out + mass * w["bv"][None, :, None, None, :].astype(jnp.float32)
-        return out
+        return recovered_values(w, summed, jnp.sum(p, axis=-1, keepdims=True))
 
     def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
         rotated = cached.slot_major_rope_keys(keys)
@@ -490,6 +510,17 @@ def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionB
         return scores * scale, values
 
     return block
+
+
+def recovered_values(w: Mapping[str, jax.Array], summed: jax.Array, mass: jax.Array) -> jax.Array:
+    """Σ_s p_s·v_s per head (B,K,1,T,hd) from a K-only layer's Σ_s p_s·k_s (B,K,1,T,K·hd), the
+    pre-RoPE keys of all heads, and Σ_s p_s (B,K,1,T,1): v = (k − b_k)·W_KV + b_v is linear."""
+    if "bk" in w:
+        summed = summed - mass * w["bk"].reshape(-1).astype(jnp.float32)
+    out = einsum_f32("bkgtd,kdc->bkgtc", summed, w["w_kv"])
+    if "bv" in w:
+        out = out + mass * w["bv"][None, :, None, None, :].astype(jnp.float32)
+    return out
 
 
 def _mlp(w: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:

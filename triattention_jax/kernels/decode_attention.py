@@ -155,7 +155,7 @@ def decode_attention(
             jax.ShapeDtypeStruct((B, K, splits, rows), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(num_warps, num_stages),
+        compiler_params=None if interpret else triton_params(num_warps, num_stages),
         name="decode_attention",
     )(
         jnp.asarray(length, jnp.int32),
@@ -165,17 +165,21 @@ def decode_attention(
         v,
         key_pos,
     )
-    acc, row_max, total = acc[:, :, :, :G], row_max[:, :, :, :G], total[:, :, :, :G]
-    best = jnp.max(row_max, axis=2)
-    correction = jnp.exp(row_max - best[:, :, None])
-    return (
-        jnp.sum(acc * correction[..., None], axis=2),
-        best,
-        jnp.sum(total * correction, axis=2),
-    )
+    return merge_splits(acc[:, :, :, :G], row_max[:, :, :, :G], total[:, :, :, :G], axis=2)
 
 
-def _triton_params(num_warps: int, num_stages: int):
+def merge_splits(
+    acc: jax.Array, row_max: jax.Array, total: jax.Array, *, axis: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One softmax's partial sums over several splits of the slots, merged along `axis`:
+    acc (..., n) has one more trailing axis than row_max and total."""
+    best = jnp.max(row_max, axis=axis)
+    correction = jnp.exp(row_max - jnp.expand_dims(best, axis))
+    return jnp.sum(acc * correction[..., None], axis=axis), best, jnp.sum(total * correction, axis=axis)
+
+
+def triton_params(num_warps: int, num_stages: int):
+    """Triton's compiler parameters (imported only when compiling for a GPU)."""
     from jax.experimental.pallas import triton as pallas_triton
 
     return pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,95 @@
+"""The K-only (slim) cache's length-aware kernels, run in Pallas interpret mode on the CPU,
+against the XLA path they replace on GPUs and against float64."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from triattention_jax.cache import CacheLayer
+from triattention_jax.model import _attention, kernel_partial, key_only_block, stored_block
+from triattention_jax.rope import Rotation
+
+SCALE = 0.25
+HEAD_DIM = 16
+ROTATION = Rotation(
+    inv_freq=tuple(float(10000.0 ** (-2 * i / HEAD_DIM)) for i in range(HEAD_DIM // 2)), attention_scaling=1.2
+)
+
+
+def _case(rng: np.random.Generator, B: int, H: int, S: int, length: int):
+    """A K-only layer with `length` slots written (some empty, one row's query before some of
+    its keys), stale entries with valid positions past the length, weights with biases, and
+    one new token per row."""
+    D = H * HEAD_DIM
+    keys = rng.normal(size=(B, S, H, HEAD_DIM))
+    pos = np.where(np.arange(S) < length, np.arange(S) * 3, -1).astype(np.int32)
+    pos = np.broadcast_to(pos, (B, S)).copy()
+    pos[0, 3:9] = -1
+    stale = pos.copy()
+    stale[:, length:] = np.arange(length, S) * 3
+    query_pos = np.full(B, 3 * length + 2, np.int32)
+    query_pos[0] = 2 * length
+    w = {
+        "w_kv": rng.normal(size=(H, D, HEAD_DIM)) / np.sqrt(D),
+        "bk": rng.normal(size=(H, HEAD_DIM)),
+        "bv": rng.normal(size=(H, HEAD_DIM)),
+    }
+    q = rng.normal(size=(B, 1, H, HEAD_DIM))
+    new_k, new_v = rng.normal(size=(2, B, H, 1, HEAD_DIM))
+    return keys, pos, stale, query_pos, w, q, new_k, new_v
+
+
+def _float64_reference(keys, pos, query_pos, w, q, new_k, new_v):
+    """softmax over the visible cached keys (rotated in float64) and the new key, of values
+    recovered as (k − b_k)·W_KV + b_v."""
+    B, S, H, hd = keys.shape
+    angles = np.maximum(pos, 0)[..., None] * np.asarray(ROTATION.inv_freq)
+    cos, sin = (np.concatenate([f(angles)] * 2, -1)[:, :, None] * ROTATION.attention_scaling for f in (np.cos, np.sin))
+    rotated = keys * cos + np.concatenate([-keys[..., hd // 2 :], keys[..., : hd // 2]], -1) * sin
+    values = np.einsum("bsd,hdc->bshc", (keys - w["bk"]).reshape(B, S, H * hd), w["w_kv"]) + w["bv"]
+    scores = SCALE * np.einsum("bhd,bshd->bhs", q[:, 0], rotated)
+    visible = (pos >= 0) & (pos <= query_pos[:, None])
+    scores = np.where(visible[:, None], scores, -np.inf)
+    new_scores = SCALE * np.einsum("bhd,bhd->bh", q[:, 0], new_k[:, :, 0])
+    top = np.maximum(scores.max(-1), new_scores)
+    weights, new_weight = np.exp(scores - top[..., None]), np.exp(new_scores - top)
+    out = np.einsum("bhs,bshc->bhc", weights, values) + new_weight[..., None] * new_v[:, :, 0]
+    return out / (weights.sum(-1) + new_weight)[..., None]
+
+
+@pytest.mark.parametrize(
+    "H, S, length, block, splits",
+    [(4, 128, 128, None, None), (4, 192, 100, 32, (3, 2)), (2, 64, 17, 16, (2, 3)), (8, 256, 0, None, None)],
+)
+def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length(H, S, length, block, splits):
+    rng = np.random.default_rng(S + length)
+    B = 3
+    keys, pos, stale, query_pos, w, q, new_k, new_v = _case(rng, B, H, S, length)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    weights = {name: f32(value) for name, value in w.items()}
+    positions = jnp.asarray(query_pos)[:, None]
+    new_block = (stored_block(f32(new_k), f32(new_v)), jnp.broadcast_to(positions[:, None, :], (B, H, 1)))
+
+    def layer(slot_pos):
+        return CacheLayer(
+            k=f32(keys), v=None, pos=jnp.asarray(np.broadcast_to(slot_pos[:, None], (B, H, S))), rotation=ROTATION
+        )
+
+    # The kernels see the stale slots past the length; the XLA path masks them by position.
+    partial = kernel_partial(weights, f32(q), positions, layer(stale), jnp.asarray(length), SCALE)
+    if block or splits:
+        from triattention_jax.kernels import key_only_attention
+
+        direct = key_only_attention.key_only_attention(
+            f32(q[:, 0]), f32(keys), jnp.asarray(stale), jnp.asarray(query_pos), jnp.asarray(length),
+            inv_freq=ROTATION.inv_freq, attention_scaling=ROTATION.attention_scaling, scale=SCALE,
+            block=block, splits=splits,
+        )  # fmt: skip
+        np.testing.assert_allclose(direct[2], partial.total[:, :, 0, 0, 0], rtol=1e-5)
+    got, _ = _attention(f32(q), positions, [new_block], SCALE, partials=[partial])
+    xla, _ = _attention(f32(q), positions, [(key_only_block(weights, layer(pos)), layer(pos).pos), new_block], SCALE)
+    expected = _float64_reference(keys, pos, query_pos, w, q, new_k, new_v)
+    np.testing.assert_allclose(got[:, 0], expected, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5)

@@ -1,0 +1,221 @@
+"""Length-aware decode attention over a K-only (slim) cache layer: two Pallas kernels.
+
+A K-only layer caches every head's key before RoPE, slot-major (B, S, H, hd), and recovers
+the values from Σ_s p_{h,s}·k_s, a sum over the whole D = H·hd-wide key for every head h
+(see `slim.py`). The XLA path reduces over every slot of the buffer, so a step costs what
+the last step of the generation costs. Here both reductions stop at the cache's cursor:
+
+1. `_scores_kernel`, one program per (row, head, split): rotates its head's keys to their
+   positions inside the reduction and writes the masked, scaled scores (B, H, S) float32.
+2. `_sums_kernel`, one program per (row, column tile, split): an online softmax over those
+   scores and Σ_s exp(score_s − m)·k_s for all heads at once, a (heads × slots) by
+   (slots × tile) matrix product, so each key byte is read once here.
+
+Each key is read twice in all, the bytes of a standard K+V step: a one-read step needs
+every head's probabilities and the (H, D) float32 accumulator on chip at once, more than
+one multiprocessor holds (see WORKSPACE, "Slim attention at speed").
+
+Compiled (Triton) on GPUs; elsewhere Pallas interpret mode, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from triattention_jax.kernels.decode_attention import (
+    MASK_VALUE,
+    MIN_ROWS,
+    TARGET_PROGRAMS,
+    block_size,
+    merge_splits,
+    triton_params,
+)
+
+# Columns of the key per program of the second kernel: its float32 accumulator is
+# (heads, COLUMN_TILE), 32 KiB for 32 heads.
+COLUMN_TILE = 256
+
+
+def _precision(dtype: jnp.dtype) -> lax.Precision | None:
+    """float32 caches keep float32 products (the matrix units' default would be tf32)."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _split_chunk(length: jax.Array, splits: int, block: int) -> jax.Array:
+    """Slots per split of [0, length), a whole number of blocks."""
+    return pl.cdiv(pl.cdiv(length, splits), block) * block
+
+
+def _scores_kernel(
+    length_ref, query_pos_ref, q_ref, k_ref, pos_ref, inv_freq_ref, scores_ref, *, block, splits, scale, scaling, heads
+):
+    """One (row, head, split) program: the head's scores over its share of slots [0, length)."""
+    length = length_ref[()]
+    query_pos = query_pos_ref[()]
+    chunk = _split_chunk(length, splits, block)
+    start = pl.program_id(2) * chunk
+    num_blocks = pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
+    half = q_ref.shape[0] // 2
+    q_first, q_second = q_ref[pl.ds(0, half)], q_ref[pl.ds(half, half)]
+    inv_freq = inv_freq_ref[...]
+    real_head = pl.program_id(1) < heads  # padding heads (for the matrix product's rows) see nothing
+
+    def body(index, carry):
+        first = pl.multiple_of(start + index * block, block)
+        key_pos = pos_ref[pl.ds(first, block)]
+        angles = jnp.maximum(key_pos, 0).astype(jnp.float32)[:, None] * inv_freq[None, :]
+        cos, sin = jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
+        k_first = k_ref[pl.ds(first, block), pl.ds(0, half)].astype(jnp.float32)
+        k_second = k_ref[pl.ds(first, block), pl.ds(half, half)].astype(jnp.float32)
+        # RoPE's rotate-half form: (k1·cos − k2·sin, k2·cos + k1·sin), dotted with the query.
+        scores = jnp.sum((k_first * cos - k_second * sin) * q_first[None, :], axis=1)
+        scores += jnp.sum((k_second * cos + k_first * sin) * q_second[None, :], axis=1)
+        slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
+        visible = (slot < length) & (key_pos >= 0) & (key_pos <= query_pos) & real_head
+        scores_ref[pl.ds(first, block)] = jnp.where(visible, scale * scores, MASK_VALUE)
+        return carry
+
+    lax.fori_loop(0, num_blocks, body, 0)
+
+
+def _sums_kernel(length_ref, scores_ref, k_ref, acc_ref, max_ref, sum_ref, *, block, splits):
+    """One (row, column tile, split) program: Σ_s exp(score_s − m)·k_s over its share of
+    slots, for every head, on its tile of the key's columns."""
+    length = length_ref[()]
+    chunk = _split_chunk(length, splits, block)
+    start = pl.program_id(2) * chunk
+    num_blocks = pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
+    rows, columns = acc_ref.shape
+    precision = _precision(k_ref.dtype)
+
+    def body(index, carry):
+        acc, row_max, total = carry
+        first = pl.multiple_of(start + index * block, block)
+        scores = scores_ref[:, pl.ds(first, block)]
+        slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
+        visible = (slot < length)[None, :] & (scores > MASK_VALUE / 2)
+        scores = jnp.where(visible, scores, MASK_VALUE)
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+        correction = jnp.exp(row_max - new_max)
+        weights = jnp.where(visible, jnp.exp(scores - new_max[:, None]), 0.0)
+        keys = k_ref[pl.ds(first, block), :]
+        weighted = lax.dot_general(
+            weights.astype(keys.dtype),
+            keys,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return acc * correction[:, None] + weighted, new_max, total * correction + jnp.sum(weights, axis=1)
+
+    init = (
+        jnp.zeros((rows, columns), jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, row_max, total = lax.fori_loop(0, num_blocks, body, init)
+    acc_ref[...] = acc
+    max_ref[...] = row_max
+    sum_ref[...] = total
+
+
+def _splits(programs: int, num_slots: int, block: int) -> int:
+    """Splits of the filled range that bring the grid to TARGET_PROGRAMS programs."""
+    return max(1, min(num_slots // block, -(-TARGET_PROGRAMS // programs)))
+
+
+def _column_tile(width: int) -> int:
+    """The largest power of two up to COLUMN_TILE that divides the key's width."""
+    tile = COLUMN_TILE
+    while width % tile:
+        tile //= 2
+    return tile
+
+
+@functools.partial(jax.jit, static_argnames=("inv_freq", "attention_scaling", "scale", "block", "splits"))
+def key_only_attention(
+    q: jax.Array,
+    k: jax.Array,
+    key_pos: jax.Array,
+    query_pos: jax.Array,
+    length: jax.Array,
+    *,
+    inv_freq: tuple[float, ...],
+    attention_scaling: float,
+    scale: float,
+    block: int | None = None,
+    splits: tuple[int, int] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Unnormalized attention of one post-RoPE query per head over the first `length` slots of
+    a K-only cache layer, in the key's own space.
+
+    q: (B, H, hd); k: (B, S, H, hd) keys before RoPE, slot-major, as the layer caches them;
+    key_pos: (B, S) int32 slot positions, shared by the heads (-1: empty); query_pos: (B,);
+    length: () int32, the cache's cursor; inv_freq, attention_scaling: the model's RoPE
+    (`rope.Rotation`). A key is visible when its slot is below `length`, its position valid
+    and not after the query's. Returns float32 sums (B, H, H·hd) = Σ_s exp(score_s − m)·k_s
+    over the whole key, m (B, H) the largest visible score (or MASK_VALUE) and
+    l (B, H) = Σ_s exp(score_s − m). block defaults to `block_size(S)`; splits, for the two
+    kernels, to enough for TARGET_PROGRAMS programs each.
+    """
+    B, S, H, hd = k.shape
+    block = block or block_size(S)
+    if block is None or S % block:
+        raise ValueError(f"a buffer of {S} slots is not a multiple of a key block")
+    width = H * hd
+    tile = _column_tile(width)
+    rows = max(MIN_ROWS, pl.next_power_of_2(H))
+    score_splits, sum_splits = splits or (_splits(B * rows, S, block), _splits(B * (width // tile), S, block))
+    interpret = jax.default_backend() != "gpu"
+    params = None if interpret else triton_params(num_warps=4, num_stages=2)
+    length = jnp.asarray(length, jnp.int32)
+    padded_q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, rows - H), (0, 0)))
+    last_head = H - 1
+    scores = pl.pallas_call(
+        functools.partial(
+            _scores_kernel, block=block, splits=score_splits, scale=scale, scaling=attention_scaling, heads=H
+        ),
+        grid=(B, rows, score_splits),
+        in_specs=[
+            pl.BlockSpec((), lambda b, h, j: ()),
+            pl.BlockSpec((None,), lambda b, h, j: (b,)),
+            pl.BlockSpec((None, None, hd), lambda b, h, j: (b, h, 0)),
+            pl.BlockSpec((None, S, None, hd), lambda b, h, j: (b, 0, jnp.minimum(h, last_head), 0)),
+            pl.BlockSpec((None, S), lambda b, h, j: (b, 0)),
+            pl.BlockSpec((hd // 2,), lambda b, h, j: (0,)),
+        ],
+        out_specs=pl.BlockSpec((None, None, S), lambda b, h, j: (b, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, rows, S), jnp.float32),
+        interpret=interpret,
+        compiler_params=params,
+        name="key_only_scores",
+    )(length, query_pos.astype(jnp.int32), padded_q, k, key_pos, jnp.asarray(inv_freq, jnp.float32))
+    per_split = lambda b, c, j: (b, j, 0)  # noqa: E731 - index maps are lambdas by convention
+    acc, row_max, total = pl.pallas_call(
+        functools.partial(_sums_kernel, block=block, splits=sum_splits),
+        grid=(B, width // tile, sum_splits),
+        in_specs=[
+            pl.BlockSpec((), lambda b, c, j: ()),
+            pl.BlockSpec((None, rows, S), lambda b, c, j: (b, 0, 0)),
+            pl.BlockSpec((None, S, tile), lambda b, c, j: (b, 0, c)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, rows, tile), lambda b, c, j: (b, j, 0, c)),
+            pl.BlockSpec((None, None, rows), per_split),
+            pl.BlockSpec((None, None, rows), per_split),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, sum_splits, rows, width), jnp.float32),
+            jax.ShapeDtypeStruct((B, sum_splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((B, sum_splits, rows), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=params,
+        name="key_only_sums",
+    )(length, scores, k.reshape(B, S, width))
+    return merge_splits(acc[:, :, :H], row_max[:, :, :H], total[:, :, :H], axis=1)
