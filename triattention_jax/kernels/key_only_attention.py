@@ -5,8 +5,8 @@ the values from Σ_s p_{h,s}·k_s, a sum over the whole D = H·hd-wide key for e
 (see `slim.py`). The XLA path reduces over every slot of the buffer, so a step costs what
 the last step of the generation costs. Here both reductions stop at the cache's cursor:
 
-1. `_scores_kernel`, one program per (row, head, split): rotates its head's keys to their
-   positions inside the reduction and writes the masked, scaled scores (B, H, S) float32.
+1. `_scores_kernel`, one program per (row, split): rotates the keys to their positions
+   inside the reduction and writes every head's masked, scaled scores (B, H, S) float32.
 2. `_sums_kernel`, one program per (row, column tile, split): an online softmax over those
    scores and Σ_s exp(score_s − m)·k_s for all heads at once, a (heads × slots) by
    (slots × tile) matrix product, so each key byte is read once here.
@@ -52,40 +52,48 @@ def _split_chunk(length: jax.Array, splits: int, block: int) -> jax.Array:
 
 
 def _scores_kernel(
-    length_ref, query_pos_ref, q_ref, k_ref, pos_ref, inv_freq_ref, scores_ref, *, block, splits, scale, scaling, heads
+    length_ref, query_pos_ref, q_ref, k_ref, pos_ref, inv_freq_ref, scores_ref, *, block, splits, scale, scaling
 ):
-    """One (row, head, split) program: the head's scores over its share of slots [0, length)."""
+    """One (row, split) program: every head's scores over its share of slots [0, length).
+
+    The rotation's angles depend on the slot only, so each block's cos and sin are computed
+    once for all heads (per head, they cost more than the step's reads)."""
     length = length_ref[()]
     query_pos = query_pos_ref[()]
     chunk = _split_chunk(length, splits, block)
-    start = pl.program_id(2) * chunk
+    start = pl.program_id(1) * chunk
     num_blocks = pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
-    half = q_ref.shape[0] // 2
-    q_first, q_second = q_ref[pl.ds(0, half)], q_ref[pl.ds(half, half)]
+    heads, head_dim = k_ref.shape[1], k_ref.shape[2]
+    half = head_dim // 2
     inv_freq = inv_freq_ref[...]
-    real_head = pl.program_id(1) < heads  # padding heads (for the matrix product's rows) see nothing
 
     def body(index, carry):
         first = pl.multiple_of(start + index * block, block)
         key_pos = pos_ref[pl.ds(first, block)]
         angles = jnp.maximum(key_pos, 0).astype(jnp.float32)[:, None] * inv_freq[None, :]
         cos, sin = jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
-        k_first = k_ref[pl.ds(first, block), pl.ds(0, half)].astype(jnp.float32)
-        k_second = k_ref[pl.ds(first, block), pl.ds(half, half)].astype(jnp.float32)
-        # RoPE's rotate-half form: (k1·cos − k2·sin, k2·cos + k1·sin), dotted with the query.
-        scores = jnp.sum((k_first * cos - k_second * sin) * q_first[None, :], axis=1)
-        scores += jnp.sum((k_second * cos + k_first * sin) * q_second[None, :], axis=1)
         slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
-        visible = (slot < length) & (key_pos >= 0) & (key_pos <= query_pos) & real_head
-        scores_ref[pl.ds(first, block)] = jnp.where(visible, scale * scores, MASK_VALUE)
-        return carry
+        visible = (slot < length) & (key_pos >= 0) & (key_pos <= query_pos)
+
+        def head(h, carry):
+            k_first = k_ref[pl.ds(first, block), h, pl.ds(0, half)].astype(jnp.float32)
+            k_second = k_ref[pl.ds(first, block), h, pl.ds(half, half)].astype(jnp.float32)
+            q_first, q_second = q_ref[h, pl.ds(0, half)], q_ref[h, pl.ds(half, half)]
+            # RoPE's rotate-half form: (k1·cos − k2·sin, k2·cos + k1·sin), dotted with the query.
+            scores = jnp.sum((k_first * cos - k_second * sin) * q_first[None, :], axis=1)
+            scores += jnp.sum((k_second * cos + k_first * sin) * q_second[None, :], axis=1)
+            scores_ref[h, pl.ds(first, block)] = jnp.where(visible, scale * scores, MASK_VALUE)
+            return carry
+
+        return lax.fori_loop(0, heads, head, carry)
 
     lax.fori_loop(0, num_blocks, body, 0)
 
 
-def _sums_kernel(length_ref, scores_ref, k_ref, acc_ref, max_ref, sum_ref, *, block, splits):
+def _sums_kernel(length_ref, scores_ref, k_ref, acc_ref, max_ref, sum_ref, *, block, splits, heads):
     """One (row, column tile, split) program: Σ_s exp(score_s − m)·k_s over its share of
-    slots, for every head, on its tile of the key's columns."""
+    slots, for every head, on its tile of the key's columns (rows past `heads` pad the
+    matrix product and see nothing)."""
     length = length_ref[()]
     chunk = _split_chunk(length, splits, block)
     start = pl.program_id(2) * chunk
@@ -98,7 +106,8 @@ def _sums_kernel(length_ref, scores_ref, k_ref, acc_ref, max_ref, sum_ref, *, bl
         first = pl.multiple_of(start + index * block, block)
         scores = scores_ref[:, pl.ds(first, block)]
         slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
-        visible = (slot < length)[None, :] & (scores > MASK_VALUE / 2)
+        row = lax.broadcasted_iota(jnp.int32, (rows, block), 0)
+        visible = (slot < length)[None, :] & (row < heads) & (scores > MASK_VALUE / 2)
         scores = jnp.where(visible, scores, MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
         correction = jnp.exp(row_max - new_max)
@@ -170,34 +179,30 @@ def key_only_attention(
     width = H * hd
     tile = _column_tile(width)
     rows = max(MIN_ROWS, pl.next_power_of_2(H))
-    score_splits, sum_splits = splits or (_splits(B * rows, S, block), _splits(B * (width // tile), S, block))
+    score_splits, sum_splits = splits or (_splits(B, S, block), _splits(B * (width // tile), S, block))
     interpret = jax.default_backend() != "gpu"
     params = None if interpret else triton_params(num_warps=4, num_stages=2)
     length = jnp.asarray(length, jnp.int32)
-    padded_q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, rows - H), (0, 0)))
-    last_head = H - 1
     scores = pl.pallas_call(
-        functools.partial(
-            _scores_kernel, block=block, splits=score_splits, scale=scale, scaling=attention_scaling, heads=H
-        ),
-        grid=(B, rows, score_splits),
+        functools.partial(_scores_kernel, block=block, splits=score_splits, scale=scale, scaling=attention_scaling),
+        grid=(B, score_splits),
         in_specs=[
-            pl.BlockSpec((), lambda b, h, j: ()),
-            pl.BlockSpec((None,), lambda b, h, j: (b,)),
-            pl.BlockSpec((None, None, hd), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, S, None, hd), lambda b, h, j: (b, 0, jnp.minimum(h, last_head), 0)),
-            pl.BlockSpec((None, S), lambda b, h, j: (b, 0)),
-            pl.BlockSpec((hd // 2,), lambda b, h, j: (0,)),
+            pl.BlockSpec((), lambda b, j: ()),
+            pl.BlockSpec((None,), lambda b, j: (b,)),
+            pl.BlockSpec((None, H, hd), lambda b, j: (b, 0, 0)),
+            pl.BlockSpec((None, S, H, hd), lambda b, j: (b, 0, 0, 0)),
+            pl.BlockSpec((None, S), lambda b, j: (b, 0)),
+            pl.BlockSpec((hd // 2,), lambda b, j: (0,)),
         ],
-        out_specs=pl.BlockSpec((None, None, S), lambda b, h, j: (b, h, 0)),
+        out_specs=pl.BlockSpec((None, rows, S), lambda b, j: (b, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((B, rows, S), jnp.float32),
         interpret=interpret,
         compiler_params=params,
         name="key_only_scores",
-    )(length, query_pos.astype(jnp.int32), padded_q, k, key_pos, jnp.asarray(inv_freq, jnp.float32))
+    )(length, query_pos.astype(jnp.int32), q.astype(jnp.float32), k, key_pos, jnp.asarray(inv_freq, jnp.float32))
     per_split = lambda b, c, j: (b, j, 0)  # noqa: E731 - index maps are lambdas by convention
     acc, row_max, total = pl.pallas_call(
-        functools.partial(_sums_kernel, block=block, splits=sum_splits),
+        functools.partial(_sums_kernel, block=block, splits=sum_splits, heads=H),
         grid=(B, width // tile, sum_splits),
         in_specs=[
             pl.BlockSpec((), lambda b, c, j: ()),
