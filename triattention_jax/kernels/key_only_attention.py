@@ -146,7 +146,9 @@ def _column_tile(width: int) -> int:
     return tile
 
 
-@functools.partial(jax.jit, static_argnames=("inv_freq", "attention_scaling", "scale", "block", "splits"))
+@functools.partial(
+    jax.jit, static_argnames=("inv_freq", "attention_scaling", "scale", "block", "splits", "num_warps", "num_stages")
+)
 def key_only_attention(
     q: jax.Array,
     k: jax.Array,
@@ -159,6 +161,8 @@ def key_only_attention(
     scale: float,
     block: int | None = None,
     splits: tuple[int, int] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Unnormalized attention of one post-RoPE query per head over the first `length` slots of
     a K-only cache layer, in the key's own space.
@@ -170,7 +174,8 @@ def key_only_attention(
     and not after the query's. Returns float32 sums (B, H, H·hd) = Σ_s exp(score_s − m)·k_s
     over the whole key, m (B, H) the largest visible score (or MASK_VALUE) and
     l (B, H) = Σ_s exp(score_s − m). block defaults to `block_size(S)`; splits, for the two
-    kernels, to enough for TARGET_PROGRAMS programs each.
+    kernels, to enough for TARGET_PROGRAMS programs each; num_warps / num_stages: Triton's,
+    for both kernels.
     """
     B, S, H, hd = k.shape
     block = block or block_size(S)
@@ -181,7 +186,7 @@ def key_only_attention(
     rows = max(MIN_ROWS, pl.next_power_of_2(H))
     score_splits, sum_splits = splits or (_splits(B, S, block), _splits(B * (width // tile), S, block))
     interpret = jax.default_backend() != "gpu"
-    params = None if interpret else triton_params(num_warps=4, num_stages=2)
+    params = None if interpret else triton_params(num_warps, num_stages)
     length = jnp.asarray(length, jnp.int32)
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block=block, splits=score_splits, scale=scale, scaling=attention_scaling),
