@@ -267,6 +267,23 @@ def test_benchmark_step_on_a_mesh_counts_one_devices_bytes(transformer):
     assert step.step_seconds > 0 and 0 <= step.eviction_share < 1
 
 
+def test_largest_batch_on_a_mesh_sizes_one_devices_memory(transformer):
+    """On data=2,model=4 a device holds a quarter of each of its rows' KV heads and a quarter
+    of the split weights; as many rows fit on each data shard, so the batch doubles."""
+    from triattention_jax.bench.speed import largest_batch, sequence_memory, weight_bytes
+
+    mesh = sharding.make_mesh("data=2,model=4")
+    policy = FullAttention()
+    one = sequence_memory(transformer, policy, 64, 64, 16)
+    sharded = sequence_memory(transformer, policy, 64, 64, 16, mesh=mesh)
+    assert sharded.buffer == pytest.approx(one.buffer / 4, abs=1)
+    weights = weight_bytes(sharding.shard_transformer(transformer, mesh))
+    assert weights < weight_bytes(transformer) / 2
+    memory = weights + sharded.fixed_scratch + 10 * (sharded.buffer + sharded.scratch)
+    assert largest_batch(memory, weights, sharded, reserve=0.0, mesh=mesh) == 20
+    assert largest_batch(memory - 1, weights, sharded, reserve=0.0, mesh=mesh) == 18
+
+
 def test_mesh_spec_parsing():
     assert sharding.parse_mesh_spec("data=2,model=4") == {"data": 2, "model": 4}
     assert sharding.parse_mesh_spec(" model = 2 ") == {"data": 1, "model": 2}

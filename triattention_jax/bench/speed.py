@@ -82,7 +82,8 @@ def roofline(nbytes: int | None = None) -> dict[str, Any]:
 
 
 def weight_bytes(transformer: Transformer) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(transformer, nnx.Param)))
+    """The weights' bytes held by one device (all of them without a mesh)."""
+    return device_bytes(nnx.state(transformer, nnx.Param))
 
 
 def device_bytes(tree) -> int:
@@ -242,7 +243,7 @@ def measure_steps(
     `budget` (no compaction)."""
     evicts = isinstance(policy, EvictionPolicy)
     setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=max(fills), mesh=mesh)
-    weights = device_bytes(nnx.state(nnx.merge(setup.graphdef, setup.state), nnx.Param))
+    weights = weight_bytes(nnx.merge(setup.graphdef, setup.state))
     slot_bytes = device_bytes((setup.cache.k, setup.cache.v, setup.cache.pos)) / slots
     compacting = [evicts and fill + divide_length > slots for fill in fills]
     cursors = [c for fill, compacts in zip(fills, compacting) for c in ([fill, policy.budget] if compacts else [fill])]
@@ -331,28 +332,41 @@ class SequenceMemory:
 
 
 def sequence_memory(
-    transformer: Transformer, policy: KVPolicy, prompt_tokens: int, new_tokens: int, divide_length: int
+    transformer: Transformer,
+    policy: KVPolicy,
+    prompt_tokens: int,
+    new_tokens: int,
+    divide_length: int,
+    mesh: Mesh | None = None,
 ) -> SequenceMemory:
-    """Measured from the compiled round on the run's buffer, at batch 2 and 4 (XLA may
-    compile batch 1 differently: an H100 Qwen3-8B round reserved 579 MiB at batch 1, 28 at 2)."""
+    """Measured from the compiled round on the run's buffer, at 2 and 4 rows per device (XLA
+    may compile batch 1 differently: an H100 Qwen3-8B round reserved 579 MiB at batch 1, 28
+    at 2). On a mesh, one device's bytes per row of its share of the batch (the KV heads of
+    each row split over the model axis)."""
     slots = policy.num_slots(prompt_bucket(prompt_tokens), new_tokens, divide_length)
+    data = 1 if mesh is None else mesh.shape["data"]
     temps = []
-    for batch in MEMORY_BATCHES:
-        setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=1)
+    for rows in MEMORY_BATCHES:
+        setup = steady_round(transformer, policy, batch=rows * data, slots=slots, filled=1, mesh=mesh)
         temps.append(round_temp_bytes(setup, divide_length))
     small, large = MEMORY_BATCHES
     per_sequence = max(0, (temps[1] - temps[0]) // (large - small))
     return SequenceMemory(
-        buffer=setup.cache.nbytes // large,
+        buffer=device_bytes(setup.cache) // large,
         scratch=per_sequence,
         fixed_scratch=max(0, temps[0] - small * per_sequence),
     )
 
 
-def largest_batch(memory_bytes: int, weights: int, memory: SequenceMemory, reserve: float = 0.1) -> int:
-    """Rows that fit when `reserve` of the memory is left free (allocator slack)."""
+def largest_batch(
+    memory_bytes: int, weights: int, memory: SequenceMemory, reserve: float = 0.1, mesh: Mesh | None = None
+) -> int:
+    """Rows that fit when `reserve` of each device's memory is left free (allocator slack):
+    memory_bytes, weights and `memory` are one device's; on a mesh, every data shard holds
+    as many rows."""
     free = memory_bytes * (1 - reserve) - weights - memory.fixed_scratch
-    return max(0, int(free // (memory.buffer + memory.scratch)))
+    data = 1 if mesh is None else mesh.shape["data"]
+    return data * max(0, int(free // (memory.buffer + memory.scratch)))
 
 
 def end_to_end(

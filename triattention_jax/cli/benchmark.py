@@ -100,8 +100,6 @@ def main(argv: list[str]) -> None:
         raise UserError("give --batch sizes, or --largest_batch (or both)")
     mesh = None
     if FLAGS.mesh:
-        if FLAGS.largest_batch:
-            raise UserError("--largest_batch sizes one device's memory: run it without --mesh")
         sharding.initialize_distributed()
         mesh = sharding.make_mesh(FLAGS.mesh)
         for batch in batches:
@@ -198,11 +196,11 @@ def main(argv: list[str]) -> None:
                 stats=random_stats(transformer) if loaded is None else None,
                 fit=random_fit(transformer) if loaded is None else None,
             )
-            memory = speed.sequence_memory(transformer, policy, P, N, divide)
+            memory = speed.sequence_memory(transformer, policy, P, N, divide, mesh=mesh)
             run_batches = [(b, False) for b in batches]
             if FLAGS.largest_batch and memory_limit:
                 largest = speed.largest_batch(
-                    memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve
+                    memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve, mesh=mesh
                 )
                 print(
                     f"{method} ({kv_cache}): largest batch {largest} (KV {memory.buffer / 2**20:.1f} MiB and scratch "
