@@ -352,7 +352,7 @@ def sequence_memory(
     small, large = MEMORY_BATCHES
     per_sequence = max(0, (temps[1] - temps[0]) // (large - small))
     return SequenceMemory(
-        buffer=device_bytes(setup.cache) // large,
+        buffer=(device_bytes(setup.cache) - device_bytes(setup.cache.cursor)) // large,
         scratch=per_sequence,
         fixed_scratch=max(0, temps[0] - small * per_sequence),
     )
