@@ -46,34 +46,30 @@ def block_size(num_slots: int) -> int | None:
     return next((size for size in BLOCK_SIZES if num_slots % size == 0), None)
 
 
-def _kernel(
-    length_ref, query_pos_ref, q_ref, k_ref, v_ref, pos_ref, acc_ref, max_ref, sum_ref, *, block, splits, scale
-):
-    """One (row, KV head, split) program: blocks of its share of slots [0, length)."""
-    length = length_ref[()]
-    query_pos = query_pos_ref[()]
+def split_range(length: jax.Array, splits: int, block: int, split: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The first slot and the number of blocks of split `split` of the slots [0, length), each
+    split a whole number of blocks."""
     chunk = pl.cdiv(pl.cdiv(length, splits), block) * block
-    start = pl.program_id(2) * chunk
-    num_blocks = pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
-    q = q_ref[...]
-    # float32 caches keep float32 products (the matrix units' default would be tf32).
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    start = split * chunk
+    return start, pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
+
+
+def online_softmax(start, num_blocks, block, scored_block, acc_ref, max_ref, sum_ref) -> None:
+    """Σ_s exp(score_s − m)·value_s, m and Σ_s exp(score_s − m) over `num_blocks` blocks from
+    slot `start`, written to the refs (acc (rows, columns), max and sum (rows,)).
+
+    scored_block(first) gives a block's scores (rows, block) float32, which of them are visible,
+    its values (block, columns) and the matrix product's precision."""
+    rows, columns = acc_ref.shape
 
     def body(index, carry):
         acc, row_max, total = carry
         first = pl.multiple_of(start + index * block, block)
-        keys = k_ref[pl.ds(first, block), :]
-        scores = scale * lax.dot_general(
-            q, keys, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )
-        key_pos = pos_ref[pl.ds(first, block)]
-        slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
-        visible = ((slot < length) & (key_pos >= 0) & (key_pos <= query_pos))[None, :]
+        scores, visible, values, precision = scored_block(first)
         scores = jnp.where(visible, scores, MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
         correction = jnp.exp(row_max - new_max)
         weights = jnp.where(visible, jnp.exp(scores - new_max[:, None]), 0.0)
-        values = v_ref[pl.ds(first, block), :]
         weighted = lax.dot_general(
             weights.astype(values.dtype),
             values,
@@ -83,9 +79,8 @@ def _kernel(
         )
         return acc * correction[:, None] + weighted, new_max, total * correction + jnp.sum(weights, axis=1)
 
-    rows, head_dim = q.shape
     init = (
-        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.zeros((rows, columns), jnp.float32),
         jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
@@ -93,6 +88,30 @@ def _kernel(
     acc_ref[...] = acc
     max_ref[...] = row_max
     sum_ref[...] = total
+
+
+def _kernel(
+    length_ref, query_pos_ref, q_ref, k_ref, v_ref, pos_ref, acc_ref, max_ref, sum_ref, *, block, splits, scale
+):
+    """One (row, KV head, split) program: blocks of its share of slots [0, length)."""
+    length = length_ref[()]
+    query_pos = query_pos_ref[()]
+    start, num_blocks = split_range(length, splits, block, pl.program_id(2))
+    q = q_ref[...]
+    # float32 caches keep float32 products (the matrix units' default would be tf32).
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def scored_block(first):
+        keys = k_ref[pl.ds(first, block), :]
+        scores = scale * lax.dot_general(
+            q, keys, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
+        key_pos = pos_ref[pl.ds(first, block)]
+        slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
+        visible = ((slot < length) & (key_pos >= 0) & (key_pos <= query_pos))[None, :]
+        return scores, visible, v_ref[pl.ds(first, block), :], precision
+
+    online_softmax(start, num_blocks, block, scored_block, acc_ref, max_ref, sum_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block", "splits", "num_warps", "num_stages"))

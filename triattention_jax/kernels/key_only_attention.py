@@ -33,6 +33,8 @@ from triattention_jax.kernels.decode_attention import (
     TARGET_PROGRAMS,
     block_size,
     merge_splits,
+    online_softmax,
+    split_range,
     triton_params,
 )
 
@@ -46,11 +48,6 @@ def _precision(dtype: jnp.dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _split_chunk(length: jax.Array, splits: int, block: int) -> jax.Array:
-    """Slots per split of [0, length), a whole number of blocks."""
-    return pl.cdiv(pl.cdiv(length, splits), block) * block
-
-
 def _scores_kernel(
     length_ref, query_pos_ref, q_ref, k_ref, pos_ref, inv_freq_ref, scores_ref, *, block, splits, scale, scaling
 ):
@@ -60,9 +57,7 @@ def _scores_kernel(
     once for all heads (per head, they cost more than the step's reads)."""
     length = length_ref[()]
     query_pos = query_pos_ref[()]
-    chunk = _split_chunk(length, splits, block)
-    start = pl.program_id(1) * chunk
-    num_blocks = pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
+    start, num_blocks = split_range(length, splits, block, pl.program_id(1))
     heads, head_dim = k_ref.shape[1], k_ref.shape[2]
     half = head_dim // 2
     inv_freq = inv_freq_ref[...]
@@ -95,42 +90,18 @@ def _sums_kernel(length_ref, scores_ref, k_ref, acc_ref, max_ref, sum_ref, *, bl
     slots, for every head, on its tile of the key's columns (rows past `heads` pad the
     matrix product and see nothing)."""
     length = length_ref[()]
-    chunk = _split_chunk(length, splits, block)
-    start = pl.program_id(2) * chunk
-    num_blocks = pl.cdiv(jnp.maximum(jnp.minimum(start + chunk, length) - start, 0), block)
-    rows, columns = acc_ref.shape
+    start, num_blocks = split_range(length, splits, block, pl.program_id(2))
+    rows = acc_ref.shape[0]
     precision = _precision(k_ref.dtype)
 
-    def body(index, carry):
-        acc, row_max, total = carry
-        first = pl.multiple_of(start + index * block, block)
+    def scored_block(first):
         scores = scores_ref[:, pl.ds(first, block)]
         slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
         row = lax.broadcasted_iota(jnp.int32, (rows, block), 0)
         visible = (slot < length)[None, :] & (row < heads) & (scores > MASK_VALUE / 2)
-        scores = jnp.where(visible, scores, MASK_VALUE)
-        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-        correction = jnp.exp(row_max - new_max)
-        weights = jnp.where(visible, jnp.exp(scores - new_max[:, None]), 0.0)
-        keys = k_ref[pl.ds(first, block), :]
-        weighted = lax.dot_general(
-            weights.astype(keys.dtype),
-            keys,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        return acc * correction[:, None] + weighted, new_max, total * correction + jnp.sum(weights, axis=1)
+        return scores, visible, k_ref[pl.ds(first, block), :], precision
 
-    init = (
-        jnp.zeros((rows, columns), jnp.float32),
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, row_max, total = lax.fori_loop(0, num_blocks, body, init)
-    acc_ref[...] = acc
-    max_ref[...] = row_max
-    sum_ref[...] = total
+    online_softmax(start, num_blocks, block, scored_block, acc_ref, max_ref, sum_ref)
 
 
 def _splits(programs: int, num_slots: int, block: int) -> int:
