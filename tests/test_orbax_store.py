@@ -153,6 +153,7 @@ def test_decode_reads_an_orbax_checkpoint_on_a_mesh_with_its_statistics(saved, t
         divide_length=8,
         kv_cache="standard",
         slim_max_cond=None,
+        slim_value_map="auto",
         output_json=None,
         mesh="data=2,model=2",
     )

@@ -103,6 +103,46 @@ def test_condition_numbers_and_bfloat16_threshold(slim_model_dirs, models):
         slim_transformer(bf16, max_cond=10)
 
 
+def test_value_map_dtype_follows_the_measured_rounding(slim_model_dirs):
+    """bfloat16 model, auto: W_KV stays float32 where rounding it to bfloat16 would add more
+    error to the recovered values than a standard cache's rounding of V (the random layers,
+    cond(W_K) 140 to 1,060), and is bfloat16 in a layer where W_KV is exactly representable
+    (W_K = 2·I, so W_KV = W_V / 2). Forcing bfloat16 everywhere raises the log-prob error."""
+    path = slim_model_dirs["qwen2-mha"]
+    bf16 = load_transformer(path, dtype="bfloat16")
+    slim, report = slim_transformer(bf16, max_cond=1e4)
+    assert report.value_map_dtypes == ("float32",) * 3
+    for error in report.value_errors:
+        assert 2.0**-11 < error.cache_rounding < 2.0**-8
+        assert error.value_map_rounding > error.cache_rounding and not error.model_dtype_allowed
+    exact = load_transformer(path, dtype="bfloat16")
+    d = exact.config.hidden_size
+    exact.layers[0].wk.value = (2 * jnp.eye(d, dtype=jnp.bfloat16)).reshape(exact.layers[0].wk[...].shape)
+    mixed, mixed_report = slim_transformer(exact, max_cond=1e4)
+    assert mixed_report.value_map_dtypes == ("bfloat16", "float32", "float32")
+    assert mixed_report.value_errors[0].value_map_rounding == 0.0
+    assert mixed.layers[0].w_kv[...].dtype == jnp.bfloat16 and mixed.layers[1].w_kv[...].dtype == jnp.float32
+    tokens = _tokens(5, 80, batch=2)
+    all_float32, _ = slim_transformer(exact, max_cond=1e4, value_map="float32")
+    np.testing.assert_array_equal(
+        teacher_force(mixed, tokens, prefill_length=16, divide_length=32),
+        teacher_force(all_float32, tokens, prefill_length=16, divide_length=32),
+    )
+    reference = teacher_force(load_transformer(path, dtype="float32"), tokens, prefill_length=16, divide_length=32)
+
+    def kl(model):
+        ours = teacher_force(model, tokens, prefill_length=16, divide_length=32)[:, 16:]
+        return float((np.exp(reference[:, 16:]) * (reference[:, 16:] - ours)).sum(-1).mean())
+
+    forced, forced_report = slim_transformer(bf16, max_cond=1e4, value_map="model")
+    assert forced_report.value_map_dtypes == ("bfloat16",) * 3 and not any(forced_report.value_errors)
+    assert kl(forced) > 1.3 * kl(slim)
+    float32_model = load_transformer(path, dtype="float32")
+    assert slim_transformer(float32_model)[1].value_map_dtypes == ("float32",) * 3
+    with pytest.raises(UserError, match="unknown W_KV dtype 'half'"):
+        slim_transformer(bf16, value_map="half")
+
+
 def test_layers_above_the_threshold_keep_values(models):
     """A bound between the layers' condition numbers: the worse layers keep a K+V cache, the
     rest hold K only, and decoding still matches the standard cache."""

@@ -51,6 +51,7 @@ class DecodeRequest:
     divide_length: int
     kv_cache: str
     slim_max_cond: float | None
+    slim_value_map: str
     mesh: str | None
     output_json: str | None
 
@@ -78,12 +79,17 @@ def decode_prompts(
         device_mesh = sharding.make_mesh(request.mesh)
         sharding.check_batch(len(texts), device_mesh)
     loaded = load_model(request.model, dtype=request.dtype, mesh=device_mesh)
-    transformer, slim_report = loaded.transformer, None
-    if request.kv_cache == "slim":
-        transformer, slim_report = slim_transformer(transformer, max_cond=request.slim_max_cond)
     tokenizer = loaded.tokenizer
     use_chat = has_chat_template(tokenizer) if request.chat is None else request.chat
     prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)
+    transformer, slim_report = loaded.transformer, None
+    if request.kv_cache == "slim":
+        transformer, slim_report = slim_transformer(
+            transformer,
+            max_cond=request.slim_max_cond,
+            value_map=request.slim_value_map,
+            probe_tokens=np.asarray([prompt_ids[0]]),
+        )
     policy = build_policy(loaded, request.method, settings)
     if isinstance(policy, EvictionPolicy) and not _evicts(
         policy, prompt_ids, request.max_new_tokens, request.divide_length

@@ -8,7 +8,10 @@ reduction (`model.key_only_block`). Prefill is unchanged.
 
 The reconstruction amplifies the rounding of the cached K by up to cond(W_K), so each layer's
 condition number is computed (float64); a layer above `max_cond` falls back to a standard K+V
-cache (the model is refused only when no layer qualifies).
+cache (the model is refused only when no layer qualifies). W_KV is read at every decode step, so
+it is kept in the model's dtype in each layer where rounding it adds no more error to the
+recovered values than a standard cache's rounding of V does (measured per layer against
+float64 on the model's own keys), else in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from triattention_jax.errors import UserError
 from triattention_jax.model import SLIM_AXES, Transformer
 
 KV_CACHE_MODES = ("standard", "slim")
+# auto: per layer, the model's dtype where the measured error allows, else float32.
+VALUE_MAP_DTYPES = ("auto", "float32", "model")
+# Probe tokens when the caller has none: the errors are relative, so any text of the
+# vocabulary's tokens exercises every layer's keys.
+_PROBE_LENGTH = 64
 
 
 def default_max_cond(dtype: str) -> float:
@@ -37,6 +45,21 @@ def default_max_cond(dtype: str) -> float:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ValueRounding:
+    """One layer's recovered values against float64, on probe keys k (the model's own):
+    cache_rounding, the relative (Frobenius) error of V rounded to the cache dtype, which is
+    what a standard cache stores; value_map_rounding, the relative error that rounding W_KV to
+    the model's dtype adds to (k − b_k)·W_KV + b_v."""
+
+    cache_rounding: float
+    value_map_rounding: float
+
+    @property
+    def model_dtype_allowed(self) -> bool:
+        return self.value_map_rounding <= self.cache_rounding
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SlimReport:
     """What the conversion measured: cond(W_K) per layer (2-norm, float64; None when no
     threshold applies), the threshold, and the layers that keep a standard K+V cache."""
@@ -45,6 +68,8 @@ class SlimReport:
     max_cond: float
     dtype: str
     fallback_layers: tuple[int, ...] = ()
+    value_map_dtypes: tuple[str | None, ...] = ()
+    value_errors: tuple[ValueRounding | None, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         measured = [c for c in self.cond if c is not None]
@@ -54,6 +79,8 @@ class SlimReport:
             "threshold": self.max_cond,
             "dtype": self.dtype,
             "fallback_layers": list(self.fallback_layers),
+            "value_map_dtypes": list(self.value_map_dtypes),
+            "value_errors": [None if e is None else dataclasses.asdict(e) for e in self.value_errors],
         }
 
 
@@ -73,7 +100,7 @@ def check_applicable(config: ModelConfig) -> None:
         )
 
 
-def value_map(wk: np.ndarray, wv: np.ndarray, *, condition: bool = True) -> tuple[np.ndarray, float | None]:
+def value_map_of(wk: np.ndarray, wv: np.ndarray, *, condition: bool = True) -> tuple[np.ndarray, float | None]:
     """W_KV = W_K^{-1}·W_V by a float64 solve (no explicit inverse) and cond(W_K) (None
     unless `condition`: an SVD, minutes for a 7B model's 32 layers).
 
@@ -89,20 +116,66 @@ def value_map(wk: np.ndarray, wv: np.ndarray, *, condition: bool = True) -> tupl
         return np.full(wv.shape, np.nan), float("inf")
 
 
-def slim_transformer(transformer: Transformer, *, max_cond: float | None = None) -> tuple[Transformer, SlimReport]:
+def value_rounding(
+    transformer: Transformer, maps: dict[int, np.ndarray], probe_tokens: np.ndarray
+) -> dict[int, ValueRounding]:
+    """Per layer of `maps` (index -> W_KV (D, K, hd) float64): `ValueRounding` measured on the
+    pre-RoPE keys the model computes for probe_tokens (batch, T), in float64."""
+    import jax
+
+    tokens = jnp.asarray(np.atleast_2d(probe_tokens), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    first = jnp.zeros(tokens.shape[:1], jnp.int32)
+    probe = jax.jit(lambda t, p: transformer.extend(None, t, p, logits_at=first, collect_pre_rope=True).keys)
+    keys = np.asarray(probe(tokens, positions), np.float64)  # (L, B, T, K, hd)
+    dtype = transformer.dtype
+
+    def rounded(x: np.ndarray) -> np.ndarray:
+        return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+
+    out = {}
+    for index, w_kv in maps.items():
+        weights = transformer.layers[index].arrays()
+        k = keys[index].reshape(-1, w_kv.shape[0])
+        if "bk" in weights:
+            k = k - np.asarray(weights["bk"], np.float64).reshape(-1)
+        w = w_kv.reshape(w_kv.shape[0], -1)
+        v = k @ w
+        if "bv" in weights:
+            v = v + np.asarray(weights["bv"], np.float64).reshape(-1)
+        norm = np.linalg.norm(v)
+        out[index] = ValueRounding(
+            cache_rounding=float(np.linalg.norm(rounded(v) - v) / norm),
+            value_map_rounding=float(np.linalg.norm(k @ (rounded(w) - w)) / norm),
+        )
+    return out
+
+
+def slim_transformer(
+    transformer: Transformer,
+    *,
+    max_cond: float | None = None,
+    value_map: str = "auto",
+    probe_tokens: np.ndarray | None = None,
+) -> tuple[Transformer, SlimReport]:
     """A copy of the model (sharing its weights) whose caches hold K only, with W_KV per layer.
 
     Refuses (`UserError`) models it cannot apply to. A layer whose cond(W_K) exceeds `max_cond`
     (default: `default_max_cond` of the model's dtype; inf skips the SVDs) keeps a standard
-    K+V cache; when no layer qualifies the mode is refused. W_KV is kept in float32 whatever
-    the model's dtype: rounding it to bfloat16 raised the measured error (see WORKSPACE).
+    K+V cache; when no layer qualifies the mode is refused. value_map: W_KV's dtype, "float32",
+    "model" (the model's dtype), or "auto": per layer the model's dtype where
+    `ValueRounding.model_dtype_allowed`, measured on probe_tokens (batch, T) (default: 64
+    seeded random tokens), else float32. On the tiny random configs a bfloat16 W_KV everywhere
+    raised the KL to float32 from 1.2e-3 to 1.6e-3 and 1.7e-4 to 1.7e-3 (see WORKSPACE).
     """
     check_applicable(transformer.config)
+    if value_map not in VALUE_MAP_DTYPES:
+        raise UserError(f"unknown W_KV dtype {value_map!r}: choose one of {', '.join(VALUE_MAP_DTYPES)}")
     dtype = transformer.dtype.name
     threshold = default_max_cond(dtype) if max_cond is None else float(max_cond)
     maps, conds = zip(
         *(
-            value_map(np.asarray(layer.wk[...]), np.asarray(layer.wv[...]), condition=threshold < float("inf"))
+            value_map_of(np.asarray(layer.wk[...]), np.asarray(layer.wv[...]), condition=threshold < float("inf"))
             for layer in transformer.layers
         )
     )
@@ -113,11 +186,31 @@ def slim_transformer(transformer: Transformer, *, max_cond: float | None = None)
             f"{min(conds):.3g}), so recovering V from the {dtype} K cache would amplify its rounding; "
             "use --kv_cache standard or raise --slim_max_cond"
         )
+    kept = {index: w_kv for index, w_kv in enumerate(maps) if index not in fallback}
+    errors: dict[int, ValueRounding] = {}
+    if value_map == "auto" and dtype != "float32":
+        if probe_tokens is None:
+            rng = np.random.default_rng(0)
+            probe_tokens = rng.integers(0, transformer.config.vocab_size, size=(1, _PROBE_LENGTH))
+        errors = value_rounding(transformer, kept, probe_tokens)
+    map_dtypes: dict[int, str] = {}
+    for index in kept:
+        low = value_map == "model" or (index in errors and errors[index].model_dtype_allowed)
+        map_dtypes[index] = dtype if low else "float32"
     slim = nnx.merge(*nnx.split(transformer))
-    for index, (layer, w_kv) in enumerate(zip(slim.layers, maps)):
-        if index not in fallback:
-            layer.w_kv = nnx.Param(jnp.asarray(w_kv.transpose(1, 0, 2), jnp.float32), logical_axes=SLIM_AXES)
-    return slim, SlimReport(cond=tuple(conds), max_cond=threshold, dtype=dtype, fallback_layers=fallback)
+    for index, w_kv in kept.items():
+        slim.layers[index].w_kv = nnx.Param(
+            jnp.asarray(w_kv.transpose(1, 0, 2), map_dtypes[index]), logical_axes=SLIM_AXES
+        )
+    layers = range(len(conds))
+    return slim, SlimReport(
+        cond=tuple(conds),
+        max_cond=threshold,
+        dtype=dtype,
+        fallback_layers=fallback,
+        value_map_dtypes=tuple(map_dtypes.get(i) for i in layers),
+        value_errors=tuple(errors.get(i) for i in layers),
+    )
 
 
 def logprob_error(

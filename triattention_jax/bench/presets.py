@@ -17,7 +17,7 @@ from triattention_jax.errors import UserError
 from triattention_jax.model import LAYER_WEIGHTS, Transformer, weight_specs
 from triattention_jax.policies.triattention_fit import FEATURES
 from triattention_jax.scoring import FrequencyStats
-from triattention_jax.slim import KV_CACHE_MODES, slim_transformer
+from triattention_jax.slim import KV_CACHE_MODES, SlimReport, slim_transformer
 
 # HF config.json fields of real architectures, for random-weight speed runs.
 _QWEN3 = {
@@ -146,14 +146,19 @@ def random_fit(transformer: Transformer, seed: int = 0) -> FitResult:
     )
 
 
-def cache_variants(transformer: Transformer, modes: list[str], *, random_weights: bool) -> dict[str, Transformer]:
-    """kv_cache mode -> the model to time with it. Speed does not depend on the values, so
-    random weights' W_K is not held to the conditioning threshold; a checkpoint's is."""
+def cache_variants(
+    transformer: Transformer, modes: list[str], *, random_weights: bool, value_map: str = "auto"
+) -> dict[str, tuple[Transformer, SlimReport | None]]:
+    """kv_cache mode -> the model to time with it and, for slim, what its conversion measured.
+    Speed does not depend on the values, so random weights' W_K is not held to the
+    conditioning threshold; a checkpoint's is. value_map: see `slim_transformer`."""
     unknown = set(modes) - set(KV_CACHE_MODES)
     if unknown or not modes:
         raise UserError(f"--kv_cache takes {', '.join(KV_CACHE_MODES)}; got {', '.join(modes) or 'nothing'}")
     max_cond = float("inf") if random_weights else None
     return {
-        mode: transformer if mode == "standard" else slim_transformer(transformer, max_cond=max_cond)[0]
+        mode: (transformer, None)
+        if mode == "standard"
+        else slim_transformer(transformer, max_cond=max_cond, value_map=value_map)
         for mode in modes
     }

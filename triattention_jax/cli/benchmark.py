@@ -65,6 +65,12 @@ flags.DEFINE_list(
     "Cache layouts to time, each with every method: standard (K and V), slim "
     "(K only, MHA models; eviction keeps one token set per layer).",
 )
+flags.DEFINE_enum(
+    "slim_value_map",
+    "auto",
+    ["auto", "float32", "model"],
+    "dtype of W_KV for --kv_cache slim (see decode.py): auto measures each layer's value error on probe tokens.",
+)
 flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
 shared.define_mesh(
     "Time decoding on a device mesh, e.g. data=2,model=4 (see decode.py --mesh); bytes per step and "
@@ -127,7 +133,8 @@ def main(argv: list[str]) -> None:
     base = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
     if mesh is not None:
         base = sharding.shard_transformer(base, mesh)
-    variants = cache_variants(base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset))
+    variants = cache_variants(base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset), value_map=FLAGS.slim_value_map)
+    slim_reports = {mode: report.to_dict() for mode, (_, report) in variants.items() if report is not None}
     weights = speed.weight_bytes(base)
     memory_limit, _ = speed.device_memory()
     steps, runs = [], []
@@ -144,6 +151,7 @@ def main(argv: list[str]) -> None:
                     "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
                     "roofline": roofline,
                     "weight_bytes": weights,
+                    "slim": slim_reports,
                     "memory_limit_bytes": memory_limit,
                     "peak_memory_bytes": peak,
                     "hf_step_seconds": hf_seconds,
@@ -180,7 +188,7 @@ def main(argv: list[str]) -> None:
             speed.linear_fit([(m.filled, m.bytes_per_step) for m in measured]),
         )
 
-    for kv_cache, transformer in variants.items():
+    for kv_cache, (transformer, _) in variants.items():
         for method in FLAGS.methods:
             # A K-only cache keeps one token set per layer; preset models get random statistics.
             settings = PolicySettings(
@@ -285,6 +293,7 @@ _BENCHMARK_FLAGS = (
     "memory_reserve",
     "stats",
     "kv_cache",
+    "slim_value_map",
     "hf",
     "mesh",
 )

@@ -44,6 +44,14 @@ flags.DEFINE_float(
     "Layers whose cond(W_K) exceeds this keep K and V under --kv_cache slim "
     "(default: 1/unit roundoff of --dtype: 1.7e7 float32, 256 bfloat16).",
 )
+flags.DEFINE_enum(
+    "slim_value_map",
+    "auto",
+    ["auto", "float32", "model"],
+    "dtype of W_KV under --kv_cache slim, read at every step: auto keeps it in --dtype in each layer where "
+    "that adds no more error to the recovered values than a standard cache's rounding of V (measured on the "
+    "prompt against float64), else float32.",
+)
 shared.define_mesh(
     "Decode on a device mesh, e.g. data=2,model=4: rows split over data, heads and the MLP over model "
     "(data x model must divide the device count). Multi-host launches need it."
@@ -70,6 +78,15 @@ def main(argv: list[str]) -> None:
             f"K and V: {fallback})",
             file=sys.stderr,
         )
+        if any(slim["value_errors"]):
+            measured = ", ".join(
+                f"{e['value_map_rounding']:.2g}/{e['cache_rounding']:.2g}" for e in slim["value_errors"] if e
+            )
+            print(
+                f"[slim] W_KV dtype per layer: {', '.join(d or 'none' for d in slim['value_map_dtypes'])} (relative "
+                f"value error from rounding W_KV / from rounding V: {measured})",
+                file=sys.stderr,
+            )
         if slim["logprob_error"]:
             error = slim["logprob_error"]
             print(
