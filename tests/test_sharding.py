@@ -3,6 +3,7 @@ out by batch and KV heads, eviction without gathering the cache, and one clear l
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from triattention_jax import sharding
 from triattention_jax.bench.presets import random_stats
+from triattention_jax.bench.report import scaling_rows
+from triattention_jax.cache import cache_nbytes
 from triattention_jax.config import ModelConfig
 from triattention_jax.decoding import DecodeState, decode_round, generate, prefill, teacher_force
 from triattention_jax.errors import UserError
@@ -351,3 +354,114 @@ def test_decode_cli_mesh_errors(args, message):
     result = _decode(*args)
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_weight_bytes_per_device_from_the_config(transformer):
+    from triattention_jax.bench.speed import weight_bytes
+
+    for spec in ("data=8", "data=2,model=4", "model=2"):
+        mesh = sharding.make_mesh(spec)
+        placed = weight_bytes(sharding.shard_transformer(transformer, mesh))
+        assert sharding.device_weight_bytes(transformer.config, transformer.dtype, dict(mesh.shape)) == placed
+
+
+def test_automatic_mesh_prefers_replicas_that_fit(transformer):
+    """8 devices, 4 KV heads: every device in use, replicas wherever the batch splits and the
+    weights fit, tensor parallel within them for the rest (one row: latency) and where a
+    replica's weights and rows exceed a device."""
+    config, dtype = transformer.config, transformer.dtype
+
+    def choose(batches, memory, slots=64):
+        return sharding.choose_mesh(
+            config, dtype, devices=8, batches=batches, num_slots=slots, memory_bytes=memory, reserve=0.0
+        )
+
+    assert choose([8], None) == {"data": 8, "model": 1}
+    assert choose([8, 16], None) == {"data": 8, "model": 1}
+    assert choose([2], None) == {"data": 2, "model": 4}
+    assert choose([1], None) == {"data": 1, "model": 4}
+    whole = sharding.device_weight_bytes(config, dtype, {"data": 1, "model": 1})
+    half = sharding.device_weight_bytes(config, dtype, {"data": 1, "model": 2})
+    row = cache_nbytes(config, 1, 64, dtype)
+    assert choose([8], whole + row) == {"data": 8, "model": 1}
+    assert choose([8], whole + row - 1) == {"data": 4, "model": 2}
+    assert choose([8], half + row) == {"data": 4, "model": 2}
+    smallest = r"no mesh of 8 devices fits 9.31e-07 GiB per device: the smallest share, data=2,model=4, needs "
+    with pytest.raises(UserError, match=smallest + r".*use more devices"):
+        choose([8], 1000)
+
+
+def test_decode_cli_automatic_mesh(tmp_path):
+    """Two prompts over 8 devices and SmolLM2's 3 KV heads: two replicas."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\nName a primary color.\n")
+    result = _decode(
+        "--prompt_file",
+        str(prompts),
+        "--mesh",
+        "auto",
+        "--max_new_tokens",
+        "8",
+        "--dtype",
+        "float32",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--mesh auto: data=2,model=1" in result.stderr
+
+
+def test_benchmark_scales_over_device_counts(tmp_path):
+    """--devices 1,2: one device without a mesh, then the mesh --mesh auto picks over two (two
+    replicas of the tiny model), and a scaling table against the one-device rate."""
+    out = tmp_path / "scaling.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "triattention_jax.cli.benchmark", "--preset", "tiny", "--methods", "full,triattention"]
+        + ["--budget", "64", "--batch", "4", "--prompt_tokens", "32", "--new_tokens", "192", "--e2e_tokens", "0"]
+        + ["--nohf", "--dtype", "float32", "--devices", "1,2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 devices: mesh data=2,model=1" in result.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["method"], r["devices"], r["mesh"]) for r in runs] == [
+        ("full", 1, None),
+        ("triattention", 1, None),
+        ("full", 2, "data=2,model=1"),
+        ("triattention", 2, "data=2,model=1"),
+    ]
+    table = scaling_rows(runs)
+    assert [(r["method"], r["devices"]) for r in table] == [
+        ("full", 1),
+        ("full", 2),
+        ("triattention", 1),
+        ("triattention", 2),
+    ]
+    for one, two in (table[:2], table[2:]):
+        assert one["speed_up"] == 1.0
+        assert two["speed_up"] == pytest.approx(two["tokens_per_second"] / one["tokens_per_second"])
+    assert "scaling over devices" in result.stdout
+
+
+def test_scaling_rows_take_each_device_counts_largest_batch():
+    def run(devices, batch, largest, rate):
+        return dict(
+            method="full",
+            kv_cache="standard",
+            devices=devices,
+            batch=batch,
+            largest_batch=largest,
+            tokens_per_second=rate,
+        )
+
+    table = scaling_rows(
+        [
+            run(1, 8, False, 100.0),
+            run(1, 20, True, 150.0),
+            run(2, 8, False, 180.0),
+            run(2, 40, True, 300.0),
+            run(4, 8, False, 330.0),
+        ]
+    )
+    assert [(r["devices"], r["batch"], r["speed_up"]) for r in table] == [(1, 20, 1.0), (2, 40, 2.0), (4, 8, 2.2)]

@@ -370,7 +370,7 @@ def _check_buffer_fits(transformer: Transformer, batch: int, num_slots: int, mes
     """Refuses, before allocating, a KV buffer larger than the memory free on a device."""
     total = cache_nbytes(transformer.config, batch, num_slots, transformer.dtype, values=transformer.value_layers)
     per_device = total // (1 if mesh is None else mesh.size)
-    free = _free_device_memory()
+    free = free_device_memory()
     if free is not None and per_device > free:
         raise UserError(
             f"the KV buffer needs {per_device / 2**30:.2f} GiB per device ({batch} rows x {num_slots} slots), "
@@ -378,7 +378,7 @@ def _check_buffer_fits(transformer: Transformer, batch: int, num_slots: int, mes
         )
 
 
-def _free_device_memory() -> int | None:
+def free_device_memory() -> int | None:
     """Bytes free on the first local device: the accelerator's allocator limit, or the host's
     available memory on the CPU; None when neither is known."""
     stats = jax.local_devices()[0].memory_stats()

@@ -11,12 +11,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from triattention_jax import sharding
 from triattention_jax.calibration import calibrate, text_file_sequences
 from triattention_jax.checkpoints.stats import FIT_FILE, STATS_FILE, save_fit, save_stats
 from triattention_jax.checkpoints.store import load_model
-from triattention_jax.decoding import generate, prompt_bucket
+from triattention_jax.config import ModelConfig
+from triattention_jax.decoding import free_device_memory, generate, prompt_bucket
 from triattention_jax.errors import UserError
 from triattention_jax.eval.texts import fit_documents
 from triattention_jax.files import check_writable, write_json_atomic
@@ -73,12 +75,34 @@ def decode_prompts(
     sampler = Sampler(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
     if request.kv_cache not in KV_CACHE_MODES:
         raise UserError(f"unknown --kv_cache {request.kv_cache!r}: choose one of {', '.join(KV_CACHE_MODES)}")
-    device_mesh = None
+    device_mesh, mesh_for, chosen = None, None, []
     if request.mesh is not None:
         sharding.initialize_distributed()
+    if request.mesh == "auto":
+
+        def mesh_for(config: ModelConfig, tokenizer: Any) -> Mesh:
+            """Sized for the longest prompt with full attention's buffer, which no policy exceeds."""
+            chat = has_chat_template(tokenizer) if request.chat is None else request.chat
+            longest = max(map(len, encode_prompts(tokenizer, texts, chat=chat)))
+            rounds = -(-request.max_new_tokens // request.divide_length)
+            sizes = sharding.choose_mesh(
+                config,
+                request.dtype,
+                devices=jax.device_count(),
+                batches=[len(texts)],
+                num_slots=prompt_bucket(longest) + rounds * request.divide_length,
+                memory_bytes=free_device_memory(),
+            )
+            print(f"--mesh auto: {sharding.format_mesh(sizes)}", file=sys.stderr)
+            chosen.append(sharding.make_mesh(sizes))
+            return chosen[0]
+
+    elif request.mesh is not None:
         device_mesh = sharding.make_mesh(request.mesh)
         sharding.check_batch(len(texts), device_mesh)
-    loaded = load_model(request.model, dtype=request.dtype, mesh=device_mesh)
+    loaded = load_model(request.model, dtype=request.dtype, mesh=device_mesh, mesh_for=mesh_for)
+    if request.mesh == "auto":
+        device_mesh = chosen[0]
     tokenizer = loaded.tokenizer
     use_chat = has_chat_template(tokenizer) if request.chat is None else request.chat
     prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from triattention_jax.cache import KVCache
+from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
-from triattention_jax.model import Transformer
+from triattention_jax.model import Transformer, weight_specs
 
 MESH_AXES = ("data", "model")
 
@@ -114,6 +115,19 @@ def format_mesh(mesh: Mesh | Mapping[str, int]) -> str:
     return ",".join(f"{axis}={sizes[axis]}" for axis in MESH_AXES)
 
 
+def _model_axis_problem(config: ModelConfig, model: int) -> tuple[str, int] | None:
+    """(what, size) of the first of the model's KV heads, query heads and MLP hidden units that
+    a model axis of this size does not divide; None when it divides them all."""
+    for what, size in (
+        ("KV heads", config.num_kv_heads),
+        ("query heads", config.num_heads),
+        ("MLP hidden units", config.intermediate_size),
+    ):
+        if size % model:
+            return what, size
+    return None
+
+
 def check_model_fits(config: ModelConfig, mesh: Mesh) -> None:
     """Refuses a model axis that does not divide the KV heads, the query heads or the MLP
     hidden size (the vocabulary is replicated instead when it does not divide it).
@@ -124,18 +138,65 @@ def check_model_fits(config: ModelConfig, mesh: Mesh) -> None:
     a round on 8 CPU devices, 4 KV heads, model axis 8), which costs far more than it saves.
     """
     model = mesh.shape["model"]
-    sizes = (
-        ("KV heads", config.num_kv_heads),
-        ("query heads", config.num_heads),
-        ("MLP hidden units", config.intermediate_size),
+    problem = _model_axis_problem(config, model)
+    if problem is not None:
+        what, size = problem
+        fits = [m for m in range(1, jax.device_count() + 1) if size % m == 0 and jax.device_count() % m == 0]
+        raise UserError(
+            f"the mesh's model axis of {model} does not divide the model's {size} {what}: "
+            f"use a model axis that divides {size} and the device count (here: {', '.join(map(str, fits))})"
+        )
+
+
+def device_weight_bytes(config: ModelConfig, dtype: Any, sizes: Mapping[str, int]) -> int:
+    """The weights' bytes one device holds on a mesh of these axis sizes (as `shard_transformer`
+    would place them), from the config alone."""
+    total = 0
+    for shape, axes in weight_specs(config).values():
+        elements = math.prod(shape)
+        for name, size in zip(axes, shape):
+            if _mesh_axis(name, size, sizes) is not None:
+                elements //= sizes[LOGICAL_AXIS_RULES[name]]
+        total += elements * jnp.dtype(dtype).itemsize
+    return total
+
+
+def choose_mesh(
+    config: ModelConfig,
+    dtype: Any,
+    *,
+    devices: int,
+    batches: Sequence[int],
+    num_slots: int,
+    memory_bytes: int | None,
+    reserve: float = 0.1,
+) -> dict[str, int]:
+    """A data × model mesh for throughput over as many of `devices` as the model and batch
+    allow: the most data parallel split whose share fits one device, weights
+    (`device_weight_bytes`) plus the rows of the largest batch that land on it (at least one)
+    with their K/V buffer of num_slots, within (1 − reserve) of memory_bytes (None: not
+    checked). Replicas need no collectives per step, so they come first; tensor parallelism
+    takes over where the weights or the rows do not fit, and where the data axis cannot split
+    the batch (one row: latency). The model axis must divide the KV heads, query heads and MLP
+    (`check_model_fits`), the data axis every batch; the device count used divides `devices`."""
+    smallest: tuple[int, dict[str, int]] | None = None
+    splits = [(n // m, m) for n in range(devices, 0, -1) if devices % n == 0 for m in range(1, n + 1) if n % m == 0]
+    for data, model in splits:
+        if _model_axis_problem(config, model) or any(batch % data for batch in batches):
+            continue
+        sizes = {"data": data, "model": model}
+        rows = max(1, max(batches, default=1) // data)
+        need = device_weight_bytes(config, dtype, sizes) + rows * cache_nbytes(config, 1, num_slots, dtype) // model
+        if memory_bytes is None or need <= (1 - reserve) * memory_bytes:
+            return sizes
+        if smallest is None or need < smallest[0]:
+            smallest = (need, sizes)
+    need, sizes = smallest
+    raise UserError(
+        f"no mesh of {devices} devices fits {(1 - reserve) * memory_bytes / 2**30:.3g} GiB per device: the smallest "
+        f"share, {format_mesh(sizes)}, needs {need / 2**30:.3g} GiB; lower the number of prompts, --max_new_tokens "
+        "or --budget, or use more devices"
     )
-    for what, size in sizes:
-        if size % model:
-            fits = [m for m in range(1, jax.device_count() + 1) if size % m == 0 and jax.device_count() % m == 0]
-            raise UserError(
-                f"the mesh's model axis of {model} does not divide the model's {size} {what}: "
-                f"use a model axis that divides {size} and the device count (here: {', '.join(map(str, fits))})"
-            )
 
 
 def check_batch(batch: int, mesh: Mesh) -> None:
@@ -153,14 +214,16 @@ def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P
     its mesh axis (of size > 1) divides the dimension, else replicated."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match the shape {shape}")
-    spec = []
-    for name, size in zip(axes, shape):
-        if name not in LOGICAL_AXIS_RULES:
-            raise ValueError(f"no sharding rule for logical axis {name!r}")
-        mesh_axis = LOGICAL_AXIS_RULES[name]
-        split = mesh_axis is not None and mesh.shape[mesh_axis] > 1 and size % mesh.shape[mesh_axis] == 0
-        spec.append(mesh_axis if split else None)
-    return PartitionSpec(*spec)
+    return PartitionSpec(*(_mesh_axis(name, size, mesh.shape) for name, size in zip(axes, shape)))
+
+
+def _mesh_axis(name: str, size: int, sizes: Mapping[str, int]) -> str | None:
+    """The mesh axis a dimension of this logical name and size is split over: its rule's,
+    when that axis has more than one device and divides the size; else None (replicated)."""
+    if name not in LOGICAL_AXIS_RULES:
+        raise ValueError(f"no sharding rule for logical axis {name!r}")
+    mesh_axis = LOGICAL_AXIS_RULES[name]
+    return mesh_axis if mesh_axis is not None and sizes[mesh_axis] > 1 and size % sizes[mesh_axis] == 0 else None
 
 
 def logical_sharding(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

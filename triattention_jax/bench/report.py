@@ -49,11 +49,10 @@ def step_row(step, roofline: float) -> dict[str, Any]:
 
 def format_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     """columns: (header, key, format); empty where a row lacks the key or holds None."""
-    widths = [max(len(h), 9) for h, _, _ in columns]
+    table = [[format(row[k], f) if row.get(k) is not None else "" for _, k, f in columns] for row in rows]
+    widths = [max(len(h), 9, *(len(cells[i]) for cells in table)) for i, (h, _, _) in enumerate(columns)]
     lines = ["".join(h.rjust(w + 1) for (h, _, _), w in zip(columns, widths))]
-    for row in rows:
-        cells = [format(row[k], f) if row.get(k) is not None else "" for _, k, f in columns]
-        lines.append("".join(c.rjust(w + 1) for c, w in zip(cells, widths)))
+    lines += ["".join(c.rjust(w + 1) for c, w in zip(cells, widths)) for cells in table]
     return "\n".join(lines)
 
 
@@ -83,3 +82,28 @@ RUN_COLUMNS = [
     ("last step", "final_roofline_fraction", ".1%"),
     ("evict", "eviction_share", ".1%"),
 ]
+SCALING_COLUMNS = [
+    ("method", "method", ""),
+    ("kv_cache", "kv_cache", ""),
+    ("devices", "devices", "d"),
+    ("mesh", "mesh", ""),
+    ("batch", "batch", "d"),
+    ("tok/s", "tokens_per_second", ".1f"),
+    ("speed-up", "speed_up", ".2f"),
+]
+
+
+def scaling_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and cache layout, one row per device count: its largest-batch run (its
+    largest batch when none was sized) and its tokens/s over the fewest devices' row."""
+    best: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for run in runs:
+        key = (run["method"], run["kv_cache"], run["devices"])
+        held = best.get(key)
+        if held is None or (run["largest_batch"], run["batch"]) > (held["largest_batch"], held["batch"]):
+            best[key] = run
+    rows = []
+    for (method, kv_cache, _), run in sorted(best.items()):
+        first = min((r for k, r in best.items() if k[:2] == (method, kv_cache)), key=lambda r: r["devices"])
+        rows.append({**run, "speed_up": run["tokens_per_second"] / first["tokens_per_second"]})
+    return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +94,23 @@ class LoadedModel:
         return models_dir() / self.name
 
 
-def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16", mesh: Mesh | None = None) -> LoadedModel:
+def load_model(
+    model: str,
+    *,
+    dtype: str | jnp.dtype = "bfloat16",
+    mesh: Mesh | None = None,
+    mesh_for: Callable[[ModelConfig, Any], Mesh] | None = None,
+) -> LoadedModel:
     """Loads a checkpoint folder (Hugging Face safetensors, or an orbax checkpoint written by
     `python -m triattention_jax.cli.orbax`), a models/ folder name, or a hub id, in `dtype`,
     with its tokenizer; with a mesh, the weights are laid out on it
-    (`sharding.LOGICAL_AXIS_RULES`)."""
+    (`sharding.LOGICAL_AXIS_RULES`). mesh_for: instead of a mesh, called with the config and
+    the tokenizer before any weight is read, returns the mesh (`--mesh auto`)."""
     model_dir = resolve_model_dir(model)
     config, _ = read_hf_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if mesh_for is not None:
+        mesh = mesh_for(config, tokenizer)
     stats = None
     if orbax.is_orbax_checkpoint(model_dir):
         transformer, stats = orbax.restore_transformer(model_dir, config=config, dtype=to_dtype(dtype), mesh=mesh)
@@ -110,7 +121,7 @@ def load_model(model: str, *, dtype: str | jnp.dtype = "bfloat16", mesh: Mesh | 
     return LoadedModel(
         config=config,
         transformer=transformer,
-        tokenizer=load_tokenizer(model_dir),
+        tokenizer=tokenizer,
         path=model_dir,
         name=store_name(model, model_dir),
         stats=stats,

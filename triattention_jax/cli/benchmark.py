@@ -73,8 +73,14 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("hf", True, "Also time transformers at the same shapes (needs torch).")
 shared.define_mesh(
-    "Time decoding on a device mesh, e.g. data=2,model=4 (see decode.py --mesh); bytes per step and "
-    "the roofline are then one device's."
+    "Time decoding on a device mesh, e.g. data=2,model=4 (see decode.py --mesh), or auto: chosen for "
+    "throughput over every device; bytes per step and the roofline are then one device's."
+)
+flags.DEFINE_list(
+    "devices",
+    [],
+    "Device counts to time in turn, e.g. 1,2,4: each over the first that many devices with the mesh --mesh auto "
+    "would choose (one device: no mesh), then a table of tokens/s and speed-up per method.",
 )
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
 # The shared flags belong to this command: `--help` lists them.
@@ -83,6 +89,9 @@ flags.adopt_module_key_flags(runner)
 
 
 def main(argv: list[str]) -> None:
+    import jax
+    from jax.sharding import Mesh
+
     from triattention_jax import sharding
     from triattention_jax.bench import speed
     from triattention_jax.bench.hf_reference import HF_MODES, hf_step_seconds_subprocess
@@ -93,29 +102,81 @@ def main(argv: list[str]) -> None:
         random_stats,
         random_transformer,
     )
-    from triattention_jax.bench.report import RUN_COLUMNS, STEP_COLUMNS, environment, format_rows, step_row
-    from triattention_jax.checkpoints.store import load_model
+    from triattention_jax.bench.report import (
+        RUN_COLUMNS,
+        SCALING_COLUMNS,
+        STEP_COLUMNS,
+        environment,
+        format_rows,
+        scaling_rows,
+        step_row,
+    )
+    from triattention_jax.checkpoints.store import load_model, resolve_model_dir
+    from triattention_jax.config import ModelConfig
     from triattention_jax.decoding import prompt_bucket
     from triattention_jax.files import check_writable, write_json_atomic
     from triattention_jax.methods import PolicySettings, build_policy, parse_method
+    from triattention_jax.model import Transformer
 
     if FLAGS.out:
         check_writable(FLAGS.out)
     batches = shared.integers(FLAGS.batch, "batch")
     if not batches and not FLAGS.largest_batch:
         raise UserError("give --batch sizes, or --largest_batch (or both)")
-    mesh = None
-    if FLAGS.mesh:
+    counts = shared.integers(FLAGS.devices, "devices")
+    if counts and FLAGS.mesh not in (None, "auto"):
+        raise UserError("--devices chooses a mesh per device count: give --mesh auto, or no --mesh, with it")
+    if FLAGS.mesh or counts:
         sharding.initialize_distributed()
-        mesh = sharding.make_mesh(FLAGS.mesh)
-        for batch in batches:
-            sharding.check_batch(batch, mesh)
+    if FLAGS.mesh == "auto" and not counts:
+        counts = [jax.device_count()]
+    for count in counts:
+        if count > jax.device_count():
+            raise UserError(f"--devices {count}: JAX sees only {jax.device_count()} devices")
     for method in FLAGS.methods:
         parse_method(method)
-    hf_source = preset_config(FLAGS.preset) if FLAGS.preset else None
-    loaded = None if FLAGS.preset else load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
-    hf_source = hf_source if FLAGS.preset else str(loaded.path)
     P, N, divide = FLAGS.prompt_tokens, FLAGS.new_tokens, FLAGS.divide_length
+
+    def mesh_for(config: ModelConfig, count: int | None) -> Mesh | None:
+        """--mesh as named; with a device count, chosen for throughput over the first `count`
+        devices (`sharding.choose_mesh`, sized for full attention's buffer); one device or
+        neither: no mesh."""
+        if count is None:
+            mesh = sharding.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
+        elif count == 1:
+            mesh = None
+        else:
+            sizes = sharding.choose_mesh(
+                config,
+                FLAGS.dtype,
+                devices=count,
+                batches=batches,
+                num_slots=prompt_bucket(P) + -(-N // divide) * divide,
+                memory_bytes=speed.device_memory()[0],
+                reserve=FLAGS.memory_reserve,
+            )
+            mesh = sharding.make_mesh(sizes, jax.devices()[:count])
+            print(f"{count} devices: mesh {sharding.format_mesh(mesh)}", flush=True)
+        for batch in batches if mesh is not None else ():
+            sharding.check_batch(batch, mesh)
+        return mesh
+
+    def load(count: int | None) -> tuple[Any, Transformer, Mesh | None]:
+        """(the loaded checkpoint or None, the model on its mesh, the mesh)."""
+        if FLAGS.preset:
+            mesh = mesh_for(ModelConfig.from_hf(preset_config(FLAGS.preset)), count)
+            base = random_transformer(FLAGS.preset, FLAGS.dtype)
+            return None, base if mesh is None else sharding.shard_transformer(base, mesh), mesh
+        chosen = []
+
+        def placed(config: ModelConfig, _tokenizer: Any) -> Mesh | None:
+            chosen.append(mesh_for(config, count))
+            return chosen[0]
+
+        loaded = load_model(FLAGS.model, dtype=FLAGS.dtype, mesh_for=placed)
+        return loaded, loaded.transformer, chosen[0]
+
+    hf_source = preset_config(FLAGS.preset) if FLAGS.preset else str(resolve_model_dir(FLAGS.model))
     hf_seconds: dict[int, dict[str, float]] = {}
     if FLAGS.hf and importlib.util.find_spec("torch") is None:
         raise UserError(
@@ -130,14 +191,8 @@ def main(argv: list[str]) -> None:
     # Before the weights: the roofline's arrays then leave no holes among them.
     roofline = speed.roofline()
     bandwidth = roofline["roofline_bytes_per_second"]
-    base = random_transformer(FLAGS.preset, FLAGS.dtype) if FLAGS.preset else loaded.transformer
-    if mesh is not None:
-        base = sharding.shard_transformer(base, mesh)
-    variants = cache_variants(base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset), value_map=FLAGS.slim_value_map)
-    slim_reports = {mode: report.to_dict() for mode, (_, report) in variants.items() if report is not None}
-    weights = speed.weight_bytes(base)
     memory_limit, _ = speed.device_memory()
-    steps, runs = [], []
+    steps, runs, slim_reports = [], [], {}
 
     def save() -> None:
         """Rewritten after every row, so a run cut short still leaves what it measured."""
@@ -150,7 +205,6 @@ def main(argv: list[str]) -> None:
                     "model": FLAGS.preset or FLAGS.model,
                     "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
                     "roofline": roofline,
-                    "weight_bytes": weights,
                     "slim": slim_reports,
                     "memory_limit_bytes": memory_limit,
                     "peak_memory_bytes": peak,
@@ -160,119 +214,144 @@ def main(argv: list[str]) -> None:
                 },
             )
 
-    def timed(transformer, policy, method: str, kv_cache: str, batch: int) -> tuple[list, Any, Any]:
-        """Step times at the timed fills of the run's one buffer, and the fits of seconds and
-        bytes per step through them."""
-        fills = speed.timed_fills(policy, P, N, divide)
-        if FLAGS.cache_lengths and len(fills) > 1:
-            starts = speed.round_fills(policy, P, N, divide)
-            chosen = shared.integers(FLAGS.cache_lengths, "cache_lengths")
-            fills = sorted({min(starts, key=lambda s: abs(s - c)) for c in chosen})
-        slots = policy.num_slots(prompt_bucket(P), N, divide)
-        measured = speed.measure_steps(
-            transformer, policy, method, batch=batch, slots=slots, fills=fills, divide_length=divide, mesh=mesh
-        )
-        for step in measured:
-            steps.append(
-                {
-                    **step_row(step, bandwidth),
-                    "kv_cache": kv_cache,
-                    "ms": 1e3 * step.step_seconds,
-                    "gb": step.bytes_per_step / 1e9,
-                }
-            )
-            print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
-        return (
-            measured,
-            speed.linear_fit([(m.filled, m.step_seconds) for m in measured]),
-            speed.linear_fit([(m.filled, m.bytes_per_step) for m in measured]),
-        )
+    def placement(mesh: Mesh | None) -> dict[str, Any]:
+        return {
+            "devices": 1 if mesh is None else mesh.size,
+            "mesh": None if mesh is None else sharding.format_mesh(mesh),
+        }
 
-    for kv_cache, (transformer, _) in variants.items():
-        for method in FLAGS.methods:
-            # A K-only cache keeps one token set per layer; preset models get random statistics.
-            settings = PolicySettings(
-                budget=FLAGS.budget,
-                stats=FLAGS.stats,
-                aggregation="per_layer" if transformer.slim else None,
-                slack_trigger=FLAGS.slack_trigger,
+    for count in counts or [None]:
+        loaded, base, mesh = load(count)
+        variants = cache_variants(
+            base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset), value_map=FLAGS.slim_value_map
+        )
+        slim_reports.update({mode: report.to_dict() for mode, (_, report) in variants.items() if report is not None})
+
+        def timed(
+            transformer, policy, method: str, kv_cache: str, batch: int, mesh: Mesh | None
+        ) -> tuple[list, Any, Any]:
+            """Step times at the timed fills of the run's one buffer, and the fits of seconds and
+            bytes per step through them."""
+            fills = speed.timed_fills(policy, P, N, divide)
+            if FLAGS.cache_lengths and len(fills) > 1:
+                starts = speed.round_fills(policy, P, N, divide)
+                chosen = shared.integers(FLAGS.cache_lengths, "cache_lengths")
+                fills = sorted({min(starts, key=lambda s: abs(s - c)) for c in chosen})
+            slots = policy.num_slots(prompt_bucket(P), N, divide)
+            measured = speed.measure_steps(
+                transformer, policy, method, batch=batch, slots=slots, fills=fills, divide_length=divide, mesh=mesh
             )
-            policy = build_policy(
-                loaded or transformer,
-                method,
-                settings,
-                stats=random_stats(transformer) if loaded is None else None,
-                fit=random_fit(transformer) if loaded is None else None,
+            for step in measured:
+                steps.append(
+                    {
+                        **step_row(step, bandwidth),
+                        "kv_cache": kv_cache,
+                        **placement(mesh),
+                        "ms": 1e3 * step.step_seconds,
+                        "gb": step.bytes_per_step / 1e9,
+                    }
+                )
+                print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
+            return (
+                measured,
+                speed.linear_fit([(m.filled, m.step_seconds) for m in measured]),
+                speed.linear_fit([(m.filled, m.bytes_per_step) for m in measured]),
             )
-            memory = speed.sequence_memory(transformer, policy, P, N, divide, mesh=mesh)
-            run_batches = [(b, False) for b in batches]
-            if FLAGS.largest_batch and memory_limit:
-                largest = speed.largest_batch(
-                    memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve, mesh=mesh
+
+        for kv_cache, (transformer, _) in variants.items():
+            for method in FLAGS.methods:
+                # A K-only cache keeps one token set per layer; preset models get random statistics.
+                settings = PolicySettings(
+                    budget=FLAGS.budget,
+                    stats=FLAGS.stats,
+                    aggregation="per_layer" if transformer.slim else None,
+                    slack_trigger=FLAGS.slack_trigger,
                 )
-                print(
-                    f"{method} ({kv_cache}): largest batch {largest} (KV {memory.buffer / 2**20:.1f} MiB and scratch "
-                    f"{memory.scratch / 2**20:.1f} MiB per sequence)",
-                    flush=True,
+                policy = build_policy(
+                    loaded or transformer,
+                    method,
+                    settings,
+                    stats=random_stats(transformer) if loaded is None else None,
+                    fit=random_fit(transformer) if loaded is None else None,
                 )
-                run_batches.append((largest, True))
-            for batch, is_largest in run_batches:
-                if batch < 1:
-                    print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
-                    continue
-                measured, fit, fit_bytes = timed(transformer, policy, method, kv_cache, batch)
-                seconds = speed.integrated(fit, policy, P, N, divide)
-                hf = hf_seconds.get(batch, {}) if method == "full" else {}
-                row = {
-                    "method": method,
-                    "kv_cache": kv_cache,
-                    "batch": batch,
-                    "largest_batch": is_largest,
-                    "prompt_tokens": P,
-                    "new_tokens": N,
-                    "weight_bytes": speed.weight_bytes(transformer),
-                    "kv_bytes_per_sequence": memory.buffer,
-                    "kv_mib_per_sequence": memory.buffer / 2**20,
-                    "scratch_bytes_per_sequence": memory.scratch,
-                    "fixed_scratch_bytes": memory.fixed_scratch,
-                    "integrated_seconds": seconds,
-                    "tokens_per_second": batch * N / seconds,
-                    "roofline_fraction": speed.integrated(fit_bytes, policy, P, N, divide) / seconds / bandwidth,
-                    "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
-                    "eviction_share": measured[-1].eviction_share,
-                    **{f"hf_{mode}_tokens_per_second": batch / hf[mode] if mode in hf else None for mode in HF_MODES},
-                }
-                if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
-                    e2e = speed.end_to_end(
-                        transformer,
-                        policy,
-                        batch=batch,
-                        prompt_tokens=P,
-                        new_tokens=FLAGS.e2e_tokens,
-                        divide_length=divide,
-                        mesh=mesh,
+                memory = speed.sequence_memory(transformer, policy, P, N, divide, mesh=mesh)
+                run_batches = [(b, False) for b in batches]
+                if FLAGS.largest_batch and memory_limit:
+                    largest = speed.largest_batch(
+                        memory_limit, speed.weight_bytes(transformer), memory, FLAGS.memory_reserve, mesh=mesh
                     )
-                    predicted = sum(divide * fit(fill) for fill in e2e["steady_round_fills"])
-                    row.update(
-                        e2e=e2e,
-                        e2e_tokens_per_second=e2e["steady_tokens_per_second"],
-                        e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted
-                        if predicted
-                        else None,
+                    print(
+                        f"{method} ({kv_cache}): largest batch {largest} (KV {memory.buffer / 2**20:.1f} MiB and "
+                        f"scratch {memory.scratch / 2**20:.1f} MiB per sequence)",
+                        flush=True,
                     )
-                runs.append(row)
-                print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
-                save()
+                    run_batches.append((largest, True))
+                for batch, is_largest in run_batches:
+                    if batch < 1:
+                        print(f"{method}: no batch fits in {memory_limit / 2**30:.1f} GiB", file=sys.stderr)
+                        continue
+                    measured, fit, fit_bytes = timed(transformer, policy, method, kv_cache, batch, mesh)
+                    seconds = speed.integrated(fit, policy, P, N, divide)
+                    hf = hf_seconds.get(batch, {}) if method == "full" else {}
+                    row = {
+                        "method": method,
+                        "kv_cache": kv_cache,
+                        **placement(mesh),
+                        "batch": batch,
+                        "largest_batch": is_largest,
+                        "prompt_tokens": P,
+                        "new_tokens": N,
+                        "weight_bytes": speed.weight_bytes(transformer),
+                        "kv_bytes_per_sequence": memory.buffer,
+                        "kv_mib_per_sequence": memory.buffer / 2**20,
+                        "scratch_bytes_per_sequence": memory.scratch,
+                        "fixed_scratch_bytes": memory.fixed_scratch,
+                        "integrated_seconds": seconds,
+                        "tokens_per_second": batch * N / seconds,
+                        "roofline_fraction": speed.integrated(fit_bytes, policy, P, N, divide) / seconds / bandwidth,
+                        "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
+                        "eviction_share": measured[-1].eviction_share,
+                        **{
+                            f"hf_{mode}_tokens_per_second": batch / hf[mode] if mode in hf else None
+                            for mode in HF_MODES
+                        },
+                    }
+                    if FLAGS.e2e_tokens and batch == run_batches[0][0] and not is_largest:
+                        e2e = speed.end_to_end(
+                            transformer,
+                            policy,
+                            batch=batch,
+                            prompt_tokens=P,
+                            new_tokens=FLAGS.e2e_tokens,
+                            divide_length=divide,
+                            mesh=mesh,
+                        )
+                        predicted = sum(divide * fit(fill) for fill in e2e["steady_round_fills"])
+                        row.update(
+                            e2e=e2e,
+                            e2e_tokens_per_second=e2e["steady_tokens_per_second"],
+                            e2e_predicted_tokens_per_second=batch * divide * e2e["steady_rounds"] / predicted
+                            if predicted
+                            else None,
+                        )
+                    runs.append(row)
+                    print(format_rows(runs[-1:], RUN_COLUMNS).splitlines()[-1], flush=True)
+                    save()
     _, peak = speed.device_memory()
     print(
         f"\n{environment()['device']}: roofline {bandwidth / 1e9:.0f} GB/s ({roofline['roofline_source']}; copy "
         f"{roofline['copy_bytes_per_second'] / 1e9:.0f}, read {roofline['read_bytes_per_second'] / 1e9:.0f} GB/s "
-        f"over {roofline['size']}), weights {weights / 1e9:.2f} GB, "
+        f"over {roofline['size']}), "
         f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of "
         f"{memory_limit / 2**30 if memory_limit else float('nan'):.1f}"
     )
     print("\nsteady decode steps\n" + format_rows(steps, STEP_COLUMNS))
     print(f"\n{N} tokens after a {P}-token prompt\n" + format_rows(runs, RUN_COLUMNS))
+    if len(counts) > 1:
+        print(
+            "\nscaling over devices (each method at its largest batch)\n"
+            + format_rows(scaling_rows(runs), SCALING_COLUMNS)
+        )
     save()
 
 
@@ -296,6 +375,7 @@ _BENCHMARK_FLAGS = (
     "slim_value_map",
     "hf",
     "mesh",
+    "devices",
 )
 
 

@@ -54,7 +54,8 @@ flags.DEFINE_enum(
 )
 shared.define_mesh(
     "Decode on a device mesh, e.g. data=2,model=4: rows split over data, heads and the MLP over model "
-    "(data x model must divide the device count). Multi-host launches need it."
+    "(data x model must divide the device count), or auto: every device, as many data-parallel replicas as fit "
+    "(see sharding.choose_mesh). Multi-host launches need it."
 )
 flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and measurements here.")
 # The shared flags belong to this command: `--help` lists them.
