@@ -268,6 +268,8 @@ def test_benchmark_step_on_a_mesh_counts_one_devices_bytes(transformer):
     slot = config.num_layers * (4 // 2) * (config.num_kv_heads // 4) * (2 * config.head_dim * 4 + 4)
     assert step.bytes_per_step == pytest.approx(weights + slot * (64 + 7.5), abs=1)
     assert step.step_seconds > 0 and 0 <= step.eviction_share < 1
+    # Tensor parallel: every layer all-reduces its attention and MLP outputs over the model axis.
+    assert 0 < step.collective_share < 1
 
 
 def test_largest_batch_on_a_mesh_sizes_one_devices_memory(transformer):
@@ -438,7 +440,9 @@ def test_benchmark_scales_over_device_counts(tmp_path):
         ("triattention", 1),
         ("triattention", 2),
     ]
+    # Replicas decode their rows without a collective; one device has nothing to measure.
     for one, two in (table[:2], table[2:]):
+        assert one["collective_share"] is None and two["collective_share"] == 0.0
         assert one["speed_up"] == 1.0
         assert two["speed_up"] == pytest.approx(two["tokens_per_second"] / one["tokens_per_second"])
     assert "scaling over devices" in result.stdout

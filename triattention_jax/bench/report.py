@@ -90,6 +90,7 @@ SCALING_COLUMNS = [
     ("batch", "batch", "d"),
     ("tok/s", "tokens_per_second", ".1f"),
     ("speed-up", "speed_up", ".2f"),
+    ("collectives", "collective_share", ".1%"),
 ]
 
 

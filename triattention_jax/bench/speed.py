@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import gzip
+import json
 import math
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -186,31 +192,71 @@ def steady_round(
     return RoundSetup(graphdef, state, policy, cache, decode, lengths, mesh)
 
 
-def time_rounds(setup: RoundSetup, divide_length: int, cursors: list[int], repeats: int = 5) -> list[float]:
+def time_rounds(
+    setup: RoundSetup, divide_length: int, cursors: list[int], repeats: int = 5, *, profile_first: bool = False
+) -> tuple[list[float], float | None]:
     """Median seconds of one round started at each cursor (reset before every round, so each
-    round starts from the same buffer state)."""
+    round starts from the same buffer state), and with profile_first the share of the first
+    cursor's round that a device spends in collectives (`collective_share`, one more round)."""
     cache = setup.cache
-    medians = []
-    for cursor in cursors:
+    medians, share = [], None
+    for number, cursor in enumerate(cursors):
         times = []
-        for index in range(repeats + 1):
+        profiled = profile_first and number == 0
+        for index in range(repeats + 1 + profiled):
             cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
             jax.block_until_ready(cache)
-            start = time.perf_counter()
             args, options = setup.round_arguments(cache, divide_length)
+            if index == repeats + 1:
+                with tempfile.TemporaryDirectory() as trace_dir:
+                    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                        start = time.perf_counter()
+                        cache, _, emitted = decode_round(*args, **options)
+                        jax.block_until_ready(emitted)
+                        wall = time.perf_counter() - start
+                    share = collective_share(trace_dir, wall, devices=setup.mesh.size)
+                continue
+            start = time.perf_counter()
             cache, _, emitted = decode_round(*args, **options)
             jax.block_until_ready(emitted)
             if index:  # the first call may compile
                 times.append(time.perf_counter() - start)
         medians.append(float(np.median(times)))
-    return medians
+    return medians, share
+
+
+# Collective operations as XLA names them (HLO ops on the CPU, their kernels on a GPU: NCCL).
+_COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|nccl", re.IGNORECASE)
+
+
+def collective_share(trace_dir: str, wall_seconds: float, *, devices: int) -> float:
+    """From a profiler trace (`jax.profiler.trace(..., create_perfetto_trace=True)`) of
+    wall_seconds: the time spent in collective operations per device over that time. On a GPU
+    only the devices' own timelines count (the host's launch events would count them twice)."""
+    [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in str(e.get("args", {}).get("name"))
+    }
+    busy = sum(
+        e.get("dur", 0)
+        for e in events
+        if e.get("ph") == "X" and (not device_pids or e.get("pid") in device_pids) and _COLLECTIVE.search(e["name"])
+    )
+    return busy * 1e-6 / devices / wall_seconds
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepTime:
     """One steady decode step on a buffer of `slots` slots whose round starts at cursor
     `filled`; bytes_per_step: what the step needs to read (weights, and K, V and positions of
-    the slots in use, their mean over the round's steps), one device's share."""
+    the slots in use, their mean over the round's steps), one device's share; on a mesh of
+    several devices, for the first timed fill, collective_share: the share of the round's time
+    a device spends in collectives (from a profiler trace of one more round)."""
 
     method: str
     batch: int
@@ -219,6 +265,7 @@ class StepTime:
     step_seconds: float
     bytes_per_step: int
     eviction_share: float | None = None
+    collective_share: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -247,7 +294,10 @@ def measure_steps(
     slot_bytes = device_bytes((setup.cache.k, setup.cache.v, setup.cache.pos)) / slots
     compacting = [evicts and fill + divide_length > slots for fill in fills]
     cursors = [c for fill, compacts in zip(fills, compacting) for c in ([fill, policy.budget] if compacts else [fill])]
-    times = iter(time_rounds(setup, divide_length, cursors))  # one call: each round donates the buffer
+    sharded = mesh is not None and mesh.size > 1
+    # One call: each round donates the buffer.
+    measured, share = time_rounds(setup, divide_length, cursors, profile_first=sharded)
+    times = iter(measured)
     steps = []
     for fill, compacts in zip(fills, compacting):
         seconds = next(times)
@@ -261,6 +311,7 @@ def measure_steps(
                 step_seconds=seconds / divide_length,
                 bytes_per_step=int(weights + slot_bytes * (first + (divide_length - 1) / 2)),
                 eviction_share=max(0.0, 1 - next(times) / seconds) if compacts else None,
+                collective_share=share if fill == fills[0] else None,
             )
         )
     return steps

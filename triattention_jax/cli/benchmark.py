@@ -311,6 +311,7 @@ def main(argv: list[str]) -> None:
                         "roofline_fraction": speed.integrated(fit_bytes, policy, P, N, divide) / seconds / bandwidth,
                         "final_roofline_fraction": step_row(measured[-1], bandwidth)["roofline_fraction"],
                         "eviction_share": measured[-1].eviction_share,
+                        "collective_share": measured[0].collective_share,
                         **{
                             f"hf_{mode}_tokens_per_second": batch / hf[mode] if mode in hf else None
                             for mode in HF_MODES
