@@ -469,3 +469,51 @@ def test_scaling_rows_take_each_device_counts_largest_batch():
         ]
     )
     assert [(r["devices"], r["batch"], r["speed_up"]) for r in table] == [(1, 20, 1.0), (2, 40, 2.0), (4, 8, 2.2)]
+
+
+def test_slim_cache_on_a_mesh_moves_probabilities_not_keys():
+    """A K-only cache split by rows and heads: the single-device tokens, and in the compiled
+    round no collective as large as a device's share of one layer's keys. Each value needs
+    every head's keys, so a device combines all heads' probabilities (gathered: one float per
+    head and slot) with its own key features and rows of W_KV; XLA had gathered every K."""
+    from test_decode_attention import MHA
+
+    from triattention_jax.slim import slim_transformer
+
+    slim = slim_transformer(random_transformer(MHA))[0]
+    prompts = _prompts(256)
+    single = generate(slim, prompts, eos_ids=(), max_new_tokens=24, divide_length=8).token_ids
+    for spec in ("data=2,model=2", "model=4"):
+        mesh = sharding.make_mesh(spec)
+        assert generate(slim, prompts, eos_ids=(), max_new_tokens=24, divide_length=8, mesh=mesh).token_ids == single
+    mesh = sharding.make_mesh("model=4")
+    policy = FullAttention()
+    graphdef, state, cache, lengths = _prefilled(slim, policy, mesh)
+    decode = DecodeState(
+        token=sharding.put_batch(np.ones(4, np.int32), mesh),
+        position=lengths,
+        done=sharding.put_batch(np.zeros(4, bool), mesh),
+        step=jnp.zeros((), jnp.int32),
+    )
+    hlo = (
+        decode_round.lower(
+            graphdef,
+            state,
+            policy,
+            cache,
+            decode,
+            lengths,
+            jax.random.key(0),
+            jnp.asarray([-2], jnp.int32),
+            sampler=Sampler(),
+            divide_length=16,
+            mesh=mesh,
+        )
+        .compile()
+        .as_text()
+    )
+    shapes = _collective_shapes(hlo)
+    config = slim.config
+    local_keys = 4 * cache.num_slots * config.num_kv_heads // 4 * config.head_dim
+    sizes = [int(np.prod([int(d) for d in re.findall(r"\d+", s.split("[")[1].split("]")[0])])) for s in shapes]
+    assert shapes and max(sizes) < local_keys, list(zip(shapes, sizes))

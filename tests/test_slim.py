@@ -117,7 +117,7 @@ def test_value_map_dtype_follows_the_measured_rounding(slim_model_dirs):
         assert error.value_map_rounding > error.cache_rounding and not error.model_dtype_allowed
     exact = load_transformer(path, dtype="bfloat16")
     d = exact.config.hidden_size
-    exact.layers[0].wk.value = (2 * jnp.eye(d, dtype=jnp.bfloat16)).reshape(exact.layers[0].wk[...].shape)
+    exact.layers[0].wk[...] = (2 * jnp.eye(d, dtype=jnp.bfloat16)).reshape(exact.layers[0].wk[...].shape)
     mixed, mixed_report = slim_transformer(exact, max_cond=1e4)
     assert mixed_report.value_map_dtypes == ("bfloat16", "float32", "float32")
     assert mixed_report.value_errors[0].value_map_rounding == 0.0

@@ -88,9 +88,9 @@ def extend_for_policy(
     tokens: jax.Array,
     positions: jax.Array,
     logits_at: jax.Array | None,
-    decode_kernel: bool = True,
+    mesh: Mesh | None = None,
 ):
-    """`Transformer.extend`, collecting what the policy observes."""
+    """`Transformer.extend`, collecting what the policy observes; on `mesh` when given."""
     return transformer.extend(
         cache,
         tokens,
@@ -99,7 +99,7 @@ def extend_for_policy(
         collect_pre_rope="queries" in policy.observes,
         collect_rope_queries="rope_queries" in policy.observes,
         collect_attention="attention" in policy.observes,
-        decode_kernel=decode_kernel,
+        pin=None if mesh is None else sharding.pinner(mesh),
     )
 
 
@@ -107,10 +107,7 @@ def _step_logits(
     transformer: Transformer, policy: KVPolicy, cache: KVCache, token: jax.Array, position: jax.Array, mesh: Mesh | None
 ):
     tokens, positions = token[:, None], position[:, None]
-    # The decode kernel is one device's program: under a mesh XLA would gather the cache for it.
-    out = extend_for_policy(
-        transformer, policy, cache, tokens, positions, jnp.zeros_like(token), decode_kernel=mesh is None
-    )
+    out = extend_for_policy(transformer, policy, cache, tokens, positions, jnp.zeros_like(token), mesh)
     return out.logits, policy.observe(cache.append(out.k, out.v, positions), out, positions)
 
 
@@ -135,7 +132,7 @@ def prefill(
     batch, bucket = tokens.shape
     index = jnp.arange(bucket)[None]
     positions = jnp.where(index < lengths[:, None], index, -1)
-    out = extend_for_policy(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1)
+    out = extend_for_policy(transformer, policy, None, tokens, positions, None if all_logits else lengths - 1, mesh)
     cache = init_cache(transformer.config, batch, bucket, transformer.dtype, values=transformer.value_layers)
     cache = cache.append(out.k, out.v, positions)
     context = RoundContext(prompt_lengths=lengths, position=lengths)
@@ -221,7 +218,7 @@ def teacher_forced_round(
     context = RoundContext(prompt_lengths=prompt_lengths, position=positions[:, 0])
     cache = sharding.constrain_cache(policy.before_round(cache, divide_length, context), mesh)
     if block:
-        out = extend_for_policy(transformer, policy, cache, tokens, positions, None)
+        out = extend_for_policy(transformer, policy, cache, tokens, positions, None, mesh)
         cache = policy.observe(cache.append(out.k, out.v, positions), out, positions)
         return sharding.constrain_cache(cache, mesh), jax.nn.log_softmax(out.logits, axis=-1)
 

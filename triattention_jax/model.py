@@ -76,8 +76,12 @@ LAYER_WEIGHTS = frozenset(
     ]
 )
 # Not in checkpoints: W_KV = W_K^{-1} W_V, added by `slim.slim_transformer`, head-major
-# (kv_heads, D, head_dim) so the per-head product of every step reads it as stored.
-SLIM_AXES = ("kv_heads", "embed", "head_dim")
+# (kv_heads, D, head_dim) so the per-head product of every step reads it as stored. Its rows
+# are all heads' key features: split like the cached keys on a mesh (`key_only_block`).
+SLIM_AXES = ("value_heads", "key_features", "head_dim")
+# Pins an intermediate array's layout by its logical axis names (None: replicated); on a mesh
+# `sharding.pinner`.
+Pin = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -182,7 +186,7 @@ class Transformer(nnx.Module):
         collect_pre_rope: bool = False,
         collect_rope_queries: bool = False,
         collect_attention: bool = False,
-        decode_kernel: bool = True,
+        pin: Pin | None = None,
     ) -> ExtendOutput:
         """Runs T new tokens per row against the cache (None: an empty one) and themselves.
 
@@ -190,15 +194,15 @@ class Transformer(nnx.Module):
         query attends to. logits_at: (batch,) index into T of the one position per row whose
         logits are wanted; None returns logits for all T positions. The collect_* switches
         add per-layer extras to the output (see `ExtendOutput`); each costs only when on.
-        decode_kernel: a decode step (T = 1) on a GPU reads the cache with the length-aware
-        kernels (`kernels/decode_attention.py`, `kernels/key_only_attention.py` for K-only
-        layers: only slots below the cursor, so its cost follows the filled length), except
-        with collect_attention or on a buffer no key block divides; pass False where the cache
-        is sharded over a mesh (a kernel is one device's program, so XLA would gather the
-        cache for it).
+        A decode step (T = 1) on a GPU reads the cache with the length-aware kernels
+        (`kernels/decode_attention.py`, `kernels/key_only_attention.py` for K-only layers: only
+        slots below the cursor, so its cost follows the filled length), except with
+        collect_attention, on a buffer no key block divides, or with `pin`. pin: on a mesh
+        (`sharding.pinner`), the layouts of intermediates XLA would otherwise choose badly; the
+        kernels are then off (a kernel is one device's program: XLA would gather the cache for it).
         """
         cfg = self.config
-        kernel = decode_kernel and tokens.shape[1] == 1 and not collect_attention and decode_attention.supported()
+        kernel = pin is None and tokens.shape[1] == 1 and not collect_attention and decode_attention.supported()
 
         def by_kernel(cached: CacheLayer) -> bool:
             return kernel and decode_attention.block_size(kernel_slots(cached)) is not None
@@ -219,7 +223,7 @@ class Transformer(nnx.Module):
             if cached is not None and by_kernel(cached):
                 partials.append(kernel_partial(w, q, positions, cached, cache.cursor, self.attention_scale))
             elif cached is not None:
-                block = stored_block(cached.k, cached.v) if cached.v is not None else key_only_block(w, cached)
+                block = stored_block(cached.k, cached.v) if cached.v is not None else key_only_block(w, cached, pin)
                 blocks.insert(0, (block, cached.pos))
             attn, received = _attention(q, positions, blocks, self.attention_scale, collect_attention, partials)
             received_cache, received_new = (
@@ -481,7 +485,7 @@ def _attention_of_queries(
     return out, [jnp.sum(jnp.where(query_valid, w / total, 0.0), axis=(2, 3)) for w in weights]
 
 
-def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionBlock:
+def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer, pin: Pin | None = None) -> AttentionBlock:
     """A K-only cache layer (keys (B,S,K,hd) slot-major, cached before RoPE): V recomputed from K.
 
     MHA with a square W_K: the pre-RoPE keys of all heads, k = h·W_K + b_k, give
@@ -489,15 +493,21 @@ def key_only_block(w: Mapping[str, jax.Array], cached: CacheLayer) -> AttentionB
     head-major, (K, D, hd)). The sum over slots comes first ((Σ_s p_s·k_s)·W_KV per head): one matrix product over
     the slot-major K as stored, and the bias terms need only Σ_s p_s. The scores rotate the
     keys on the fly: when decoding (one query per KV head) as a multiply-and-sum, which XLA
-    fuses into one read of K; otherwise the rotated keys feed a matrix product.
+    fuses into one read of K; otherwise the rotated keys feed a matrix product. On a mesh
+    (`pin`) the sums stay split like the cache's keys, over all heads' K features: a device
+    combines every head's (small) probabilities with its own keys and rows of W_KV, and only
+    the per-head values are summed across devices, where XLA had gathered every K instead.
     """
     # Pinned row-major: else XLA lays the loop-carried buffer out (B,K,S,hd) to suit the
-    # scores' reduction and transposes all of it for the values' product at every step.
-    keys = with_layout_constraint(cached.k, Layout(major_to_minor=(0, 1, 2, 3)))
+    # scores' reduction and transposes all of it for the values' product at every step. Not
+    # on a mesh: XLA gathers a layout constraint's whole operand (every device's K).
+    keys = cached.k if pin is not None else with_layout_constraint(cached.k, Layout(major_to_minor=(0, 1, 2, 3)))
     B, S, K, hd = keys.shape
 
     def values(p: jax.Array) -> jax.Array:  # p: (B, K, 1, T, S), MHA so groups of one
         summed = einsum_f32("bkgts,bsd->bkgtd", p.astype(keys.dtype), keys.reshape(B, S, K * hd))
+        if pin is not None:
+            summed = pin(summed, ("batch", "value_heads", None, None, "key_features"))
         return recovered_values(w, summed, jnp.sum(p, axis=-1, keepdims=True))
 
     def block(qg: jax.Array, scale: float) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:

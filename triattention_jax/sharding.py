@@ -33,7 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
-from triattention_jax.model import Transformer, weight_specs
+from triattention_jax.model import Pin, Transformer, weight_specs
 
 MESH_AXES = ("data", "model")
 
@@ -53,6 +53,8 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "layers": None,
     "slots": None,
     "window": None,
+    "value_heads": None,
+    "key_features": "model",
 }
 
 
@@ -209,7 +211,7 @@ def check_batch(batch: int, mesh: Mesh) -> None:
         )
 
 
-def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec of an array with these logical axes: each mapped axis is sharded when
     its mesh axis (of size > 1) divides the dimension, else replicated."""
     if len(axes) != len(shape):
@@ -217,16 +219,19 @@ def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P
     return PartitionSpec(*(_mesh_axis(name, size, mesh.shape) for name, size in zip(axes, shape)))
 
 
-def _mesh_axis(name: str, size: int, sizes: Mapping[str, int]) -> str | None:
+def _mesh_axis(name: str | None, size: int, sizes: Mapping[str, int]) -> str | None:
     """The mesh axis a dimension of this logical name and size is split over: its rule's,
-    when that axis has more than one device and divides the size; else None (replicated)."""
+    when that axis has more than one device and divides the size; else (and for no name)
+    None, replicated."""
+    if name is None:
+        return None
     if name not in LOGICAL_AXIS_RULES:
         raise ValueError(f"no sharding rule for logical axis {name!r}")
     mesh_axis = LOGICAL_AXIS_RULES[name]
     return mesh_axis if mesh_axis is not None and sizes[mesh_axis] > 1 and size % sizes[mesh_axis] == 0 else None
 
 
-def logical_sharding(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+def logical_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(axes, shape, mesh))
 
 
@@ -274,12 +279,17 @@ def shard_transformer(transformer: Transformer, mesh: Mesh) -> Transformer:
     return nnx.merge(graphdef, shard_state(state, mesh))
 
 
+def pinner(mesh: Mesh) -> Pin:
+    """`model.Pin` on this mesh: a sharding constraint by the logical axis rules."""
+    return lambda x, axes: jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
+
+
 def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     """The cache with its sharding pinned inside a jitted function (identity without a mesh),
     by the logical axes the cache declares for its arrays."""
     if mesh is None:
         return cache
-    return cache.constrained(lambda x, axes: jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh)))
+    return cache.constrained(pinner(mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
