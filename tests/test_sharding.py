@@ -482,10 +482,17 @@ def test_slim_cache_on_a_mesh_moves_probabilities_not_keys():
 
     slim = slim_transformer(random_transformer(MHA))[0]
     prompts = _prompts(256)
-    single = generate(slim, prompts, eos_ids=(), max_new_tokens=24, divide_length=8).token_ids
-    for spec in ("data=2,model=2", "model=4"):
+    # TriAttention keeps one token set per layer (per_layer: the max over heads, across devices).
+    evicting = TriAttention.create(slim, random_stats(slim, seed=1), budget=32, aggregation="per_layer")
+    for policy, spec in (
+        (FullAttention(), "data=2,model=2"),
+        (FullAttention(), "model=4"),
+        (evicting, "data=2,model=2"),
+    ):
+        single = generate(slim, prompts, eos_ids=(), max_new_tokens=24, divide_length=8, policy=policy).token_ids
         mesh = sharding.make_mesh(spec)
-        assert generate(slim, prompts, eos_ids=(), max_new_tokens=24, divide_length=8, mesh=mesh).token_ids == single
+        sharded = generate(slim, prompts, eos_ids=(), max_new_tokens=24, divide_length=8, policy=policy, mesh=mesh)
+        assert sharded.token_ids == single
     mesh = sharding.make_mesh("model=4")
     policy = FullAttention()
     graphdef, state, cache, lengths = _prefilled(slim, policy, mesh)
