@@ -198,7 +198,7 @@ def test_budget_beyond_the_run_gets_a_buffer_of_the_runs_size(tiny_model_dirs):
 
 def test_a_buffer_larger_than_free_memory_is_refused(tiny_model_dirs, monkeypatch):
     transformer = load_transformer(tiny_model_dirs["llama-tied"], dtype="float32")
-    monkeypatch.setattr(decoding, "_free_device_memory", lambda: 1 << 16)
+    monkeypatch.setattr(decoding, "free_device_memory", lambda: 1 << 16)
     with pytest.raises(UserError, match="the KV buffer needs .* GiB per device") as error:
         decoding.generate(transformer, [[5, 6, 7]] * 8, eos_ids=(), max_new_tokens=1000, divide_length=16)
     _one_line(error.value)

@@ -80,7 +80,7 @@ def decode_prompts(
         sharding.initialize_distributed()
     if request.mesh == "auto":
 
-        def mesh_for(config: ModelConfig, tokenizer: Any) -> Mesh:
+        def mesh_for(config: ModelConfig, tokenizer: Any) -> Mesh | None:
             """Sized for the longest prompt with full attention's buffer, which no policy exceeds."""
             chat = has_chat_template(tokenizer) if request.chat is None else request.chat
             longest = max(map(len, encode_prompts(tokenizer, texts, chat=chat)))
@@ -93,9 +93,11 @@ def decode_prompts(
                 num_slots=prompt_bucket(longest) + rounds * request.divide_length,
                 memory_bytes=free_device_memory(),
             )
-            print(f"--mesh auto: {sharding.format_mesh(sizes)}", file=sys.stderr)
-            chosen.append(sharding.make_mesh(sizes))
-            return chosen[0]
+            # One device decodes best without a mesh: the decode kernels stay on.
+            mesh = sharding.make_mesh(sizes) if sizes["data"] * sizes["model"] > 1 else None
+            print(f"--mesh auto: {sharding.format_mesh(sizes)}{'' if mesh else ' (no mesh)'}", file=sys.stderr)
+            chosen.append(mesh)
+            return mesh
 
     elif request.mesh is not None:
         device_mesh = sharding.make_mesh(request.mesh)

@@ -99,7 +99,7 @@ def load_model(
     *,
     dtype: str | jnp.dtype = "bfloat16",
     mesh: Mesh | None = None,
-    mesh_for: Callable[[ModelConfig, Any], Mesh] | None = None,
+    mesh_for: Callable[[ModelConfig, Any], Mesh | None] | None = None,
 ) -> LoadedModel:
     """Loads a checkpoint folder (Hugging Face safetensors, or an orbax checkpoint written by
     `python -m triattention_jax.cli.orbax`), a models/ folder name, or a hub id, in `dtype`,
@@ -108,7 +108,8 @@ def load_model(
     the tokenizer before any weight is read, returns the mesh (`--mesh auto`)."""
     model_dir = resolve_model_dir(model)
     config, _ = read_hf_config(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    # Read first only when the mesh depends on it: a broken weights file is reported first.
+    tokenizer = None if mesh_for is None else load_tokenizer(model_dir)
     if mesh_for is not None:
         mesh = mesh_for(config, tokenizer)
     stats = None
@@ -121,7 +122,7 @@ def load_model(
     return LoadedModel(
         config=config,
         transformer=transformer,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(model_dir) if tokenizer is None else tokenizer,
         path=model_dir,
         name=store_name(model, model_dir),
         stats=stats,

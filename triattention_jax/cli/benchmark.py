@@ -192,7 +192,7 @@ def main(argv: list[str]) -> None:
     roofline = speed.roofline()
     bandwidth = roofline["roofline_bytes_per_second"]
     memory_limit, _ = speed.device_memory()
-    steps, runs, slim_reports = [], [], {}
+    steps, runs, slim_reports, weights = [], [], {}, []
 
     def save() -> None:
         """Rewritten after every row, so a run cut short still leaves what it measured."""
@@ -205,6 +205,7 @@ def main(argv: list[str]) -> None:
                     "model": FLAGS.preset or FLAGS.model,
                     "flags": {name: FLAGS[name].value for name in _BENCHMARK_FLAGS},
                     "roofline": roofline,
+                    "weight_bytes": weights[0],
                     "slim": slim_reports,
                     "memory_limit_bytes": memory_limit,
                     "peak_memory_bytes": peak,
@@ -222,6 +223,7 @@ def main(argv: list[str]) -> None:
 
     for count in counts or [None]:
         loaded, base, mesh = load(count)
+        weights.append(speed.weight_bytes(base))
         variants = cache_variants(
             base, FLAGS.kv_cache, random_weights=bool(FLAGS.preset), value_map=FLAGS.slim_value_map
         )
@@ -342,7 +344,7 @@ def main(argv: list[str]) -> None:
     print(
         f"\n{environment()['device']}: roofline {bandwidth / 1e9:.0f} GB/s ({roofline['roofline_source']}; copy "
         f"{roofline['copy_bytes_per_second'] / 1e9:.0f}, read {roofline['read_bytes_per_second'] / 1e9:.0f} GB/s "
-        f"over {roofline['size']}), "
+        f"over {roofline['size']}), weights {weights[0] / 1e9:.2f} GB per device, "
         f"peak memory {peak / 2**30 if peak else float('nan'):.1f} GiB of "
         f"{memory_limit / 2**30 if memory_limit else float('nan'):.1f}"
     )
