@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from triattention_jax import sharding
 from triattention_jax.bench.presets import random_stats
 from triattention_jax.bench.report import scaling_rows
-from triattention_jax.cache import cache_nbytes
+from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.config import ModelConfig
 from triattention_jax.decoding import DecodeState, decode_round, generate, prefill, teacher_force
 from triattention_jax.errors import UserError
@@ -210,13 +210,8 @@ def _collective_shapes(hlo: str) -> list[str]:
     return [match.group(1) for match in _COLLECTIVE.finditer(hlo)]
 
 
-def test_decode_round_with_eviction_never_moves_cache_entries(transformer):
-    """The whole round (compaction with per_head aggregation, then 16 steps) on a cache split
-    by rows and KV heads: the collectives are those of tensor parallelism (activations,
-    logits); none carries K or V entries, whose shapes end in (slots, head_dim), nor per-slot
-    scores or positions (ending in slots): eviction stays on its shard."""
-    mesh = sharding.make_mesh("data=2,model=4")
-    policy = TriAttention.create(transformer, random_stats(transformer), budget=64)
+def _round_collectives(transformer: Transformer, policy, mesh) -> tuple[KVCache, list[str]]:
+    """The prefilled cache and the shapes of the collectives in a compiled 16-step round on it."""
     graphdef, state, cache, lengths = _prefilled(transformer, policy, mesh)
     decode = DecodeState(
         token=sharding.put_batch(np.ones(4, np.int32), mesh),
@@ -224,24 +219,19 @@ def test_decode_round_with_eviction_never_moves_cache_entries(transformer):
         done=sharding.put_batch(np.zeros(4, bool), mesh),
         step=jnp.zeros((), jnp.int32),
     )
-    hlo = (
-        decode_round.lower(
-            graphdef,
-            state,
-            policy,
-            cache,
-            decode,
-            lengths,
-            jax.random.key(0),
-            jnp.asarray([-2], jnp.int32),
-            sampler=Sampler(),
-            divide_length=16,
-            mesh=mesh,
-        )
-        .compile()
-        .as_text()
-    )
-    shapes = _collective_shapes(hlo)
+    args = (graphdef, state, policy, cache, decode, lengths, jax.random.key(0), jnp.asarray([-2], jnp.int32))
+    lowered = decode_round.lower(*args, sampler=Sampler(), divide_length=16, mesh=mesh)
+    return cache, _collective_shapes(lowered.compile().as_text())
+
+
+def test_decode_round_with_eviction_never_moves_cache_entries(transformer):
+    """The whole round (compaction with per_head aggregation, then 16 steps) on a cache split
+    by rows and KV heads: the collectives are those of tensor parallelism (activations,
+    logits); none carries K or V entries, whose shapes end in (slots, head_dim), nor per-slot
+    scores or positions (ending in slots): eviction stays on its shard."""
+    mesh = sharding.make_mesh("data=2,model=4")
+    policy = TriAttention.create(transformer, random_stats(transformer), budget=64)
+    cache, shapes = _round_collectives(transformer, policy, mesh)
     assert shapes, "tensor parallelism needs collectives: the HLO pattern no longer matches"
     slots, head_dim = cache.num_slots, transformer.config.head_dim
     per_slot = [s for s in shapes if re.search(rf"\b{slots}(,{head_dim})?\]", s)]
@@ -497,31 +487,7 @@ def test_slim_cache_on_a_mesh_moves_probabilities_not_keys():
         assert sharded.token_ids == single
     mesh = sharding.make_mesh("model=4")
     policy = FullAttention()
-    graphdef, state, cache, lengths = _prefilled(slim, policy, mesh)
-    decode = DecodeState(
-        token=sharding.put_batch(np.ones(4, np.int32), mesh),
-        position=lengths,
-        done=sharding.put_batch(np.zeros(4, bool), mesh),
-        step=jnp.zeros((), jnp.int32),
-    )
-    hlo = (
-        decode_round.lower(
-            graphdef,
-            state,
-            policy,
-            cache,
-            decode,
-            lengths,
-            jax.random.key(0),
-            jnp.asarray([-2], jnp.int32),
-            sampler=Sampler(),
-            divide_length=16,
-            mesh=mesh,
-        )
-        .compile()
-        .as_text()
-    )
-    shapes = _collective_shapes(hlo)
+    cache, shapes = _round_collectives(slim, policy, mesh)
     config = slim.config
     local_keys = 4 * cache.num_slots * config.num_kv_heads // 4 * config.head_dim
     sizes = [int(np.prod([int(d) for d in re.findall(r"\d+", s.split("[")[1].split("]")[0])])) for s in shapes]

@@ -24,7 +24,7 @@ from triattention_jax.eval.texts import fit_documents
 from triattention_jax.files import check_writable, write_json_atomic
 from triattention_jax.fitting import TARGETS, fit_scorer
 from triattention_jax.methods import PolicySettings, build_policy
-from triattention_jax.policies import EvictionPolicy
+from triattention_jax.policies import EvictionPolicy, FullAttention
 from triattention_jax.prompts import encode_prompts, has_chat_template, read_prompt_file
 from triattention_jax.sampling import Sampler
 from triattention_jax.slim import KV_CACHE_MODES, logprob_error, slim_transformer
@@ -75,7 +75,7 @@ def decode_prompts(
     sampler = Sampler(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
     if request.kv_cache not in KV_CACHE_MODES:
         raise UserError(f"unknown --kv_cache {request.kv_cache!r}: choose one of {', '.join(KV_CACHE_MODES)}")
-    device_mesh, mesh_for, chosen = None, None, []
+    device_mesh, mesh_for = None, None
     if request.mesh is not None:
         sharding.initialize_distributed()
     if request.mesh == "auto":
@@ -84,27 +84,26 @@ def decode_prompts(
             """Sized for the longest prompt with full attention's buffer, which no policy exceeds."""
             chat = has_chat_template(tokenizer) if request.chat is None else request.chat
             longest = max(map(len, encode_prompts(tokenizer, texts, chat=chat)))
-            rounds = -(-request.max_new_tokens // request.divide_length)
             sizes = sharding.choose_mesh(
                 config,
                 request.dtype,
                 devices=jax.device_count(),
                 batches=[len(texts)],
-                num_slots=prompt_bucket(longest) + rounds * request.divide_length,
+                num_slots=FullAttention().num_slots(
+                    prompt_bucket(longest), request.max_new_tokens, request.divide_length
+                ),
                 memory_bytes=free_device_memory(),
             )
             # One device decodes best without a mesh: the decode kernels stay on.
             mesh = sharding.make_mesh(sizes) if sizes["data"] * sizes["model"] > 1 else None
             print(f"--mesh auto: {sharding.format_mesh(sizes)}{'' if mesh else ' (no mesh)'}", file=sys.stderr)
-            chosen.append(mesh)
             return mesh
 
     elif request.mesh is not None:
         device_mesh = sharding.make_mesh(request.mesh)
         sharding.check_batch(len(texts), device_mesh)
     loaded = load_model(request.model, dtype=request.dtype, mesh=device_mesh, mesh_for=mesh_for)
-    if request.mesh == "auto":
-        device_mesh = chosen[0]
+    device_mesh = loaded.mesh
     tokenizer = loaded.tokenizer
     use_chat = has_chat_template(tokenizer) if request.chat is None else request.chat
     prompt_ids = encode_prompts(tokenizer, texts, chat=use_chat)

@@ -199,29 +199,26 @@ def time_rounds(
     round starts from the same buffer state), and with profile_first the share of the first
     cursor's round that a device spends in collectives (`collective_share`, one more round)."""
     cache = setup.cache
+
+    def timed_round(cursor: int) -> float:
+        nonlocal cache
+        cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
+        jax.block_until_ready(cache)
+        args, options = setup.round_arguments(cache, divide_length)
+        start = time.perf_counter()
+        cache, _, emitted = decode_round(*args, **options)
+        jax.block_until_ready(emitted)
+        return time.perf_counter() - start
+
     medians, share = [], None
-    for number, cursor in enumerate(cursors):
-        times = []
-        profiled = profile_first and number == 0
-        for index in range(repeats + 1 + profiled):
-            cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
-            jax.block_until_ready(cache)
-            args, options = setup.round_arguments(cache, divide_length)
-            if index == repeats + 1:
-                with tempfile.TemporaryDirectory() as trace_dir:
-                    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                        start = time.perf_counter()
-                        cache, _, emitted = decode_round(*args, **options)
-                        jax.block_until_ready(emitted)
-                        wall = time.perf_counter() - start
-                    share = collective_share(trace_dir, wall, devices=setup.mesh.size)
-                continue
-            start = time.perf_counter()
-            cache, _, emitted = decode_round(*args, **options)
-            jax.block_until_ready(emitted)
-            if index:  # the first call may compile
-                times.append(time.perf_counter() - start)
+    for cursor in cursors:
+        times = [timed_round(cursor) for _ in range(repeats + 1)][1:]  # the first call may compile
         medians.append(float(np.median(times)))
+    if profile_first:
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                wall = timed_round(cursors[0])
+            share = collective_share(trace_dir, wall, devices=setup.mesh.size)
     return medians, share
 
 

@@ -79,7 +79,8 @@ def _hub_snapshot(repo_id: str) -> Path:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoadedModel:
     """A model ready to decode: config, weights (an NNX module), tokenizer and where it came from;
-    `stats`: TriAttention statistics that came with the checkpoint (orbax checkpoints carry them)."""
+    `stats`: TriAttention statistics that came with the checkpoint (orbax checkpoints carry them);
+    `mesh`: the mesh the weights are laid out on (None: one device)."""
 
     config: ModelConfig
     transformer: Transformer
@@ -87,6 +88,7 @@ class LoadedModel:
     path: Path
     name: str
     stats: CalibrationResult | None = None
+    mesh: Mesh | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -109,8 +111,9 @@ def load_model(
     model_dir = resolve_model_dir(model)
     config, _ = read_hf_config(model_dir)
     # Read first only when the mesh depends on it: a broken weights file is reported first.
-    tokenizer = None if mesh_for is None else load_tokenizer(model_dir)
+    tokenizer = None
     if mesh_for is not None:
+        tokenizer = load_tokenizer(model_dir)
         mesh = mesh_for(config, tokenizer)
     stats = None
     if orbax.is_orbax_checkpoint(model_dir):
@@ -126,6 +129,7 @@ def load_model(
         path=model_dir,
         name=store_name(model, model_dir),
         stats=stats,
+        mesh=mesh,
     )
 
 

@@ -117,6 +117,7 @@ def main(argv: list[str]) -> None:
     from triattention_jax.files import check_writable, write_json_atomic
     from triattention_jax.methods import PolicySettings, build_policy, parse_method
     from triattention_jax.model import Transformer
+    from triattention_jax.policies import FullAttention
 
     if FLAGS.out:
         check_writable(FLAGS.out)
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> None:
                 FLAGS.dtype,
                 devices=count,
                 batches=batches,
-                num_slots=prompt_bucket(P) + -(-N // divide) * divide,
+                num_slots=FullAttention().num_slots(prompt_bucket(P), N, divide),
                 memory_bytes=speed.device_memory()[0],
                 reserve=FLAGS.memory_reserve,
             )
@@ -167,14 +168,8 @@ def main(argv: list[str]) -> None:
             mesh = mesh_for(ModelConfig.from_hf(preset_config(FLAGS.preset)), count)
             base = random_transformer(FLAGS.preset, FLAGS.dtype)
             return None, base if mesh is None else sharding.shard_transformer(base, mesh), mesh
-        chosen = []
-
-        def placed(config: ModelConfig, _tokenizer: Any) -> Mesh | None:
-            chosen.append(mesh_for(config, count))
-            return chosen[0]
-
-        loaded = load_model(FLAGS.model, dtype=FLAGS.dtype, mesh_for=placed)
-        return loaded, loaded.transformer, chosen[0]
+        loaded = load_model(FLAGS.model, dtype=FLAGS.dtype, mesh_for=lambda config, _: mesh_for(config, count))
+        return loaded, loaded.transformer, loaded.mesh
 
     hf_source = preset_config(FLAGS.preset) if FLAGS.preset else str(resolve_model_dir(FLAGS.model))
     hf_seconds: dict[int, dict[str, float]] = {}
