@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +57,7 @@ def test_tiny_preset_report_is_consistent(tmp_path):
             "--e2e_tokens",
             "256",
             "--nohf",
+            "--profile",
             "--out",
             str(out),
         ],
@@ -107,4 +109,35 @@ def test_tiny_preset_report_is_consistent(tmp_path):
             step["bytes_per_second"] / roofline["roofline_bytes_per_second"], rel=1e-9
         )
         assert (step["eviction_share"] is None) == (step["method"] == "full")
+    # --profile: each method's first timed fill says where its round's time goes.
+    first_steps = {s["method"]: s for s in reversed(steps)}
+    assert all(0 < sum(op["share"] for op in s["ops"]) <= 1 for s in first_steps.values())
+    assert sum("ops" in s for s in steps) == len(first_steps)
     assert "tok/s" in result.stdout and "roofline" in result.stdout
+
+
+def test_round_profile_counts_each_op_once():
+    """Self times: the loop around the matrix products does not count them again, and XLA's
+    ops account for most of a run that is nothing but those products."""
+    import tempfile
+
+    import jax
+
+    from triattention_jax.bench.speed import RoundProfile
+
+    @jax.jit
+    def products(x):
+        return jax.lax.fori_loop(0, 8, lambda _, y: jnp.tanh(y @ x), x)
+
+    x = jnp.full((512, 512), 1e-3, jnp.float32)
+    products(x).block_until_ready()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            products(x).block_until_ready()
+            wall = time.perf_counter() - start
+        profile = RoundProfile.from_trace(trace_dir, wall, devices=1)
+    shares = [share for _, share in profile.ops]
+    assert min(shares) > -1e-6 and 0.5 < sum(shares) <= 1
+    assert profile.collective_share == 0
+    assert profile.top(1)[0]["share"] == max(shares)

@@ -194,10 +194,10 @@ def steady_round(
 
 def time_rounds(
     setup: RoundSetup, divide_length: int, cursors: list[int], repeats: int = 5, *, profile_first: bool = False
-) -> tuple[list[float], float | None]:
+) -> tuple[list[float], RoundProfile | None]:
     """Median seconds of one round started at each cursor (reset before every round, so each
-    round starts from the same buffer state), and with profile_first the share of the first
-    cursor's round that a device spends in collectives (`collective_share`, one more round)."""
+    round starts from the same buffer state), and with profile_first where one more round
+    started at the first cursor spends its device time (`RoundProfile`, from a profiler trace)."""
     cache = setup.cache
 
     def timed_round(cursor: int) -> float:
@@ -210,7 +210,7 @@ def time_rounds(
         jax.block_until_ready(emitted)
         return time.perf_counter() - start
 
-    medians, share = [], None
+    medians, profile = [], None
     for cursor in cursors:
         times = [timed_round(cursor) for _ in range(repeats + 1)][1:]  # the first call may compile
         medians.append(float(np.median(times)))
@@ -218,42 +218,77 @@ def time_rounds(
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 wall = timed_round(cursors[0])
-            share = collective_share(trace_dir, wall, devices=setup.mesh.size)
-    return medians, share
+            profile = RoundProfile.from_trace(trace_dir, wall, devices=1 if setup.mesh is None else setup.mesh.size)
+    return medians, profile
 
 
 # Collective operations as XLA names them (HLO ops on the CPU, their kernels on a GPU: NCCL).
 _COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|nccl", re.IGNORECASE)
 
 
-def collective_share(trace_dir: str, wall_seconds: float, *, devices: int) -> float:
-    """From a profiler trace (`jax.profiler.trace(..., create_perfetto_trace=True)`) of
-    wall_seconds: the time spent in collective operations per device over that time. On a GPU
-    only the devices' own timelines count (the host's launch events would count them twice)."""
-    [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    with gzip.open(path) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    device_pids = {
-        e["pid"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in str(e.get("args", {}).get("name"))
-    }
-    busy = sum(
-        e.get("dur", 0)
-        for e in events
-        if e.get("ph") == "X" and (not device_pids or e.get("pid") in device_pids) and _COLLECTIVE.search(e["name"])
-    )
-    return busy * 1e-6 / devices / wall_seconds
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoundProfile:
+    """Where one profiled round spends its device time, per device: ops, each (name, share of
+    the round's wall time), the largest first, and the share of collectives among them. An
+    op's name is its HLO op where the trace gives one (a GPU's kernels), else the event's."""
+
+    wall_seconds: float
+    ops: tuple[tuple[str, float], ...]
+    collective_share: float
+
+    @classmethod
+    def from_trace(cls, trace_dir: str, wall_seconds: float, *, devices: int) -> RoundProfile:
+        """From a `jax.profiler.trace(..., create_perfetto_trace=True)` folder of a run that
+        took wall_seconds. Only XLA's ops count (events naming their HLO op; on a GPU, the
+        kernels on the devices' own timelines), each by its self time: a CPU's while loop
+        does not count the ops inside it twice."""
+        [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        device_pids = {
+            e["pid"]
+            for e in events
+            if e.get("ph") == "M"
+            and e.get("name") == "process_name"
+            and "/device:" in str(e.get("args", {}).get("name"))
+        }
+        timelines: dict[tuple, list[dict]] = {}
+        for e in events:
+            if e.get("ph") == "X" and (e.get("pid") in device_pids or "hlo_op" in e.get("args", {})):
+                timelines.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+        busy: dict[str, float] = {}
+        collectives = 0.0
+        for timeline in timelines.values():
+            timeline.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+            open_events: list[tuple[float, str]] = []  # (end, name) of the events enclosing this one
+            for e in timeline:
+                start, duration = e["ts"], e.get("dur", 0)
+                while open_events and open_events[-1][0] <= start:
+                    open_events.pop()
+                name = str(e.get("args", {}).get("hlo_op") or e["name"])
+                share = duration * 1e-6 / devices / wall_seconds
+                busy[name] = busy.get(name, 0.0) + share
+                if open_events:
+                    busy[open_events[-1][1]] -= share
+                open_events.append((start + duration, name))
+                if _COLLECTIVE.search(f"{e['name']} {name}"):
+                    collectives += share
+        ops = tuple(sorted(busy.items(), key=lambda item: -item[1]))
+        return cls(wall_seconds=wall_seconds, ops=ops, collective_share=collectives)
+
+    def top(self, count: int) -> list[dict[str, Any]]:
+        return [{"op": name, "share": share} for name, share in self.ops[:count]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepTime:
     """One steady decode step on a buffer of `slots` slots whose round starts at cursor
     `filled`; bytes_per_step: what the step needs to read (weights, and K, V and positions of
-    the slots in use, their mean over the round's steps), one device's share; on a mesh of
-    several devices, for the first timed fill, collective_share: the share of the round's time
-    a device spends in collectives (from a profiler trace of one more round)."""
+    the slots in use, their mean over the round's steps), one device's share. For the first
+    timed fill, on a mesh of several devices collective_share: the share of the round's time
+    a device spends in collectives, and when asked for, profile: where its time goes (both from
+    a profiler trace of one more round)."""
 
     method: str
     batch: int
@@ -263,6 +298,7 @@ class StepTime:
     bytes_per_step: int
     eviction_share: float | None = None
     collective_share: float | None = None
+    profile: RoundProfile | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -279,12 +315,13 @@ def measure_steps(
     fills: list[int],
     divide_length: int,
     mesh: Mesh | None = None,
+    profile: bool = False,
 ) -> list[StepTime]:
     """Steady steps on one buffer of `slots` slots, a round started at each cursor in `fills`
     (slots past it keep stale entries: the decode kernel stops at the cursor, the XLA path
     reads the whole buffer either way). An eviction policy's round that does not fit compacts
     first; the share of its time spent compacting comes from the same round started at
-    `budget` (no compaction)."""
+    `budget` (no compaction). profile: also trace one round at the first fill."""
     evicts = isinstance(policy, EvictionPolicy)
     setup = steady_round(transformer, policy, batch=batch, slots=slots, filled=max(fills), mesh=mesh)
     weights = weight_bytes(nnx.merge(setup.graphdef, setup.state))
@@ -293,7 +330,7 @@ def measure_steps(
     cursors = [c for fill, compacts in zip(fills, compacting) for c in ([fill, policy.budget] if compacts else [fill])]
     sharded = mesh is not None and mesh.size > 1
     # One call: each round donates the buffer.
-    measured, share = time_rounds(setup, divide_length, cursors, profile_first=sharded)
+    measured, traced = time_rounds(setup, divide_length, cursors, profile_first=sharded or profile)
     times = iter(measured)
     steps = []
     for fill, compacts in zip(fills, compacting):
@@ -308,7 +345,8 @@ def measure_steps(
                 step_seconds=seconds / divide_length,
                 bytes_per_step=int(weights + slot_bytes * (first + (divide_length - 1) / 2)),
                 eviction_share=max(0.0, 1 - next(times) / seconds) if compacts else None,
-                collective_share=share if fill == fills[0] else None,
+                collective_share=traced.collective_share if sharded and fill == fills[0] else None,
+                profile=traced if profile and fill == fills[0] else None,
             )
         )
     return steps

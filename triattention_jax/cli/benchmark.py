@@ -82,6 +82,12 @@ flags.DEFINE_list(
     "Device counts to time in turn, e.g. 1,2,4: each over the first that many devices with the mesh --mesh auto "
     "would choose (one device: no mesh), then a table of tokens/s and speed-up per method.",
 )
+flags.DEFINE_bool(
+    "profile",
+    False,
+    "Trace one more round per timed batch and print where its device time goes (its largest ops; the JSON keeps "
+    "more). On a GPU, XLA_FLAGS=--xla_gpu_enable_command_buffer= keeps every kernel's op name in the trace.",
+)
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
 # The shared flags belong to this command: `--help` lists them.
 flags.adopt_module_key_flags(shared)
@@ -236,7 +242,15 @@ def main(argv: list[str]) -> None:
                 fills = sorted({min(starts, key=lambda s: abs(s - c)) for c in chosen})
             slots = policy.num_slots(prompt_bucket(P), N, divide)
             measured = speed.measure_steps(
-                transformer, policy, method, batch=batch, slots=slots, fills=fills, divide_length=divide, mesh=mesh
+                transformer,
+                policy,
+                method,
+                batch=batch,
+                slots=slots,
+                fills=fills,
+                divide_length=divide,
+                mesh=mesh,
+                profile=FLAGS.profile,
             )
             for step in measured:
                 steps.append(
@@ -249,6 +263,10 @@ def main(argv: list[str]) -> None:
                     }
                 )
                 print(format_rows(steps[-1:], STEP_COLUMNS).splitlines()[-1], flush=True)
+                if step.profile is not None:
+                    steps[-1]["ops"] = step.profile.top(PROFILED_OPS)
+                    for op in steps[-1]["ops"][:PRINTED_OPS]:
+                        print(f"    {op['share']:6.1%}  {op['op']}", flush=True)
             return (
                 measured,
                 speed.linear_fit([(m.filled, m.step_seconds) for m in measured]),
@@ -374,7 +392,11 @@ _BENCHMARK_FLAGS = (
     "hf",
     "mesh",
     "devices",
+    "profile",
 )
+# Ops of a profiled round printed, and kept in the JSON.
+PRINTED_OPS = 8
+PROFILED_OPS = 24
 
 
 if __name__ == "__main__":
