@@ -121,7 +121,7 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "--calib_file",
         str(source),
         "--num_tokens",
-        "1536",
+        "1024",
         "--seq_len",
         "512",
         "--out",
@@ -131,14 +131,16 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         str(report),
         "--fit",
         "--fit_seq_len",
-        "768",
+        "512",
+        "--fit_horizon",
+        "256",
     )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
-    # The fit cuts the calibration file's 1,536 tokens into sequences of 768.
+    # The fit cuts the calibration file's 1,024 tokens into sequences of 512.
     assert "fitted scorer:" in result.stdout and "2 sequences" in result.stdout
     numbers = json.loads((report / "report.json").read_text())
-    assert numbers["num_tokens"] == 1536 and numbers["heads"] == 30 * 9
+    assert numbers["num_tokens"] == 1024 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
     assert len(numbers["key_norm_vs_attention"]["spearman_per_kv_head"]) == 30
     assert -1 <= numbers["key_norm_vs_attention"]["spearman_median"] <= 1
@@ -154,11 +156,11 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "--stats",
         str(stats),
         "--budget",
-        "96",
+        "48",
         "--divide_length",
-        "32",
+        "16",
         "--max_new_tokens",
-        "160",
+        "96",
         "--ignore_eos",
         "--dtype",
         "float32",
@@ -167,9 +169,9 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     decoded = json.loads(out.read_text())
-    assert decoded["num_generated_tokens"] == [160]
-    # 30 layers x 3 KV heads x (96 + 32) slots x (2 x 64 float32 values + an int32 position)
-    assert decoded["kv_cache_bytes"] == 30 * 3 * 128 * (2 * 64 * 4 + 4)
+    assert decoded["num_generated_tokens"] == [96]
+    # 30 layers x 3 KV heads x (48 + 16) slots x (2 x 64 float32 values + an int32 position)
+    assert decoded["kv_cache_bytes"] == 30 * 3 * 64 * (2 * 64 * 4 + 4)
 
     fitted = stats.with_suffix(".fit.safetensors")
     result = _run(
@@ -183,11 +185,11 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "--fitted_scorer",
         str(fitted),
         "--budget",
-        "96",
+        "48",
         "--divide_length",
-        "32",
+        "16",
         "--max_new_tokens",
-        "160",
+        "96",
         "--ignore_eos",
         "--dtype",
         "float32",
@@ -196,8 +198,8 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     decoded = json.loads(out.read_text())
-    assert decoded["num_generated_tokens"] == [160]
-    assert decoded["kv_cache_bytes"] == 30 * 3 * 128 * (2 * 64 * 4 + 4)
+    assert decoded["num_generated_tokens"] == [96]
+    assert decoded["kv_cache_bytes"] == 30 * 3 * 64 * (2 * 64 * 4 + 4)
 
 
 def test_decode_refuses_statistics_of_another_model(tmp_path, calibrated):

@@ -60,7 +60,7 @@ def test_fidelity_run_is_resumable(tmp_path):
         methods=["streaming"],
         budgets=[64, 256],
         num_samples=1,
-        seq_len=448,
+        seq_len=384,
         out=out,
         progress=lambda *event: events.append(event),
     )
@@ -74,13 +74,13 @@ def test_fidelity_run_is_resumable(tmp_path):
     small, large = cells["fidelity/streaming/64/0"], cells["fidelity/streaming/256/0"]
     assert small["kl"] > 0 and large["kl"] > 0
     assert 0 <= small["top1_agreement"] <= 1
-    # 448 tokens predict 447; the first compaction comes at position 192 (budget 64) and 320 (budget 256).
-    assert small["positions"] == 447 - 192 and large["positions"] == 447 - 320
+    # 384 tokens predict 383; the first compaction comes at position 192 (budget 64) and 320 (budget 256).
+    assert small["positions"] == 383 - 192 and large["positions"] == 383 - 320
     # The stored KL is the one teacher forcing gives directly, from the text the cell records.
-    tokens = fidelity_tokens(model, [0], 448)
+    tokens = fidelity_tokens(model, [0], 384)
     assert small["input"] == token_fingerprint(tokens[0])
-    full = teacher_force(model, tokens, prefill_length=PREFILL_TOKENS)[0, 192:447]
-    method = teacher_force(model, tokens, prefill_length=PREFILL_TOKENS, policy=StreamingLLM(budget=64))[0, 192:447]
+    full = teacher_force(model, tokens, prefill_length=PREFILL_TOKENS)[0, 192:383]
+    method = teacher_force(model, tokens, prefill_length=PREFILL_TOKENS, policy=StreamingLLM(budget=64))[0, 192:383]
     kl = np.sum(np.exp(full) * (full - method), axis=-1).mean()
     np.testing.assert_allclose(small["kl"], kl, rtol=1e-4)
     assert all(p.exists() for p in paths)
@@ -92,7 +92,7 @@ def test_fidelity_run_is_resumable(tmp_path):
         methods=["streaming"],
         budgets=[64, 256],
         num_samples=1,
-        seq_len=448,
+        seq_len=384,
         out=out,
         progress=lambda *event: events.append(event),
     )
@@ -101,7 +101,7 @@ def test_fidelity_run_is_resumable(tmp_path):
     cells["fidelity/streaming/64/0"]["input"] = "0" * 16
     (out / "results.json").write_text(json.dumps(cells))
     with pytest.raises(UserError, match="sample 0 computed on another text"):
-        evaluate(model, task="fidelity", methods=["streaming"], budgets=[128], num_samples=1, seq_len=448, out=out)
+        evaluate(model, task="fidelity", methods=["streaming"], budgets=[128], num_samples=1, seq_len=384, out=out)
 
 
 def test_method_variants_for_ablations():
