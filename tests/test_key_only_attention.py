@@ -60,10 +60,18 @@ def _float64_reference(keys, pos, query_pos, w, q, new_k, new_v):
 
 
 @pytest.mark.parametrize(
-    "H, S, length, block, splits",
-    [(4, 128, 128, None, None), (4, 192, 100, 32, (3, 2)), (2, 64, 17, 16, (2, 3)), (8, 256, 0, None, None)],
+    "H, S, length, block, splits, score_heads",
+    [
+        (4, 128, 128, None, None, None),
+        (4, 192, 100, 32, (3, 2), 2),
+        (2, 64, 17, 16, (2, 3), None),
+        (8, 256, 0, None, None, None),
+        (8, 128, 70, 16, None, 1),
+    ],
 )
-def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length(H, S, length, block, splits):
+def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length(
+    H, S, length, block, splits, score_heads
+):
     rng = np.random.default_rng(S + length)
     B = 3
     keys, pos, stale, query_pos, w, q, new_k, new_v = _case(rng, B, H, S, length)
@@ -85,11 +93,24 @@ def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length
         direct = key_only_attention.key_only_attention(
             f32(q[:, 0]), f32(keys), jnp.asarray(stale), jnp.asarray(query_pos), jnp.asarray(length),
             inv_freq=ROTATION.inv_freq, attention_scaling=ROTATION.attention_scaling, scale=SCALE,
-            block=block, splits=splits,
+            block=block, splits=splits, score_heads=score_heads,
         )  # fmt: skip
         np.testing.assert_allclose(direct[2], partial.total[:, :, 0, 0, 0], rtol=1e-5)
+        np.testing.assert_allclose(direct[1], partial.row_max[:, :, 0, 0, 0], rtol=1e-6)
     got, _ = _attention(f32(q), positions, [new_block], SCALE, partials=[partial])
     xla, _ = _attention(f32(q), positions, [(key_only_block(weights, layer(pos)), layer(pos).pos), new_block], SCALE)
     expected = _float64_reference(keys, pos, query_pos, w, q, new_k, new_v)
     np.testing.assert_allclose(got[:, 0], expected, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5)
+
+
+def test_score_heads_must_be_a_power_of_two_dividing_the_heads():
+    from triattention_jax.kernels import key_only_attention
+
+    q, k = jnp.zeros((1, 6, HEAD_DIM)), jnp.zeros((1, 64, 6, HEAD_DIM))
+    for score_heads in (4, 3):
+        with pytest.raises(ValueError, match=f"score_heads={score_heads} must be a power of two dividing the 6 heads"):
+            key_only_attention.key_only_attention(
+                q, k, jnp.zeros((1, 64), jnp.int32), jnp.zeros(1, jnp.int32), jnp.asarray(8),
+                inv_freq=ROTATION.inv_freq, attention_scaling=1.0, scale=SCALE, score_heads=score_heads,
+            )  # fmt: skip

@@ -5,8 +5,9 @@ the values from Σ_s p_{h,s}·k_s, a sum over the whole D = H·hd-wide key for e
 (see `slim.py`). The XLA path reduces over every slot of the buffer, so a step costs what
 the last step of the generation costs. Here both reductions stop at the cache's cursor:
 
-1. `_scores_kernel`, one program per (row, split): rotates the keys to their positions
-   inside the reduction and writes every head's masked, scaled scores (B, H, S) float32.
+1. `_scores_kernel`, one program per (row, group of heads, split): rotates the keys to
+   their positions inside the reduction and writes its heads' masked, scaled scores
+   (B, H, S) float32.
 2. `_sums_kernel`, one program per (row, column tile, split): an online softmax over those
    scores and Σ_s exp(score_s − m)·k_s for all heads at once, a (heads × slots) by
    (slots × tile) matrix product, so each key byte is read once here.
@@ -51,13 +52,14 @@ def _precision(dtype: jnp.dtype) -> lax.Precision | None:
 def _scores_kernel(
     length_ref, query_pos_ref, q_ref, k_ref, pos_ref, inv_freq_ref, scores_ref, *, block, splits, scale, scaling
 ):
-    """One (row, split) program: every head's scores over its share of slots [0, length).
+    """One (row, group of heads, split) program: its heads' scores over its share of slots
+    [0, length).
 
     The rotation's angles depend on the slot only, so each block's cos and sin are computed
-    once for all heads (per head, they cost more than the step's reads)."""
+    once for the group's heads (per head, they cost more than the step's reads)."""
     length = length_ref[()]
     query_pos = query_pos_ref[()]
-    start, num_blocks = split_range(length, splits, block, pl.program_id(1))
+    start, num_blocks = split_range(length, splits, block, pl.program_id(2))
     heads, head_dim = k_ref.shape[1], k_ref.shape[2]
     half = head_dim // 2
     inv_freq = inv_freq_ref[...]
@@ -118,7 +120,17 @@ def _column_tile(width: int) -> int:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("inv_freq", "attention_scaling", "scale", "block", "splits", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=(
+        "inv_freq",
+        "attention_scaling",
+        "scale",
+        "block",
+        "splits",
+        "score_heads",
+        "num_warps",
+        "num_stages",
+    ),
 )
 def key_only_attention(
     q: jax.Array,
@@ -132,6 +144,7 @@ def key_only_attention(
     scale: float,
     block: int | None = None,
     splits: tuple[int, int] | None = None,
+    score_heads: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -145,8 +158,9 @@ def key_only_attention(
     and not after the query's. Returns float32 sums (B, H, H·hd) = Σ_s exp(score_s − m)·k_s
     over the whole key, m (B, H) the largest visible score (or MASK_VALUE) and
     l (B, H) = Σ_s exp(score_s − m). block defaults to `block_size(S)`; splits, for the two
-    kernels, to enough for TARGET_PROGRAMS programs each; num_warps / num_stages: Triton's,
-    for both kernels.
+    kernels, to enough for TARGET_PROGRAMS programs each; score_heads: the heads of one
+    scores program (a power of two dividing H; default all H: each block's rotation computed
+    once); num_warps / num_stages: Triton's, for both kernels.
     """
     B, S, H, hd = k.shape
     block = block or block_size(S)
@@ -155,22 +169,27 @@ def key_only_attention(
     width = H * hd
     tile = _column_tile(width)
     rows = max(MIN_ROWS, pl.next_power_of_2(H))
-    score_splits, sum_splits = splits or (_splits(B, S, block), _splits(B * (width // tile), S, block))
+    group = score_heads or H
+    if H % group or (group < H and group & (group - 1)):
+        raise ValueError(f"score_heads={score_heads} must be a power of two dividing the {H} heads")
+    groups = H // group
+    score_splits, sum_splits = splits or (_splits(B * groups, S, block), _splits(B * (width // tile), S, block))
     interpret = jax.default_backend() != "gpu"
     params = None if interpret else triton_params(num_warps, num_stages)
     length = jnp.asarray(length, jnp.int32)
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block=block, splits=score_splits, scale=scale, scaling=attention_scaling),
-        grid=(B, score_splits),
+        grid=(B, groups, score_splits),
         in_specs=[
-            pl.BlockSpec((), lambda b, j: ()),
-            pl.BlockSpec((None,), lambda b, j: (b,)),
-            pl.BlockSpec((None, H, hd), lambda b, j: (b, 0, 0)),
-            pl.BlockSpec((None, S, H, hd), lambda b, j: (b, 0, 0, 0)),
-            pl.BlockSpec((None, S), lambda b, j: (b, 0)),
-            pl.BlockSpec((hd // 2,), lambda b, j: (0,)),
+            pl.BlockSpec((), lambda b, g, j: ()),
+            pl.BlockSpec((None,), lambda b, g, j: (b,)),
+            pl.BlockSpec((None, group, hd), lambda b, g, j: (b, g, 0)),
+            pl.BlockSpec((None, S, group, hd), lambda b, g, j: (b, 0, g, 0)),
+            pl.BlockSpec((None, S), lambda b, g, j: (b, 0)),
+            pl.BlockSpec((hd // 2,), lambda b, g, j: (0,)),
         ],
-        out_specs=pl.BlockSpec((None, rows, S), lambda b, j: (b, 0, 0)),
+        # One group: every padded row, which the sums kernel masks; several: their heads' rows.
+        out_specs=pl.BlockSpec((None, rows if groups == 1 else group, S), lambda b, g, j: (b, g, 0)),
         out_shape=jax.ShapeDtypeStruct((B, rows, S), jnp.float32),
         interpret=interpret,
         compiler_params=params,
