@@ -222,6 +222,8 @@ def time_rounds(
     return medians, profile
 
 
+# The instance number XLA appends to an op's or a kernel's name (fusion.12, loop_add_fusion_3).
+_INSTANCE = re.compile(r"([._]\d+)+$")
 # Collective operations as XLA names them (HLO ops on the CPU, their kernels on a GPU: NCCL).
 _COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|nccl", re.IGNORECASE)
 
@@ -229,8 +231,9 @@ _COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|colle
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RoundProfile:
     """Where one profiled round spends its device time, per device: ops, each (name, share of
-    the round's wall time), the largest first, and the share of collectives among them. An
-    op's name is its HLO op where the trace gives one (a GPU's kernels), else the event's."""
+    the round's wall time), the largest first, and the share of collectives among them. An op
+    is a kernel (GPU) or thunk (CPU) name without its instance number, so a kernel that every
+    layer runs is one op."""
 
     wall_seconds: float
     ops: tuple[tuple[str, float], ...]
@@ -266,13 +269,13 @@ class RoundProfile:
                 start, duration = e["ts"], e.get("dur", 0)
                 while open_events and open_events[-1][0] <= start:
                     open_events.pop()
-                name = str(e.get("args", {}).get("hlo_op") or e["name"])
+                name = _INSTANCE.sub("", e["name"])
                 share = duration * 1e-6 / devices / wall_seconds
                 busy[name] = busy.get(name, 0.0) + share
                 if open_events:
                     busy[open_events[-1][1]] -= share
                 open_events.append((start + duration, name))
-                if _COLLECTIVE.search(f"{e['name']} {name}"):
+                if _COLLECTIVE.search(name):
                     collectives += share
         ops = tuple(sorted(busy.items(), key=lambda item: -item[1]))
         return cls(wall_seconds=wall_seconds, ops=ops, collective_share=collectives)
