@@ -18,7 +18,7 @@ def test_readme_python_examples_run():
         for index, block in enumerate(blocks):
             exec(compile(block, f"README.md python block {index}", "exec"), namespace)
     assert "Paris" in printed.getvalue()
-    # The TriAttention example decodes past its budget of 64, so it really evicts.
+    # The TriAttention example decodes past its buffer of 64 + 128 slots, so it really evicts.
     result = namespace["result"]
-    assert result.num_generated_tokens[0] == 256 or result.token_ids[0][-1] in namespace["model"].config.eos_token_ids
+    assert result.num_generated_tokens[0] == 200 or result.token_ids[0][-1] in namespace["model"].config.eos_token_ids
     assert namespace["logprobs"].shape == (1, len(namespace["tokens"][0]) - 1)
