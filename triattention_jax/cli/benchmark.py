@@ -82,6 +82,9 @@ flags.DEFINE_list(
     "Device counts to time in turn, e.g. 1,2,4: each over the first that many devices with the mesh --mesh auto "
     "would choose (one device: no mesh), then a table of tokens/s and speed-up per method.",
 )
+# Ops of a profiled round printed, and kept in the JSON.
+PRINTED_OPS = 8
+PROFILED_OPS = 24
 flags.DEFINE_bool(
     "profile",
     False,
@@ -394,9 +397,6 @@ _BENCHMARK_FLAGS = (
     "devices",
     "profile",
 )
-# Ops of a profiled round printed, and kept in the JSON.
-PRINTED_OPS = 8
-PROFILED_OPS = 24
 
 
 if __name__ == "__main__":
