@@ -125,16 +125,19 @@ def test_fit_recovers_the_weights_that_made_the_targets():
     np.testing.assert_allclose(weights, truth, rtol=0.1, atol=0.05 * np.abs(truth).max())
 
 
-@pytest.mark.parametrize("horizon", [24, None])
-@pytest.mark.parametrize("padding", [0, 48])
-def test_targets_match_numpy(horizon, padding):
+@pytest.mark.parametrize(
+    "horizon, padding, target",
+    [(24, 0, "attention"), (24, 48, "attention"), (None, 0, "attention"), (None, 48, "kept")],
+)
+def test_targets_match_numpy(horizon, padding, target):
     """The target at each snapshot t0: the attention queries t0 .. t0 + horizon - 1 (every
-    later query with horizon None) pay each key before t0, summed over the group, normalised;
+    later query with horizon None) pay each key before t0, summed over the group, normalised
+    (kept: uniform over the BUDGET keys with the most, at snapshots past BUDGET);
     a sequence padded past its length (garbage there) gives the same for its own snapshots."""
-    problem, rng, T = _problem(3), np.random.default_rng(6), 80
+    problem, rng, T, budget = _problem(3), np.random.default_rng(6), 80, 20
     queries, keys = rng.normal(size=(T + padding, H, HD)), rng.normal(size=(K, T + padding, HD))
-    snapshots = snapshot_positions(T, horizon, 16)
-    assert snapshots == ((16, 32, 48) if horizon else (16, 32, 48, 64))
+    snapshots = snapshot_positions(T, horizon, 16, budget if target == "kept" else 0)
+    assert snapshots == {24: (16, 32, 48), None: (16, 32, 48, 64)}[horizon][target == "kept" :]
     _, targets, masks = _layer_examples(
         jnp.asarray(queries, jnp.float32),
         jnp.asarray(keys, jnp.float32),
@@ -146,7 +149,8 @@ def test_targets_match_numpy(horizon, padding):
         jnp.asarray(offset_phasors(problem["inv_freq"], DEFAULT_OFFSETS)),
         snapshots=snapshots,
         horizon=horizon,
-        target="attention",
+        target=target,
+        budget=budget,
         attention_scale=HD**-0.5,
         attention_scaling=1.0,
     )
@@ -157,8 +161,29 @@ def test_targets_match_numpy(horizon, padding):
     weights = (weights / weights.sum(-1, keepdims=True)).sum(1)  # (K, T queries, T keys)
     for i, t0 in enumerate(snapshots):
         mass = weights[:, t0 : T if horizon is None else t0 + horizon, :t0].sum(1)
+        if target == "kept":
+            top = np.argsort(-mass, axis=-1)[:, :budget]
+            mass = np.zeros_like(mass)
+            np.put_along_axis(mass, top, 1.0, axis=-1)
         np.testing.assert_allclose(targets[i][:, :t0], mass / mass.sum(-1, keepdims=True), rtol=2e-4, atol=1e-7)
         assert not np.any(targets[i][:, t0:]) and np.array_equal(masks[i], np.arange(T + padding) < t0)
+
+
+@pytest.mark.parametrize("target, needed", [("attention", 768), ("kept", 1280)])
+def test_sequences_too_short_for_any_snapshot_are_refused(transformer, target, needed):
+    """At least one snapshot needs snapshot_every (256) tokens before it, past the budget (512)
+    for the kept target, and the horizon (512) after it."""
+    stats = random_stats(transformer, seed=1)
+    c = transformer.config
+    with pytest.raises(UserError, match=f"at least {needed} tokens"):
+        fit_scorer(
+            transformer,
+            stats,
+            np.ones((c.num_layers, c.num_heads, c.head_dim // 2)),
+            [[5] * (needed - 1)],
+            target=target,
+            progress=False,
+        )
 
 
 @pytest.fixture(scope="module")

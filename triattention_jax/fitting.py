@@ -5,10 +5,15 @@ Each fitting sequence runs once through the model with full attention. At snapsh
 them at t0, and a target: the attention the next `horizon` queries pay it (with horizon None
 every later query of the sequence: an evicted key is gone for good), summed over the GQA
 group, optionally times ‖v‖ (the key's share of the attention output), normalised over the
-keys before t0. Per layer, the weights minimise the cross-entropy between that target
-and the scorer's predicted distribution (`group_log_attention`), with optax; features are
-standardised per head for the optimiser and the weights mapped back to raw units (a constant
-shift of a head's scores does not change its softmax, so the standardisation's offset drops).
+keys before t0. The "kept" target is the selection itself: uniform over the `budget` keys
+with the most attention from those queries (what an oracle would keep), so the fit weighs the
+keys at the budget's boundary rather than the few that draw most of the attention; snapshots
+with no more than `budget` keys before them select nothing and are left out.
+
+Per layer, the weights minimise the cross-entropy between that target and the scorer's
+predicted distribution (`group_log_attention`), with optax; features are standardised per head
+for the optimiser and the weights mapped back to raw units (a constant shift of a head's scores
+does not change its softmax, so the standardisation's offset drops).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from triattention_jax.policies.triattention_fit import FEATURES, group_log_atten
 from triattention_jax.prompts import token_fingerprint
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_phasors
 
-TARGETS = ("attention", "output")
+TARGETS = ("attention", "output", "kept")
 
 
 TRACE_LENGTH_STEP = 512
@@ -43,11 +48,12 @@ def _trace_width(length: int) -> int:
     return -(-length // TRACE_LENGTH_STEP) * TRACE_LENGTH_STEP
 
 
-def snapshot_positions(length: int, horizon: int | None, snapshot_every: int) -> tuple[int, ...]:
+def snapshot_positions(length: int, horizon: int | None, snapshot_every: int, after: int = 0) -> tuple[int, ...]:
     """The t0 at which a sequence of `length` tokens is scored: every `snapshot_every` tokens
-    from `snapshot_every` on, each with `horizon` tokens after it (None: at least
+    from `snapshot_every` on, past `after`, each with `horizon` tokens after it (None: at least
     `snapshot_every`, the target then covering every query to the end of the sequence)."""
-    return tuple(range(snapshot_every, length - (horizon or snapshot_every) + 1, snapshot_every))
+    last = length - (horizon or snapshot_every)
+    return tuple(t0 for t0 in range(snapshot_every, last + 1, snapshot_every) if t0 > after)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -60,7 +66,9 @@ def trace_sequence(graphdef, state, tokens: jax.Array) -> tuple[jax.Array, jax.A
     return out.rope_queries[:, 0], jnp.stack(out.k)[:, 0], jnp.stack(out.v)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("snapshots", "horizon", "target", "attention_scale", "attention_scaling"))
+@functools.partial(
+    jax.jit, static_argnames=("snapshots", "horizon", "target", "budget", "attention_scale", "attention_scaling")
+)
 def _layer_examples(
     queries: jax.Array,
     keys: jax.Array,
@@ -74,6 +82,7 @@ def _layer_examples(
     snapshots: tuple[int, ...],
     horizon: int | None,
     target: str,
+    budget: int,
     attention_scale: float,
     attention_scaling: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -115,6 +124,9 @@ def _layer_examples(
         if target == "output":
             mass = mass * value_norm
         mass = jnp.where(before, mass, 0.0)
+        if target == "kept":
+            threshold = jnp.sort(jnp.where(before, mass, -1.0), axis=-1)[:, T - budget]
+            mass = (before & (mass >= threshold[:, None])).astype(jnp.float32)
         targets.append(mass / jnp.sum(mass, axis=-1, keepdims=True))
         masks.append(before)
     return jnp.stack(features), jnp.stack(targets), jnp.stack(masks)
@@ -167,6 +179,7 @@ def fit_scorer(
     *,
     target: str = "attention",
     horizon: int | None = 512,
+    budget: int = 512,
     snapshot_every: int = 256,
     steps: int = 300,
     learning_rate: float = 0.05,
@@ -176,17 +189,19 @@ def fit_scorer(
 ) -> FitResult:
     """Fits `triattention_fit`'s weights on `sequences` (token id lists; those shorter than
     snapshot_every + horizon are skipped; horizon None: every later query of a sequence, which
-    needs snapshot_every more tokens) with the model's TriAttention `stats` and the query
+    needs snapshot_every more tokens; with the "kept" target, also more than `budget` + snapshot_every)
+    with the model's TriAttention `stats` and the query
     variance per band `q_band_var` (layers, heads, head_dim/2) of the same calibration
     (`QueryMoments.band_variance`). documents: names of the texts the sequences come from,
     recorded with the sequences' fingerprints so evaluations can prove they are disjoint."""
     if target not in TARGETS:
         raise UserError(f"unknown fit target {target!r}: choose one of {', '.join(TARGETS)}")
-    sequences = [list(s) for s in sequences if len(snapshot_positions(len(s), horizon, snapshot_every))]
+    after = budget if target == "kept" else 0
+    sequences = [list(s) for s in sequences if len(snapshot_positions(len(s), horizon, snapshot_every, after))]
     if not sequences:
+        first = (after // snapshot_every + 1) * snapshot_every
         raise UserError(
-            f"no fitting sequence is long enough: each needs at least {snapshot_every + (horizon or snapshot_every)} "
-            "tokens "
+            f"no fitting sequence is long enough: each needs at least {first + (horizon or snapshot_every)} tokens "
             "(give longer texts, or a larger --fit_seq_len)"
         )
     from tqdm import tqdm
@@ -205,7 +220,7 @@ def fit_scorer(
         padded[0, : len(tokens)] = tokens
         queries, keys, values = trace_sequence(graphdef, state, jnp.asarray(padded))
         length = jnp.asarray(len(tokens), jnp.int32)
-        snapshots = snapshot_positions(len(tokens), horizon, snapshot_every)
+        snapshots = snapshot_positions(len(tokens), horizon, snapshot_every, after)
         for layer in range(config.num_layers):
             x, y, mask = _layer_examples(
                 queries[layer],
@@ -219,6 +234,7 @@ def fit_scorer(
                 snapshots=snapshots,
                 horizon=horizon,
                 target=target,
+                budget=budget,
                 attention_scale=config.head_dim**-0.5,
                 attention_scaling=float(transformer.attention_scaling),
             )
@@ -246,6 +262,7 @@ def fit_scorer(
         "features": list(FEATURES),
         "target": target,
         "horizon": horizon,
+        **({"budget": budget} if target == "kept" else {}),
         "snapshot_every": snapshot_every,
         "steps": steps,
         "learning_rate": learning_rate,

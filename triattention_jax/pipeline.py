@@ -210,6 +210,7 @@ def run_calibration(
     fit_code_files: int = 4,
     fit_seq_len: int = 4096,
     fit_horizon: int | None = 512,
+    fit_budget: int = 512,
 ) -> list[str]:
     """Calibrates, writes the statistics (and the report, and with `fit` the fitted scorer,
     beside the statistics); returns summary lines to print.
@@ -218,7 +219,7 @@ def run_calibration(
     meets: `calib_files` cut that long, or else the calibration's own generated sequences and
     `fit_code_files` standard-library source files (`eval.texts.fit_documents`: never
     evaluation texts); fit_horizon: the future queries the target counts (None: all to the end of
-    each sequence)."""
+    each sequence); fit_budget: the budget whose kept set the "kept" target is."""
     fit_path = None
     if out:
         check_writable(out)
@@ -272,6 +273,7 @@ def run_calibration(
             [tokens for _, tokens in texts],
             target=fit_target,
             horizon=fit_horizon,
+            budget=fit_budget,
             documents=[name for name, _ in texts],
         )
         fit_path = fit_path or loaded.store_dir / FIT_FILE

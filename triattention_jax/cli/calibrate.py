@@ -38,10 +38,12 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
     "fit_target",
     "attention",
-    ["attention", "output"],
-    "What the fitted score predicts for each key: the attention future queries pay it, or that times "
-    "its value norm (its share of the attention output).",
+    ["attention", "output", "kept"],
+    "What the fitted score predicts for each key: the attention future queries pay it, that times "
+    "its value norm (its share of the attention output), or whether it is among the --fit_budget keys "
+    "they pay the most (the set an oracle would keep).",
 )
+flags.DEFINE_integer("fit_budget", 512, "The budget of --fit_target kept.", lower_bound=1)
 flags.DEFINE_integer(
     "fit_code_files", 4, "Standard-library source files added to the fitting texts (none with --calib_file)."
 )
@@ -79,6 +81,7 @@ def main(argv: list[str]) -> None:
         fit_code_files=FLAGS.fit_code_files,
         fit_seq_len=FLAGS.fit_seq_len,
         fit_horizon=FLAGS.fit_horizon or None,
+        fit_budget=FLAGS.fit_budget,
     )
     for line in summary:
         print(line)
