@@ -56,9 +56,7 @@ def _scores_kernel(
     [0, length).
 
     The rotation's angles depend on the slot only, so each block's cos and sin are computed
-    once for the group's heads (per head, they cost more than the step's reads). The heads are
-    unrolled, so their loads are independent instructions the compiler can issue early: a loop
-    over heads kept one head's keys in flight per program."""
+    once for the group's heads (per head, they cost more than the step's reads)."""
     length = length_ref[()]
     query_pos = query_pos_ref[()]
     start, num_blocks = split_range(length, splits, block, pl.program_id(2))
@@ -74,7 +72,7 @@ def _scores_kernel(
         slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
         visible = (slot < length) & (key_pos >= 0) & (key_pos <= query_pos)
 
-        for h in range(heads):
+        def head(h, carry):
             k_first = k_ref[pl.ds(first, block), h, pl.ds(0, half)].astype(jnp.float32)
             k_second = k_ref[pl.ds(first, block), h, pl.ds(half, half)].astype(jnp.float32)
             q_first, q_second = q_ref[h, pl.ds(0, half)], q_ref[h, pl.ds(half, half)]
@@ -82,7 +80,9 @@ def _scores_kernel(
             scores = jnp.sum((k_first * cos - k_second * sin) * q_first[None, :], axis=1)
             scores += jnp.sum((k_second * cos + k_first * sin) * q_second[None, :], axis=1)
             scores_ref[h, pl.ds(first, block)] = jnp.where(visible, scale * scores, MASK_VALUE)
-        return carry
+            return carry
+
+        return lax.fori_loop(0, heads, head, carry)
 
     lax.fori_loop(0, num_blocks, body, 0)
 
