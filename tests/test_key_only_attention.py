@@ -60,17 +60,17 @@ def _float64_reference(keys, pos, query_pos, w, q, new_k, new_v):
 
 
 @pytest.mark.parametrize(
-    "H, S, length, block, splits, score_heads",
+    "H, S, length, block, splits, score_heads, unroll_heads",
     [
-        (4, 128, 128, None, None, None),
-        (4, 192, 100, 32, (3, 2), 2),
-        (2, 64, 17, 16, (2, 3), None),
-        (8, 256, 0, None, None, None),
-        (8, 128, 70, 16, None, 1),
+        (4, 128, 128, None, None, None, 4),
+        (4, 192, 100, 32, (3, 2), 2, 2),
+        (2, 64, 17, 16, (2, 3), None, 1),
+        (8, 256, 0, None, None, None, 1),
+        (8, 128, 70, 16, None, 1, 1),
     ],
 )
 def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length(
-    H, S, length, block, splits, score_heads
+    H, S, length, block, splits, score_heads, unroll_heads
 ):
     rng = np.random.default_rng(S + length)
     B = 3
@@ -87,13 +87,13 @@ def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length
 
     # The kernels see the stale slots past the length; the XLA path masks them by position.
     partial = kernel_partial(weights, f32(q), positions, layer(stale), jnp.asarray(length), SCALE)
-    if block or splits:
+    if block or splits or unroll_heads > 1:
         from triattention_jax.kernels import key_only_attention
 
         direct = key_only_attention.key_only_attention(
             f32(q[:, 0]), f32(keys), jnp.asarray(stale), jnp.asarray(query_pos), jnp.asarray(length),
             inv_freq=ROTATION.inv_freq, attention_scaling=ROTATION.attention_scaling, scale=SCALE,
-            block=block, splits=splits, score_heads=score_heads,
+            block=block, splits=splits, score_heads=score_heads, unroll_heads=unroll_heads,
         )  # fmt: skip
         np.testing.assert_allclose(direct[2], partial.total[:, :, 0, 0, 0], rtol=1e-5)
         np.testing.assert_allclose(direct[1], partial.row_max[:, :, 0, 0, 0], rtol=1e-6)
@@ -104,13 +104,21 @@ def test_kernels_match_float64_and_the_xla_path_and_ignore_slots_past_the_length
     np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5)
 
 
-def test_score_heads_must_be_a_power_of_two_dividing_the_heads():
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"score_heads": 4}, "score_heads=4 must be a power of two dividing the 6 heads"),
+        ({"score_heads": 3}, "score_heads=3 must be a power of two dividing the 6 heads"),
+        ({"unroll_heads": 4}, "unroll_heads=4 must divide the 6 heads of a scores program"),
+        ({"unroll_heads": 0}, "unroll_heads=0 must divide the 6 heads of a scores program"),
+    ],
+)
+def test_bad_head_options_are_refused(options, message):
     from triattention_jax.kernels import key_only_attention
 
     q, k = jnp.zeros((1, 6, HEAD_DIM)), jnp.zeros((1, 64, 6, HEAD_DIM))
-    for score_heads in (4, 3):
-        with pytest.raises(ValueError, match=f"score_heads={score_heads} must be a power of two dividing the 6 heads"):
-            key_only_attention.key_only_attention(
-                q, k, jnp.zeros((1, 64), jnp.int32), jnp.zeros(1, jnp.int32), jnp.asarray(8),
-                inv_freq=ROTATION.inv_freq, attention_scaling=1.0, scale=SCALE, score_heads=score_heads,
-            )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        key_only_attention.key_only_attention(
+            q, k, jnp.zeros((1, 64), jnp.int32), jnp.zeros(1, jnp.int32), jnp.asarray(8),
+            inv_freq=ROTATION.inv_freq, attention_scaling=1.0, scale=SCALE, **options,
+        )  # fmt: skip

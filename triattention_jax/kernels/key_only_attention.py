@@ -50,13 +50,27 @@ def _precision(dtype: jnp.dtype) -> lax.Precision | None:
 
 
 def _scores_kernel(
-    length_ref, query_pos_ref, q_ref, k_ref, pos_ref, inv_freq_ref, scores_ref, *, block, splits, scale, scaling
+    length_ref,
+    query_pos_ref,
+    q_ref,
+    k_ref,
+    pos_ref,
+    inv_freq_ref,
+    scores_ref,
+    *,
+    block,
+    splits,
+    scale,
+    scaling,
+    unroll_heads,
 ):
     """One (row, group of heads, split) program: its heads' scores over its share of slots
     [0, length).
 
     The rotation's angles depend on the slot only, so each block's cos and sin are computed
-    once for the group's heads (per head, they cost more than the step's reads)."""
+    once for the group's heads (per head, they cost more than the step's reads). Each
+    iteration of the loop over heads handles `unroll_heads` of them, whose loads are then
+    independent instructions the compiler may issue together."""
     length = length_ref[()]
     query_pos = query_pos_ref[()]
     start, num_blocks = split_range(length, splits, block, pl.program_id(2))
@@ -72,17 +86,19 @@ def _scores_kernel(
         slot = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
         visible = (slot < length) & (key_pos >= 0) & (key_pos <= query_pos)
 
-        def head(h, carry):
-            k_first = k_ref[pl.ds(first, block), h, pl.ds(0, half)].astype(jnp.float32)
-            k_second = k_ref[pl.ds(first, block), h, pl.ds(half, half)].astype(jnp.float32)
-            q_first, q_second = q_ref[h, pl.ds(0, half)], q_ref[h, pl.ds(half, half)]
-            # RoPE's rotate-half form: (k1·cos − k2·sin, k2·cos + k1·sin), dotted with the query.
-            scores = jnp.sum((k_first * cos - k_second * sin) * q_first[None, :], axis=1)
-            scores += jnp.sum((k_second * cos + k_first * sin) * q_second[None, :], axis=1)
-            scores_ref[h, pl.ds(first, block)] = jnp.where(visible, scale * scores, MASK_VALUE)
+        def some_heads(index, carry):
+            for offset in range(unroll_heads):
+                h = index * unroll_heads + offset
+                k_first = k_ref[pl.ds(first, block), h, pl.ds(0, half)].astype(jnp.float32)
+                k_second = k_ref[pl.ds(first, block), h, pl.ds(half, half)].astype(jnp.float32)
+                q_first, q_second = q_ref[h, pl.ds(0, half)], q_ref[h, pl.ds(half, half)]
+                # RoPE's rotate-half form: (k1·cos − k2·sin, k2·cos + k1·sin), dotted with the query.
+                scores = jnp.sum((k_first * cos - k_second * sin) * q_first[None, :], axis=1)
+                scores += jnp.sum((k_second * cos + k_first * sin) * q_second[None, :], axis=1)
+                scores_ref[h, pl.ds(first, block)] = jnp.where(visible, scale * scores, MASK_VALUE)
             return carry
 
-        return lax.fori_loop(0, heads, head, carry)
+        return lax.fori_loop(0, heads // unroll_heads, some_heads, carry)
 
     lax.fori_loop(0, num_blocks, body, 0)
 
@@ -128,6 +144,7 @@ def _column_tile(width: int) -> int:
         "block",
         "splits",
         "score_heads",
+        "unroll_heads",
         "num_warps",
         "num_stages",
     ),
@@ -145,6 +162,7 @@ def key_only_attention(
     block: int | None = None,
     splits: tuple[int, int] | None = None,
     score_heads: int | None = None,
+    unroll_heads: int = 1,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -160,7 +178,8 @@ def key_only_attention(
     l (B, H) = Σ_s exp(score_s − m). block defaults to `block_size(S)`; splits, for the two
     kernels, to enough for TARGET_PROGRAMS programs each; score_heads: the heads of one
     scores program (a power of two dividing H; default all H: each block's rotation computed
-    once); num_warps / num_stages: Triton's, for both kernels.
+    once); unroll_heads: heads per iteration of a scores program's loop over its group (a
+    divisor of the group); num_warps / num_stages: Triton's, for both kernels.
     """
     B, S, H, hd = k.shape
     block = block or block_size(S)
@@ -172,13 +191,22 @@ def key_only_attention(
     group = score_heads or H
     if H % group or (group < H and group & (group - 1)):
         raise ValueError(f"score_heads={score_heads} must be a power of two dividing the {H} heads")
+    if unroll_heads < 1 or group % unroll_heads:
+        raise ValueError(f"unroll_heads={unroll_heads} must divide the {group} heads of a scores program")
     groups = H // group
     score_splits, sum_splits = splits or (_splits(B * groups, S, block), _splits(B * (width // tile), S, block))
     interpret = jax.default_backend() != "gpu"
     params = None if interpret else triton_params(num_warps, num_stages)
     length = jnp.asarray(length, jnp.int32)
     scores = pl.pallas_call(
-        functools.partial(_scores_kernel, block=block, splits=score_splits, scale=scale, scaling=attention_scaling),
+        functools.partial(
+            _scores_kernel,
+            block=block,
+            splits=score_splits,
+            scale=scale,
+            scaling=attention_scaling,
+            unroll_heads=unroll_heads,
+        ),
         grid=(B, groups, score_splits),
         in_specs=[
             pl.BlockSpec((), lambda b, g, j: ()),
