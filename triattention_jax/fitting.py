@@ -187,13 +187,13 @@ def fit_scorer(
     documents: Sequence[str] = (),
     progress: bool = True,
 ) -> FitResult:
-    """Fits `triattention_fit`'s weights on `sequences` (token id lists; those shorter than
-    snapshot_every + horizon are skipped; horizon None: every later query of a sequence, which
-    needs snapshot_every more tokens; with the "kept" target, also more than `budget` + snapshot_every)
-    with the model's TriAttention `stats` and the query
-    variance per band `q_band_var` (layers, heads, head_dim/2) of the same calibration
-    (`QueryMoments.band_variance`). documents: names of the texts the sequences come from,
-    recorded with the sequences' fingerprints so evaluations can prove they are disjoint."""
+    """Fits `triattention_fit`'s weights on `sequences` (token id lists; those too short for one
+    snapshot are skipped: see `snapshot_positions`) with the model's TriAttention `stats` and
+    the query variance per band `q_band_var` (layers, heads, head_dim/2) of the same
+    calibration (`QueryMoments.band_variance`). horizon None: every later query of a sequence;
+    budget: the kept set's size for the "kept" target, whose snapshots start past it.
+    documents: names of the texts the sequences come from, recorded with the sequences'
+    fingerprints so evaluations can prove they are disjoint."""
     if target not in TARGETS:
         raise UserError(f"unknown fit target {target!r}: choose one of {', '.join(TARGETS)}")
     after = budget if target == "kept" else 0
