@@ -48,7 +48,7 @@ SYNTHETIC_PROMPT = 64
 MEMORY_BATCHES = (2, 4)
 
 
-def _device_seconds(fn: Callable[[jax.Array], jax.Array], x: jax.Array, repeats: int, chained: int) -> float:
+def device_seconds(fn: Callable[[jax.Array], jax.Array], x: jax.Array, repeats: int, chained: int) -> float:
     """Median seconds of one `fn(x)` on the device: each repetition queues `chained` calls back
     to back and waits for the last (the device runs them in order), so the host's dispatch and
     synchronisation are spread over `chained` calls rather than added to each."""
@@ -72,9 +72,9 @@ def roofline(nbytes: int | None = None) -> dict[str, Any]:
     nbytes = nbytes or (1 << 26 if cpu else 1 << 32)
     repeats, chained = (5, 2) if cpu else (15, 8)
     x = jax.jit(lambda: (jax.lax.iota(jnp.int32, nbytes // 2) % 251).astype(jnp.bfloat16))()
-    copy = _device_seconds(jax.jit(jnp.copy), x, repeats, chained)
+    copy = device_seconds(jax.jit(jnp.copy), x, repeats, chained)
     # One sum of everything: faster than row sums on an H200 (8 GiB: 4.48 against 4.16 TB/s).
-    read = _device_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x, repeats, chained)
+    read = device_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x, repeats, chained)
     copy_rate, read_rate = 2 * x.nbytes / copy, x.nbytes / read
     return {
         "copy_bytes_per_second": copy_rate,

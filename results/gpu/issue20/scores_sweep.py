@@ -1,7 +1,7 @@
 """Issue 20: one K-only layer's two kernels (`key_only_attention`) at a real shape, for each
 tuning option of the scores kernel, every option in its own process with a time limit (a
 Triton compile that runs away costs one row, not the call). A row per option on stdout as it
-finishes, JSON rewritten after each at argv[1]; the roofline last.
+finishes, JSON rewritten after each at argv[1]; the roofline (`bench.speed.roofline`) last.
 
     PYTHONPATH=. JAX_PLATFORMS=cuda python results/gpu/issue20/scores_sweep.py $OUT/sweep_b139.json --batch 139
 """
@@ -41,26 +41,12 @@ def _inputs(batch: int, slots: int, heads: int, head_dim: int):
     return q, keys, key_pos, jnp.full((batch,), slots, jnp.int32), jnp.asarray(slots, jnp.int32)
 
 
-def _median_seconds(fn, repeats: int = 7, inner: int = 10) -> float:
-    import jax
-    import numpy as np
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / inner)
-    return float(np.median(times))
-
-
 def run_one(args: argparse.Namespace, options: dict) -> dict:
     """Both kernels with `options`, device-synchronised; the largest difference of the sums
     from the default options' (0 for the default itself)."""
     import jax.numpy as jnp
 
+    from triattention_jax.bench.speed import device_seconds
     from triattention_jax.kernels.key_only_attention import key_only_attention
 
     q, keys, key_pos, query_pos, length = _inputs(args.batch, args.slots, args.heads, args.head_dim)
@@ -78,7 +64,7 @@ def run_one(args: argparse.Namespace, options: dict) -> dict:
     compile_seconds = time.perf_counter() - compile_start
     reference = call()
     difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(out, reference))
-    seconds = _median_seconds(lambda: call(**options))
+    seconds = device_seconds(lambda _: call(**options), keys, repeats=7, chained=10)
     both_reads = 2 * keys.size * keys.dtype.itemsize
     return {
         "ms": 1e3 * seconds,
@@ -86,18 +72,6 @@ def run_one(args: argparse.Namespace, options: dict) -> dict:
         "first_call_s": compile_seconds,
         "max_abs_difference": difference,
     }
-
-
-def roofline() -> dict:
-    """The larger of a device-to-device copy and a read-only reduction over 4 GiB."""
-    import jax
-    import jax.numpy as jnp
-
-    source = jax.random.normal(jax.random.key(2), (1 << 30,), jnp.float32)
-    nbytes = source.size * source.dtype.itemsize
-    copy = _median_seconds(lambda: jax.jit(lambda x: x + 1.0)(source), repeats=5, inner=5)
-    read = _median_seconds(lambda: jax.jit(jnp.sum)(source), repeats=5, inner=5)
-    return {"copy_gb_per_s": 2 * nbytes / copy / 1e9, "read_gb_per_s": nbytes / read / 1e9}
 
 
 def main() -> None:
@@ -111,7 +85,12 @@ def main() -> None:
     parser.add_argument("--one", help="Run these options (JSON) here and print the row as JSON.")
     args = parser.parse_args()
     if args.one is not None:
-        result = roofline() if args.one == "roofline" else run_one(args, json.loads(args.one))
+        if args.one == "roofline":
+            from triattention_jax.bench.speed import roofline
+
+            result = roofline()
+        else:
+            result = run_one(args, json.loads(args.one))
         print(json.dumps(result), flush=True)
         return
     shape = [args.batch, args.slots, args.heads, args.head_dim]
