@@ -57,6 +57,8 @@ def test_queries_are_taken_after_every_pre_rope_transform(tiny_model_dirs, name,
     stats = moments.stats()
     np.testing.assert_allclose(stats.q_mean_real + 1j * stats.q_mean_imag, expected, atol=1e-5)
     np.testing.assert_allclose(stats.q_abs_mean, np.abs(q[..., :half] + 1j * q[..., half:]).mean(1), rtol=1e-5)
+    spread = np.abs(q[..., :half] + 1j * q[..., half:] - expected[:, None]) ** 2
+    np.testing.assert_allclose(moments.band_variance(), spread.mean(1), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def calibrated(tiny_model_dirs):
     transformer = load_transformer(tiny_model_dirs["llama3-untied"], dtype="float32")
     moments = accumulate(transformer, _sequences([200, 90]), progress=False)
     metadata = {**model_metadata(transformer), "num_tokens": moments.count, "source": "random tokens"}
-    return transformer, CalibrationResult(stats=moments.stats(), metadata=metadata)
+    return transformer, CalibrationResult(stats=moments.stats(), metadata=metadata, q_band_var=moments.band_variance())
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -76,6 +78,10 @@ def test_statistics_round_trip(tmp_path, calibrated, suffix):
     for name in ("q_mean_real", "q_mean_imag", "q_abs_mean"):
         np.testing.assert_array_equal(np.asarray(getattr(back.stats, name)), np.asarray(getattr(result.stats, name)))
     assert back.metadata["num_tokens"] == 290
+    if suffix == ".pt":  # the reference format has no place for the band variance
+        assert back.q_band_var is None
+    else:
+        np.testing.assert_array_equal(back.q_band_var, result.q_band_var)
     assert back.metadata["fingerprint"] == result.metadata["fingerprint"]
     assert not list(tmp_path.glob("*.tmp"))
 

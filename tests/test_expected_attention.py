@@ -1,6 +1,7 @@
-"""Expected Attention against an independent float64 NumPy reference (explicit RoPE matrices
-averaged over the future positions, explicit covariance), its recent-query window, and end to
-end through `build_policy` and generation on a tiny random Llama."""
+"""Expected Attention, with the sequence's recent queries and with calibration statistics,
+against an independent float64 NumPy reference (explicit RoPE matrices averaged over the future
+positions, explicit covariance), its recent-query window, and end to end through
+`build_policy` and generation on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import pytest
 from conftest import save_tiny_model
 from flax import nnx
 
+from triattention_jax.bench.presets import random_stats
 from triattention_jax.cache import EMPTY_POSITION, KVCache
 from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.checkpoints.stats import CalibrationResult
 from triattention_jax.config import RopeConfig
 from triattention_jax.decoding import DecodeState, decode_round, generate, prefill
 from triattention_jax.errors import UserError
 from triattention_jax.methods import PolicySettings, build_policy, parse_method
-from triattention_jax.policies import ExpectedAttention, RoundContext, policy_names
+from triattention_jax.policies import ExpectedAttention, ExpectedAttentionCalibrated, RoundContext, policy_names
 from triattention_jax.rope import inverse_frequencies
 from triattention_jax.sampling import Sampler
 
@@ -85,30 +88,49 @@ def rope_matrix(inv_freq: np.ndarray, scaling: float, position: int) -> np.ndarr
     return matrix
 
 
-def reference_scores(p, n_future=512, use_covariance=True, use_value_norm=True) -> np.ndarray:
+def recent_moments(p):
+    """μ and Σ (biased) of each (layer, row, query head)'s window of queries past the sinks."""
+
+    def moments(l, b, h):
+        q = p["queries"][l, b, p["query_positions"][b] >= SINKS, h].astype(np.float64)
+        return q.mean(axis=0), np.cov(q, rowvar=False, bias=True)
+
+    return moments
+
+
+def calibrated_moments(q_mean, band_var):
+    """The calibration's μ, and Σ diagonal with σ²_f/2 on both components of band f."""
+
+    def moments(l, b, h):
+        return q_mean[l, h].astype(np.float64), np.diag(np.tile(band_var[l, h].astype(np.float64) / 2, 2))
+
+    return moments
+
+
+def reference_scores(p, moments=None, n_future=512, use_covariance=True, use_value_norm=True) -> np.ndarray:
+    """log of the group's mean expected attention times ‖v‖, per (layer, row, KV head, slot)."""
+    moments = moments or recent_moments(p)
     scores = np.zeros((L, B, K, S))
     for b in range(B):
         start = int(p["context"].position[b])
         average = np.mean([rope_matrix(p["inv_freq"], p["scaling"], start + j) for j in range(n_future)], axis=0)
-        used = p["query_positions"][b] >= SINKS
         for l in range(L):
             for k in range(K):
                 pos = p["positions"][l, b, k]
                 scored = pos >= SINKS
                 keys = p["keys"][l, b, k].astype(np.float64)
                 for g in range(G):
-                    q = p["queries"][l, b, used, k * G + g].astype(np.float64)
-                    mean = average @ q.mean(axis=0)
-                    logits = keys @ mean / np.sqrt(HD)
+                    mu, sigma = moments(l, b, k * G + g)
+                    logits = keys @ (average @ mu) / np.sqrt(HD)
                     if use_covariance:
-                        covariance = average @ np.cov(q, rowvar=False, bias=True) @ average.T
-                        logits += np.einsum("sd,de,se->s", keys, covariance, keys) / (2 * HD)
+                        logits += np.einsum("sd,de,se->s", keys, average @ sigma @ average.T, keys) / (2 * HD)
                     weights = np.exp(logits[scored] - logits[scored].max())
                     scores[l, b, k, scored] += weights / weights.sum() / G
                 if use_value_norm:
                     scores[l, b, k] *= np.linalg.norm(p["values"][l, b, k].astype(np.float64), axis=-1)
                 scores[l, b, k, (pos >= 0) & (pos < SINKS)] = np.inf
-    return scores
+    with np.errstate(divide="ignore"):
+        return np.log(scores)
 
 
 @pytest.mark.parametrize("use_covariance, use_value_norm", [(True, True), (False, True), (True, False)])
@@ -119,7 +141,7 @@ def test_scores_match_reference(problem, use_covariance, use_value_norm):
     assert got.dtype == np.float32 and got.shape == (L, B, K, S)
     expected = reference_scores(p, use_covariance=use_covariance, use_value_norm=use_value_norm)
     valid = p["positions"] >= 0
-    np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_future_horizon_matters(problem):
@@ -127,7 +149,7 @@ def test_future_horizon_matters(problem):
     p = problem
     got = np.asarray(_policy(p, n_future_positions=7).scores(p["cache"], p["context"]))
     valid = p["positions"] >= 0
-    np.testing.assert_allclose(got[valid], reference_scores(p, n_future=7)[valid], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got[valid], reference_scores(p, n_future=7)[valid], rtol=1e-5, atol=1e-5)
     assert not np.allclose(got[valid], reference_scores(p)[valid], rtol=1e-2)
 
 
@@ -255,3 +277,72 @@ def test_generation_evicts_and_keeps_sinks(tiny):
     assert run.kv_payload_bytes == 2 * config.num_layers * 2 * config.num_kv_heads * (budget + divide) * 16 * 4
     # The buffer held counts the carried queries too (here, with 40 slots, most of it).
     assert run.kv_cache_bytes > run.kv_payload_bytes + cache.state["recent_queries"].nbytes
+
+
+def _calibration(seed: int = 7, layers: int = L, heads: int = K * G, head_dim: int = HD):
+    rng = np.random.default_rng(seed)
+    q_mean = rng.normal(size=(layers, heads, head_dim)) + 1.5
+    band_var = rng.uniform(0.2, 3.0, size=(layers, heads, head_dim // 2))
+    return q_mean.astype(np.float32), band_var.astype(np.float32)
+
+
+@pytest.mark.parametrize("use_covariance", [True, False])
+def test_calibrated_scores_match_reference(problem, use_covariance):
+    """Per (layer, KV head), and the per_head default: each KV-head index's mean over layers."""
+    p = problem
+    q_mean, band_var = _calibration()
+    expected = reference_scores(p, calibrated_moments(q_mean, band_var), use_covariance=use_covariance)
+    valid = p["positions"] >= 0
+    for aggregation in ("per_layer_per_head", "per_head"):
+        policy = ExpectedAttentionCalibrated(
+            q_mean=jnp.asarray(q_mean),
+            q_band_var=jnp.asarray(band_var),
+            inv_freq=jnp.asarray(p["inv_freq"]),
+            attention_scaling=p["scaling"],
+            aggregation=aggregation,
+            use_covariance=use_covariance,
+        )
+        got = np.asarray(policy.scores(p["cache"], p["context"]))
+        want = expected if aggregation == "per_layer_per_head" else np.broadcast_to(expected.mean(0), expected.shape)
+        np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    # The calibration's statistics are not the window's: another ranking.
+    assert not np.allclose(expected[valid], reference_scores(p)[valid], rtol=1e-2)
+
+
+def test_build_calibrated_from_a_calibration(tiny):
+    c = tiny.config
+    stats = random_stats(tiny, seed=2)
+    _, band_var = _calibration(layers=c.num_layers, heads=c.num_heads, head_dim=c.head_dim)
+    calibration = CalibrationResult(stats=stats, metadata={}, q_band_var=band_var)
+    policy = build_policy(tiny, "expected_attention_calibrated", PolicySettings(budget=48), stats=calibration)
+    assert isinstance(policy, ExpectedAttentionCalibrated) and policy.observes == frozenset()
+    assert (policy.budget, policy.window, policy.protect_prompt, policy.aggregation) == (48, 0, False, "per_head")
+    half = c.head_dim // 2
+    np.testing.assert_array_equal(policy.q_mean[..., :half], stats.q_mean_real)
+    np.testing.assert_array_equal(policy.q_mean[..., half:], stats.q_mean_imag)
+    np.testing.assert_array_equal(policy.inv_freq, np.asarray(tiny.inv_freq[...]))
+    assert policy.attention_scaling == tiny.attention_scaling
+    variant = "expected_attention_calibrated:aggregation=per_layer"
+    assert build_policy(tiny, variant, PolicySettings(), stats=calibration).aggregation == "per_layer"
+    with pytest.raises(UserError, match="query variance per band"):
+        build_policy(tiny, "expected_attention_calibrated", PolicySettings(), stats=stats)
+    with pytest.raises(UserError, match="K-only"):
+        policy.check([10], 16, slim=True)
+
+
+def test_calibrated_generation(tiny):
+    """A budget covering everything equals full attention; a small one keeps its buffer."""
+    c = tiny.config
+    _, band_var = _calibration(layers=c.num_layers, heads=c.num_heads, head_dim=c.head_dim)
+    calibration = CalibrationResult(stats=random_stats(tiny, seed=2), metadata={}, q_band_var=band_var)
+    prompts = np.random.default_rng(4).integers(3, 512, size=(2, 10)).tolist()
+    full = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32)
+    for budget in (128, 24):
+        settings = PolicySettings(budget=budget)
+        policy = build_policy(tiny, "expected_attention_calibrated", settings, stats=calibration)
+        run = generate(tiny, prompts, eos_ids=(), max_new_tokens=100, divide_length=32, policy=policy)
+        if budget == 128:
+            assert run.token_ids == full.token_ids
+        else:
+            assert run.kv_payload_bytes == 2 * c.num_layers * 2 * c.num_kv_heads * (budget + 32) * c.head_dim * 4
+            assert run.num_generated_tokens == [100, 100] and run.token_ids != full.token_ids

@@ -30,8 +30,12 @@ def saved(tiny_model_dirs, tmp_path_factory):
     """qwen2 (biases, untied head) in float32 with statistics, as an orbax checkpoint."""
     source = tiny_model_dirs["qwen2-untied"]
     transformer = load_transformer(source, dtype="float32")
+    c = transformer.config
+    band_var = np.random.default_rng(3).uniform(0.1, 2.0, (c.num_layers, c.num_heads, c.head_dim // 2))
     stats = CalibrationResult(
-        stats=random_stats(transformer, seed=3), metadata={**model_metadata(transformer), "num_tokens": 7}
+        stats=random_stats(transformer, seed=3),
+        metadata={**model_metadata(transformer), "num_tokens": 7},
+        q_band_var=band_var.astype(np.float32),
     )
     out = orbax_store.save_orbax(transformer, source, tmp_path_factory.mktemp("orbax") / "qwen2", stats=stats)
     return transformer, stats, out
@@ -52,6 +56,7 @@ def test_round_trip_is_bit_exact_with_statistics(saved):
         np.testing.assert_array_equal(
             np.asarray(getattr(restored_stats.stats, name)), np.asarray(getattr(stats.stats, name))
         )
+    np.testing.assert_array_equal(restored_stats.q_band_var, stats.q_band_var)
     assert restored_stats.metadata == stats.metadata
 
 

@@ -244,7 +244,7 @@ def calibrate(
         source = f"self-generated ({len(SELF_CALIBRATION_PROMPTS)} prompts, temperature 0.7, top_p 0.95)"
     moments = accumulate(model.transformer, sequences, batch_size=batch_size, progress=progress)
     metadata = {**model_metadata(model.transformer), "num_tokens": moments.count, "source": source, "model": model.name}
-    result = CalibrationResult(stats=moments.stats(), metadata=metadata)
+    result = CalibrationResult(stats=moments.stats(), metadata=metadata, q_band_var=moments.band_variance())
     return Calibration(result=result, moments=moments, sequences=sequences)
 
 

@@ -9,13 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from triattention_jax.calibration import fit_for_model, stats_for_model
-from triattention_jax.checkpoints.stats import FitResult, load_fit, load_stats
+from triattention_jax.checkpoints.stats import CalibrationResult, FitResult, load_fit, load_stats
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer
 from triattention_jax.policies import (
     EvictionPolicy,
     ExpectedAttention,
+    ExpectedAttentionCalibrated,
     KVPolicy,
     TriAttention,
     TriAttentionFit,
@@ -90,7 +91,7 @@ def build_policy(
     method: str,
     settings: PolicySettings = PolicySettings(),
     *,
-    stats: FrequencyStats | None = None,
+    stats: FrequencyStats | CalibrationResult | None = None,
     fit: FitResult | None = None,
 ) -> KVPolicy:
     """The policy `method` names (a variant's options override `settings`) for `model`.
@@ -99,7 +100,8 @@ def build_policy(
     loaded model's own (`calibration.stats_for_model`: the checkpoint's, the model folder's, the
     package's, or calibrated once); a bare `Transformer` needs one of the first two.
     triattention_fit's weights likewise: `fit`, else `settings.fitted_scorer`, else the loaded
-    model's (`calibration.fit_for_model`).
+    model's (`calibration.fit_for_model`). expected_attention_calibrated also needs the
+    calibration's band variance, which a `CalibrationResult` (or a statistics file) carries.
     """
     name, overrides = parse_method(method)
     settings = dataclasses.replace(settings, **overrides)
@@ -115,16 +117,26 @@ def build_policy(
     transformer = model if isinstance(model, Transformer) else model.transformer
     if cls is ExpectedAttention:  # scores with the model's own RoPE
         return ExpectedAttention.create(transformer, **options)
-    if cls not in (TriAttention, TriAttentionFit):
+    if cls not in (TriAttention, TriAttentionFit, ExpectedAttentionCalibrated):
         return cls(**options)
     if settings.aggregation is not None:
         options["aggregation"] = settings.aggregation
     if stats is None and isinstance(model, Transformer):
         if settings.stats is None:
-            raise UserError("TriAttention needs statistics: pass stats=, a statistics file, or what load_model returns")
-        stats = load_stats(settings.stats, transformer).stats
+            raise UserError(f"{name} needs statistics: pass stats=, a statistics file, or what load_model returns")
+        stats = load_stats(settings.stats, transformer)
     elif stats is None:
-        stats = stats_for_model(model, settings.stats).stats
+        stats = stats_for_model(model, settings.stats)
+    if cls is ExpectedAttentionCalibrated:
+        band_var = stats.q_band_var if isinstance(stats, CalibrationResult) else None
+        if band_var is None:
+            raise UserError(
+                "expected_attention_calibrated needs the query variance per band, which these statistics lack "
+                "(older files and the reference .pt format): recalibrate with python calibrate.py"
+            )
+        return ExpectedAttentionCalibrated.create(transformer, stats.stats, band_var, **options)
+    if isinstance(stats, CalibrationResult):
+        stats = stats.stats
     offsets = settings.offsets or DEFAULT_OFFSETS
     if cls is TriAttentionFit:
         if fit is None and isinstance(model, Transformer):

@@ -23,6 +23,7 @@ STATS_FILE = "triattention_stats.safetensors"
 # The fitted scorer's weights, beside the statistics (`calibrate.py --fit`).
 FIT_FILE = "triattention_fit.safetensors"
 FORMAT_VERSION = 1
+_STAT_NAMES = ("q_mean_real", "q_mean_imag", "q_abs_mean")
 # Every FINGERPRINT_STRIDE-th element of the q/k weights, rounded to bfloat16, identifies a
 # checkpoint whichever dtype it was loaded in, at a small fraction of the hashing cost.
 FINGERPRINT_STRIDE = 61
@@ -55,10 +56,16 @@ def model_metadata(transformer: Transformer) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibrationResult:
-    """Statistics plus where they came from: num_tokens counted and a description of the source."""
+    """Statistics plus where they came from: num_tokens counted and a description of the source.
+
+    q_band_var: the query variance per band E|q_f − E q_f|², (layers, heads, head_dim/2), which
+    `expected_attention_calibrated` needs; None where the source lacks it (the reference `.pt`
+    format, files written before it was recorded).
+    """
 
     stats: FrequencyStats
     metadata: dict[str, Any]
+    q_band_var: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -84,10 +91,9 @@ def save_stats(path: str | os.PathLike, result: CalibrationResult) -> None:
     if path.suffix == ".pt":
         _save_reference_pt(path, result)
         return
-    arrays = {
-        name: np.asarray(getattr(result.stats, name), np.float32)
-        for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")
-    }
+    arrays = {name: np.asarray(getattr(result.stats, name), np.float32) for name in _STAT_NAMES}
+    if result.q_band_var is not None:
+        arrays["q_band_var"] = np.asarray(result.q_band_var, np.float32)
     write_safetensors(
         path, arrays, metadata={"triattention": json.dumps({**result.metadata, "format_version": FORMAT_VERSION})}
     )
@@ -104,14 +110,14 @@ def load_stats(path: str | os.PathLike, transformer: Transformer) -> Calibration
         result = _load_safetensors_stats(path)
     check_compatible(result.metadata, transformer, path)
     expected = (transformer.config.num_layers, transformer.config.num_heads, transformer.config.head_dim // 2)
-    for name in _STAT_NAMES:
-        shape = tuple(np.shape(getattr(result.stats, name)))
+    arrays = {name: getattr(result.stats, name) for name in _STAT_NAMES}
+    if result.q_band_var is not None:
+        arrays["q_band_var"] = result.q_band_var
+    for name, values in arrays.items():
+        shape = tuple(np.shape(values))
         if shape != expected:
             raise UserError(f"statistics {path} have {name} of shape {shape}, the model needs {expected}: recalibrate")
     return result
-
-
-_STAT_NAMES = ("q_mean_real", "q_mean_imag", "q_abs_mean")
 
 
 def _metadata_dict(raw: Any, path: Path) -> dict[str, Any]:
@@ -131,7 +137,8 @@ def _load_safetensors_stats(path: Path) -> CalibrationResult:
     if raw is None or not set(_STAT_NAMES) <= tensors.keys():
         raise UserError(f"{path} is not a TriAttention statistics file: run calibrate.py to create one")
     stats = FrequencyStats(**{name: np.array(tensors[name], np.float32) for name in _STAT_NAMES})
-    return CalibrationResult(stats=stats, metadata=_metadata_dict(raw, path))
+    band_var = np.array(tensors["q_band_var"], np.float32) if "q_band_var" in tensors else None
+    return CalibrationResult(stats=stats, metadata=_metadata_dict(raw, path), q_band_var=band_var)
 
 
 def _save_reference_pt(path: Path, result: CalibrationResult) -> None:
@@ -142,7 +149,7 @@ def _save_reference_pt(path: Path, result: CalibrationResult) -> None:
         for head in range(heads):
             stats[f"layer{layer:02d}_head{head:02d}"] = {
                 name: torch.from_numpy(np.asarray(getattr(result.stats, name)[layer, head], np.float32).copy())
-                for name in ("q_mean_real", "q_mean_imag", "q_abs_mean")
+                for name in _STAT_NAMES
             }
     metadata = {
         "rope_style": "half",

@@ -2,6 +2,7 @@
 
 from triattention_jax.policies.base import EvictionPolicy, KVPolicy, RoundContext, policy_class, policy_names
 from triattention_jax.policies.expected_attention import ExpectedAttention
+from triattention_jax.policies.expected_attention_calibrated import ExpectedAttentionCalibrated
 from triattention_jax.policies.full import FullAttention
 from triattention_jax.policies.h2o import H2O
 from triattention_jax.policies.random_policy import RandomEviction
@@ -14,6 +15,7 @@ from triattention_jax.policies.triattention_fit import TriAttentionFit
 __all__ = [
     "EvictionPolicy",
     "ExpectedAttention",
+    "ExpectedAttentionCalibrated",
     "FullAttention",
     "H2O",
     "KVPolicy",

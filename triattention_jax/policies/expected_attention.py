@@ -5,7 +5,8 @@ expected to pay them, with the queries modelled as a Gaussian.
 With μ, Σ the mean and covariance of the pre-RoPE queries of a head, and R̄ the RoPE rotation
 averaged over the next `n_future_positions` positions, E[exp(q·k/√d)] for q ~ N(R̄μ, R̄ΣR̄ᵀ)
 is exp(μ̄·k/√d + kᵀΣ̄k/(2d)); the score of a key is that, as a softmax over the keys, averaged
-over the query heads of its GQA group, times ‖v‖. The first `n_sink` positions are always kept.
+over the query heads of its GQA group, times ‖v‖ (ranked by its log). The first `n_sink`
+positions are always kept. `expected_attention_calibrated` takes μ and Σ from calibration.
 """
 
 from __future__ import annotations
@@ -87,16 +88,7 @@ class ExpectedAttention(EvictionPolicy):
         slim: bool = False,
         context_length: int | None = None,
     ) -> None:
-        if slim and self.use_value_norm:
-            raise UserError(
-                "expected_attention weighs keys by ‖v‖, which a K-only (--kv_cache slim) cache does not hold: "
-                "use the standard cache"
-            )
-        if self.n_future_positions < 1 or self.query_window < 1 or self.n_sink < 0:
-            raise UserError(
-                "expected_attention needs n_future_positions >= 1, query_window >= 1 and n_sink >= 0, got "
-                f"{self.n_future_positions}, {self.query_window} and {self.n_sink}"
-            )
+        check_expected_attention(self, "expected_attention", slim, query_window=self.query_window)
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
@@ -105,16 +97,6 @@ class ExpectedAttention(EvictionPolicy):
     def observe(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
         window = (cache.state["recent_queries"], cache.state["recent_positions"])
         return _with_state(cache, *slide_window(*window, out.queries, positions, self.query_window))
-
-    def future_rotation(self, position: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """R̄ for each row: the mean over positions p = position … position + n_future_positions − 1
-        of the RoPE rotation at p (with the model's magnitude factor), as the (cos, sin) pair that
-        `apply_rope` takes: R̄x = apply_rope(x, cos, sin). position: (batch,); each (batch, head_dim/2)."""
-        future = position[:, None] + jnp.arange(self.n_future_positions)[None]
-        cos, sin = rope_cos_sin(future, self.inv_freq, self.attention_scaling)
-        # The mean of rotations is linear in (cos, sin): band f of R̄ is the 2×2 block of
-        # mean cos and mean sin (no longer a rotation: its magnitude shrinks for fast bands).
-        return jnp.mean(cos, axis=1), jnp.mean(sin, axis=1)
 
     def query_statistics(self, queries: jax.Array, query_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """μ (batch, heads, head_dim) and Σ (batch, heads, head_dim, head_dim) of one layer's
@@ -135,7 +117,7 @@ class ExpectedAttention(EvictionPolicy):
         query_positions: jax.Array,
         rotation: tuple[jax.Array, jax.Array],
     ) -> jax.Array:
-        """One layer's scores (batch, kv_heads, slots): sinks +inf, empty slots 0."""
+        """One layer's scores (batch, kv_heads, slots), as `expected_log_scores`."""
         keys = layer.rope_keys.astype(jnp.float32)  # (B, K, S, hd), post-RoPE
         B, K, S, hd = keys.shape
         H = queries.shape[2]
@@ -150,20 +132,10 @@ class ExpectedAttention(EvictionPolicy):
             covariance = apply_rope(jnp.swapaxes(covariance, -1, -2), cos[:, None, None], sin[:, None, None])
             covariance = covariance.reshape(B, K, H // K, hd, hd)
             logits += jnp.einsum("bksd,bkgde,bkse->bkgs", keys, covariance, keys) / (2 * hd)
-        # The softmax runs over the cached keys that are not sinks, as kvpress's does (it cuts
-        # the sinks off before scoring); each query head's distribution, then the group's mean.
-        scored = (layer.pos >= self.n_sink)[:, :, None, :]
-        weights = jax.nn.softmax(jnp.where(scored, logits, -jnp.inf), axis=-1)
-        scores = jnp.mean(jnp.where(scored, weights, 0.0), axis=2)
-        if self.use_value_norm:
-            if layer.v is None:
-                raise ValueError("expected_attention's value norm needs V: a K-only layer holds none (see check)")
-            scores = scores * jnp.linalg.norm(layer.v.astype(jnp.float32), axis=-1)
-        sinks = (layer.pos != EMPTY_POSITION) & (layer.pos < self.n_sink)
-        return jnp.where(sinks, jnp.inf, scores)
+        return expected_log_scores(layer, logits, self.n_sink, self.use_value_norm)
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
-        rotation = self.future_rotation(context.position)
+        rotation = future_rotation(context.position, self.inv_freq, self.attention_scaling, self.n_future_positions)
         positions = cache.state["recent_positions"]
 
         def one_layer(layer: CacheLayer, queries: jax.Array) -> jax.Array:
@@ -171,6 +143,54 @@ class ExpectedAttention(EvictionPolicy):
 
         # One layer's float32 keys and (keys × Σ̄) product at a time are the scoring's scratch.
         return jnp.stack(layer_by_layer(one_layer, cache.layers(), list(cache.state["recent_queries"])))
+
+
+def future_rotation(
+    position: jax.Array, inv_freq: jax.Array, attention_scaling: float, n_future_positions: int
+) -> tuple[jax.Array, jax.Array]:
+    """R̄ for each row: the mean over positions p = position … position + n_future_positions − 1
+    of the RoPE rotation at p (with the model's magnitude factor), as the (cos, sin) pair that
+    `apply_rope` takes: R̄x = apply_rope(x, cos, sin). position: (batch,); each (batch, head_dim/2)."""
+    future = position[:, None] + jnp.arange(n_future_positions)[None]
+    cos, sin = rope_cos_sin(future, inv_freq, attention_scaling)
+    # The mean of rotations is linear in (cos, sin): band f of R̄ is the 2×2 block of
+    # mean cos and mean sin (no longer a rotation: its magnitude shrinks for fast bands).
+    return jnp.mean(cos, axis=1), jnp.mean(sin, axis=1)
+
+
+def expected_log_scores(layer: CacheLayer, logits: jax.Array, n_sink: int, use_value_norm: bool) -> jax.Array:
+    """log of a key's expected attention, averaged over its GQA group, times ‖v‖ (batch,
+    kv_heads, slots): sinks +inf, empty slots −inf. logits: (batch, kv_heads, group, slots), the
+    expected q·k/√d + kᵀΣ̄k/(2d) of each query head.
+
+    The softmax runs over the cached keys that are not sinks, as kvpress's does (it cuts the
+    sinks off before scoring). Log space, so that a score averaged over layers (`aggregate`)
+    weighs every layer alike and no weight underflows to a tie.
+    """
+    scored = (layer.pos >= n_sink)[:, :, None, :]
+    log_weights = jax.nn.log_softmax(jnp.where(scored, logits, -jnp.inf), axis=-1)
+    group = logits.shape[2]
+    scores = jax.nn.logsumexp(jnp.where(scored, log_weights, -jnp.inf), axis=2) - jnp.log(group)
+    if use_value_norm:
+        if layer.v is None:
+            raise ValueError("expected attention's value norm needs V: a K-only layer holds none (see check)")
+        scores = scores + jnp.log(jnp.linalg.norm(layer.v.astype(jnp.float32), axis=-1))
+    sinks = (layer.pos != EMPTY_POSITION) & (layer.pos < n_sink)
+    return jnp.where(sinks, jnp.inf, jnp.where(layer.pos == EMPTY_POSITION, -jnp.inf, scores))
+
+
+def check_expected_attention(policy: Any, method: str, slim: bool, **positive: int) -> None:
+    """The settings both Expected Attention policies refuse: a value norm without V (a K-only
+    cache), fewer than one future position, negative sinks, and any of `positive` below 1."""
+    if slim and policy.use_value_norm:
+        raise UserError(
+            f"{method} weighs keys by ‖v‖, which a K-only (--kv_cache slim) cache does not hold: use the standard cache"
+        )
+    counts = {"n_future_positions": policy.n_future_positions, **positive}
+    if min(counts.values()) < 1 or policy.n_sink < 0:
+        required = " and ".join(f"{name} >= 1" for name in counts)
+        got = ", ".join(f"{name}={value}" for name, value in {**counts, "n_sink": policy.n_sink}.items())
+        raise UserError(f"{method} needs {required} and n_sink >= 0, got {got}")
 
 
 # The recent queries' logical axes, for sharding them with the cache.
