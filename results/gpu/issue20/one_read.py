@@ -121,6 +121,7 @@ def _body(
         for peer in range(PARTS):
             theirs = plgpu.cluster_ref(mine_smem.at[buffer], {"part": peer})
             all_smem[pl.ds(peer * local, local)] = theirs[...]
+        plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
         scores = plgpu.load(all_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
         alpha = jnp.exp(row_max - new_max)
