@@ -107,13 +107,13 @@ def calibrated_moments(q_mean, band_var):
     return moments
 
 
-def reference_scores(p, moments=None, n_future=512, use_covariance=True, use_value_norm=True) -> np.ndarray:
+def reference_scores(p, moments=None, offsets=range(512), use_covariance=True, use_value_norm=True) -> np.ndarray:
     """log of the group's mean expected attention times ‖v‖, per (layer, row, KV head, slot)."""
     moments = moments or recent_moments(p)
     scores = np.zeros((L, B, K, S))
     for b in range(B):
         start = int(p["context"].position[b])
-        average = np.mean([rope_matrix(p["inv_freq"], p["scaling"], start + j) for j in range(n_future)], axis=0)
+        average = np.mean([rope_matrix(p["inv_freq"], p["scaling"], start + j) for j in offsets], axis=0)
         for l in range(L):
             for k in range(K):
                 pos = p["positions"][l, b, k]
@@ -149,7 +149,7 @@ def test_future_horizon_matters(problem):
     p = problem
     got = np.asarray(_policy(p, n_future_positions=7).scores(p["cache"], p["context"]))
     valid = p["positions"] >= 0
-    np.testing.assert_allclose(got[valid], reference_scores(p, n_future=7)[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[valid], reference_scores(p, offsets=range(7))[valid], rtol=1e-5, atol=1e-5)
     assert not np.allclose(got[valid], reference_scores(p)[valid], rtol=1e-2)
 
 
@@ -286,12 +286,14 @@ def _calibration(seed: int = 7, layers: int = L, heads: int = K * G, head_dim: i
     return q_mean.astype(np.float32), band_var.astype(np.float32)
 
 
-@pytest.mark.parametrize("use_covariance", [True, False])
-def test_calibrated_scores_match_reference(problem, use_covariance):
-    """Per (layer, KV head), and the per_head default: each KV-head index's mean over layers."""
+@pytest.mark.parametrize("use_covariance, offsets", [(True, None), (False, None), (True, (1, 2, 4, 8, 64, 4096))])
+def test_calibrated_scores_match_reference(problem, use_covariance, offsets):
+    """Per (layer, KV head), and the per_head default: each KV-head index's mean over layers;
+    R̄ over the next 512 positions, or over given offsets."""
     p = problem
     q_mean, band_var = _calibration()
-    expected = reference_scores(p, calibrated_moments(q_mean, band_var), use_covariance=use_covariance)
+    moments = calibrated_moments(q_mean, band_var)
+    expected = reference_scores(p, moments, offsets=offsets or range(512), use_covariance=use_covariance)
     valid = p["positions"] >= 0
     for aggregation in ("per_layer_per_head", "per_head"):
         policy = ExpectedAttentionCalibrated(
@@ -301,6 +303,7 @@ def test_calibrated_scores_match_reference(problem, use_covariance):
             attention_scaling=p["scaling"],
             aggregation=aggregation,
             use_covariance=use_covariance,
+            offsets=offsets,
         )
         got = np.asarray(policy.scores(p["cache"], p["context"]))
         want = expected if aggregation == "per_layer_per_head" else np.broadcast_to(expected.mean(0), expected.shape)
@@ -322,8 +325,8 @@ def test_build_calibrated_from_a_calibration(tiny):
     np.testing.assert_array_equal(policy.q_mean[..., half:], stats.q_mean_imag)
     np.testing.assert_array_equal(policy.inv_freq, np.asarray(tiny.inv_freq[...]))
     assert policy.attention_scaling == tiny.attention_scaling
-    variant = "expected_attention_calibrated:aggregation=per_layer"
-    assert build_policy(tiny, variant, PolicySettings(), stats=calibration).aggregation == "per_layer"
+    variant = build_policy(tiny, "expected_attention_calibrated:aggregation=per_layer;max_offset=8", stats=calibration)
+    assert (variant.aggregation, variant.offsets) == ("per_layer", (1, 2, 4, 8))
     with pytest.raises(UserError, match="query variance per band"):
         build_policy(tiny, "expected_attention_calibrated", PolicySettings(), stats=stats)
     with pytest.raises(UserError, match="K-only"):

@@ -134,6 +134,8 @@ def build_policy(
                 "expected_attention_calibrated needs the query variance per band, which these statistics lack "
                 "(older files and the reference .pt format): recalibrate with python calibrate.py"
             )
+        if settings.offsets:
+            options["offsets"] = settings.offsets
         return ExpectedAttentionCalibrated.create(transformer, stats.stats, band_var, **options)
     if isinstance(stats, CalibrationResult):
         stats = stats.stats

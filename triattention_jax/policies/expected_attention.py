@@ -135,7 +135,9 @@ class ExpectedAttention(EvictionPolicy):
         return expected_log_scores(layer, logits, self.n_sink, self.use_value_norm)
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:
-        rotation = future_rotation(context.position, self.inv_freq, self.attention_scaling, self.n_future_positions)
+        rotation = future_rotation(
+            context.position, self.inv_freq, self.attention_scaling, range(self.n_future_positions)
+        )
         positions = cache.state["recent_positions"]
 
         def one_layer(layer: CacheLayer, queries: jax.Array) -> jax.Array:
@@ -146,12 +148,13 @@ class ExpectedAttention(EvictionPolicy):
 
 
 def future_rotation(
-    position: jax.Array, inv_freq: jax.Array, attention_scaling: float, n_future_positions: int
+    position: jax.Array, inv_freq: jax.Array, attention_scaling: float, offsets: Sequence[int]
 ) -> tuple[jax.Array, jax.Array]:
-    """R̄ for each row: the mean over positions p = position … position + n_future_positions − 1
-    of the RoPE rotation at p (with the model's magnitude factor), as the (cos, sin) pair that
-    `apply_rope` takes: R̄x = apply_rope(x, cos, sin). position: (batch,); each (batch, head_dim/2)."""
-    future = position[:, None] + jnp.arange(n_future_positions)[None]
+    """R̄ for each row: the mean over positions p = position + δ, δ in `offsets` (kvpress: 0 …
+    n_future_positions − 1), of the RoPE rotation at p (with the model's magnitude factor), as
+    the (cos, sin) pair that `apply_rope` takes: R̄x = apply_rope(x, cos, sin). position:
+    (batch,); each (batch, head_dim/2)."""
+    future = position[:, None] + jnp.asarray(offsets, jnp.int32)[None]
     cos, sin = rope_cos_sin(future, inv_freq, attention_scaling)
     # The mean of rotations is linear in (cos, sin): band f of R̄ is the 2×2 block of
     # mean cos and mean sin (no longer a rotation: its magnitude shrinks for fast bands).
