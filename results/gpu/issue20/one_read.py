@@ -112,16 +112,18 @@ def _body(
             q2 = lax.broadcast_in_dim(q2, (TILE, half), [1])
             # q·R(pos)k with RoPE's rotate-half form, summed per band then over the bands.
             score = jnp.sum(cos * (k1 * q1 + k2 * q2) + sin * (k1 * q2 - k2 * q1), axis=1)
-            mine_smem[buffer, h] = jnp.where(pos >= 0, score, MASK_VALUE)
+            mine_smem[h] = jnp.where(pos >= 0, score, MASK_VALUE)
         plgpu.commit_smem()
-        # Every block's scores of this tile are published before any block reads them; the
-        # double buffer lets a block write tile t+1's while a slow peer still reads tile t's.
+        # Every block's scores of this tile are published before any block reads them.
         plgpu.barrier_arrive(exchange)
         plgpu.barrier_wait(exchange)
         for peer in range(PARTS):
-            theirs = plgpu.cluster_ref(mine_smem.at[buffer], {"part": peer})
+            theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
             all_smem[pl.ds(peer * local, local)] = theirs[...]
         plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
+        # Every block has read this tile's scores before any block overwrites its own.
+        plgpu.barrier_arrive(exchange)
+        plgpu.barrier_wait(exchange)
         scores = plgpu.load(all_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
         alpha = jnp.exp(row_max - new_max)
@@ -193,7 +195,7 @@ def one_read_attention(q, k, key_pos, query_pos, length, *, inv_freq, attention_
             plgpu.SMEM((2, TILE, width // PARTS), k.dtype, transforms=TRANSFORMS),
             plgpu.SMEM((3, TILE), jnp.int32),
             plgpu.SMEM((hd // 2,), jnp.float32),
-            plgpu.SMEM((2, H // PARTS, TILE), jnp.float32),
+            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
             plgpu.SMEM((ROWS, TILE), jnp.float32),
             plgpu.SMEM((ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
             plgpu.SMEM((ROWS,), jnp.float32),
