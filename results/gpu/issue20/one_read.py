@@ -15,7 +15,8 @@ total (B, H)); the probabilities enter the tensor cores in bfloat16, as a flash-
 kernel's do.
 
     PYTHONPATH=. python results/gpu/issue20/one_read.py            # CPU: lowers for CUDA
-    PYTHONPATH=. JAX_PLATFORMS=cuda python results/gpu/issue20/one_read.py OUT.json --batch 139
+    PYTHONPATH=. JAX_PLATFORMS=cuda python results/gpu/issue20/one_read.py OUT.json --batch 139 --compare
+    ... --options '{"stages": 3}'      one_read_attention's options (see _body for the diagnostics)
 """
 
 from __future__ import annotations
@@ -57,12 +58,18 @@ def _body(
     alpha_smem,
     loaded,
     setup,
-    exchange,
+    exchange_barrier,
     *,
     heads,
     head_dim,
     splits,
+    stages,
+    rotate,
+    exchange,
+    accumulate,
 ):
+    """rotate / exchange / accumulate False leave out the rotation, the cluster's exchange of
+    scores, the tensor-core accumulation (wrong results: a timing diagnostic only)."""
     row, split, part = lax.axis_index("row"), lax.axis_index("split"), lax.axis_index("part")
     local = heads // PARTS
     width = local * head_dim
@@ -78,30 +85,30 @@ def _body(
     freq = plgpu.load(freq_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
 
     def fetch(index):
-        buffer = lax.rem(index, 2)
+        buffer = lax.rem(index, stages)
         slots = pl.ds((first_tile + index) * TILE, TILE)
         plgpu.copy_gmem_to_smem(k_gmem.at[row, slots, columns], k_smem.at[buffer], loaded.at[buffer])
-        plgpu.copy_gmem_to_smem(pos_gmem.at[row, slots], pos_smem.at[1 + buffer], loaded.at[2 + buffer])
+        plgpu.copy_gmem_to_smem(pos_gmem.at[row, slots], pos_smem.at[buffer], loaded.at[stages + buffer])
 
-    @pl.when(num_tiles > 0)
-    def _():
-        fetch(0)
+    for ahead in range(stages - 1):
+        pl.when(ahead < num_tiles)(functools.partial(fetch, ahead))
 
     def tile(index, carry):
         acc, row_max, total = carry
-        buffer = lax.rem(index, 2)
+        buffer = lax.rem(index, stages)
 
-        @pl.when(index + 1 < num_tiles)
+        @pl.when(index + stages - 1 < num_tiles)
         def _():
-            fetch(index + 1)
+            fetch(index + stages - 1)
 
         plgpu.barrier_wait(loaded.at[buffer])
-        plgpu.barrier_wait(loaded.at[2 + buffer])
+        plgpu.barrier_wait(loaded.at[stages + buffer])
         keys = k_smem.at[buffer]
-        pos = plgpu.load(pos_smem, (1 + buffer,), layout=plgpu.Layout.WGMMA.reduce(1))
+        pos = plgpu.load(pos_smem, (buffer,), layout=plgpu.Layout.WGMMA.reduce(1))
         angles = lax.broadcast_in_dim(jnp.maximum(pos, 0).astype(jnp.float32), (TILE, half), [0])
         angles = angles * lax.broadcast_in_dim(freq, (TILE, half), [1])
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        if rotate:
+            cos, sin = jnp.cos(angles), jnp.sin(angles)
         for h in range(local):
             k1 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim, half)), layout=plgpu.Layout.WGMMA)
             k2 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim + half, half)), layout=plgpu.Layout.WGMMA)
@@ -111,19 +118,26 @@ def _body(
             q1 = lax.broadcast_in_dim(q1, (TILE, half), [1])
             q2 = lax.broadcast_in_dim(q2, (TILE, half), [1])
             # q·R(pos)k with RoPE's rotate-half form, summed per band then over the bands.
-            score = jnp.sum(cos * (k1 * q1 + k2 * q2) + sin * (k1 * q2 - k2 * q1), axis=1)
+            if rotate:
+                score = jnp.sum(cos * (k1 * q1 + k2 * q2) + sin * (k1 * q2 - k2 * q1), axis=1)
+            else:
+                score = jnp.sum(k1 * q1 + k2 * q2, axis=1)
             mine_smem[h] = jnp.where(pos >= 0, score, MASK_VALUE)
         plgpu.commit_smem()
         # Every block's scores of this tile are published before any block reads them.
-        plgpu.barrier_arrive(exchange)
-        plgpu.barrier_wait(exchange)
-        for peer in range(PARTS):
-            theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
-            all_smem[pl.ds(peer * local, local)] = theirs[...]
-        plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
-        # Every block has read this tile's scores before any block overwrites its own.
-        plgpu.barrier_arrive(exchange)
-        plgpu.barrier_wait(exchange)
+        if exchange:
+            plgpu.barrier_arrive(exchange_barrier)
+            plgpu.barrier_wait(exchange_barrier)
+            for peer in range(PARTS):
+                theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
+                all_smem[pl.ds(peer * local, local)] = theirs[...]
+            plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
+            # Every block has read this tile's scores before any block overwrites its own.
+            plgpu.barrier_arrive(exchange_barrier)
+            plgpu.barrier_wait(exchange_barrier)
+        else:
+            all_smem[pl.ds(0, local)] = mine_smem[...]
+            plgpu.commit_smem()
         scores = plgpu.load(all_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
         alpha = jnp.exp(row_max - new_max)
@@ -137,14 +151,15 @@ def _body(
         scale = plgpu.load(alpha_smem, (pl.ds(0, heads),), layout=plgpu.Layout.WGMMA.reduce(0))
         acc = acc * lax.broadcast_in_dim(scale, acc.shape, [1])
 
-        def accumulate(acc_ref):
+        def add_products(acc_ref):
             plgpu.wgmma(
                 acc_ref,
                 plgpu.transpose_ref(keys, (1, 0)),
                 plgpu.transpose_ref(p_smem.at[pl.ds(0, heads)], (1, 0)),
             )
 
-        acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+        if accumulate:
+            acc = pl.run_state(add_products)(plgpu.ACC.init(acc))
         return acc, new_max, total
 
     init = (
@@ -165,7 +180,22 @@ def _body(
     plgpu.wait_smem_to_gmem(0)
 
 
-def one_read_attention(q, k, key_pos, query_pos, length, *, inv_freq, attention_scaling, scale, splits=1):
+def one_read_attention(
+    q,
+    k,
+    key_pos,
+    query_pos,
+    length,
+    *,
+    inv_freq,
+    attention_scaling,
+    scale,
+    splits=1,
+    stages=2,
+    rotate=True,
+    exchange=True,
+    accumulate=True,
+):
     """`key_only_attention`'s contract, one read of the keys: see the module docstring."""
     B, S, H, hd = k.shape
     if H % PARTS or H > ROWS or S % TILE:
@@ -181,7 +211,16 @@ def one_read_attention(q, k, key_pos, query_pos, length, *, inv_freq, attention_
     bounds = jnp.zeros((B, splits, 2), jnp.int32).at[:, :, 0].set(first).at[:, :, 1].set(count)
     q = (q.astype(jnp.float32) * (scale * attention_scaling)).reshape(B, H, hd)
     kernel = plgpu.kernel(
-        functools.partial(_body, heads=H, head_dim=hd, splits=splits),
+        functools.partial(
+            _body,
+            heads=H,
+            head_dim=hd,
+            splits=splits,
+            stages=stages,
+            rotate=rotate,
+            exchange=exchange,
+            accumulate=accumulate,
+        ),
         out_type=(
             jax.ShapeDtypeStruct((B, splits, width, H), jnp.float32),
             jax.ShapeDtypeStruct((B, splits, 2, ROWS), jnp.float32),
@@ -192,14 +231,14 @@ def one_read_attention(q, k, key_pos, query_pos, length, *, inv_freq, attention_
         cluster_names=("part",),
         scratch_types=[
             plgpu.SMEM((H // PARTS, hd), jnp.float32),
-            plgpu.SMEM((2, TILE, width // PARTS), k.dtype, transforms=TRANSFORMS),
-            plgpu.SMEM((3, TILE), jnp.int32),
+            plgpu.SMEM((stages, TILE, width // PARTS), k.dtype, transforms=TRANSFORMS),
+            plgpu.SMEM((stages, TILE), jnp.int32),
             plgpu.SMEM((hd // 2,), jnp.float32),
             plgpu.SMEM((H // PARTS, TILE), jnp.float32),
             plgpu.SMEM((ROWS, TILE), jnp.float32),
             plgpu.SMEM((ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
             plgpu.SMEM((ROWS,), jnp.float32),
-            plgpu.Barrier(num_barriers=4),
+            plgpu.Barrier(num_barriers=2 * stages),
             plgpu.Barrier(num_barriers=2),
             plgpu.ClusterBarrier(collective_axes=("part",)),
         ],
@@ -224,13 +263,16 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--splits", type=int, default=1)
+    parser.add_argument("--options", default="{}", help="one_read_attention's keyword options, as JSON")
+    parser.add_argument("--compare", action="store_true", help="also time key_only_attention and the roofline")
     args = parser.parse_args()
     q, keys, key_pos, query_pos, length = _inputs(args.batch, args.slots, args.heads, args.head_dim)
     hd = args.head_dim
     options = dict(
         inv_freq=tuple(float(10000.0 ** (-2 * i / hd)) for i in range(hd // 2)), attention_scaling=1.0, scale=hd**-0.5
     )
-    fused = jax.jit(functools.partial(one_read_attention, splits=args.splits, **options))
+    chosen = json.loads(args.options)
+    fused = jax.jit(functools.partial(one_read_attention, splits=args.splits, **options, **chosen))
     if jax.default_backend() != "gpu":
         text = fused.trace(q, keys, key_pos, query_pos, length).lower(lowering_platforms=("cuda",)).as_text()
         print(f"lowered for CUDA on {jax.default_backend()}: {len(text)} characters")
@@ -247,13 +289,18 @@ def main() -> None:
     error = float(jnp.max(jnp.abs(ratio(got) - ratio(want))) / jnp.max(jnp.abs(ratio(want))))
     print(f"one_read: first call {first_call:.1f} s, relative error against key_only_attention {error:.2e}", flush=True)
     both = 2 * keys.size * keys.dtype.itemsize
-    report = {"shape": [args.batch, args.slots, args.heads, hd], "splits": args.splits, "relative_error": error}
-    for name, fn in (("one_read", fused), ("two_kernels", jax.jit(functools.partial(key_only_attention, **options)))):
+    report = {"shape": [args.batch, args.slots, args.heads, hd], "splits": args.splits, "options": chosen}
+    report["relative_error"] = error
+    timed = [("one_read", fused)]
+    if args.compare:
+        timed.append(("two_kernels", jax.jit(functools.partial(key_only_attention, **options))))
+    for name, fn in timed:
         seconds = device_seconds(lambda _, fn=fn: fn(q, keys, key_pos, query_pos, length), keys, repeats=7, chained=10)
         report[name] = {"ms": 1e3 * seconds, "key_gb_per_s": both / 2 / seconds / 1e9}
         print(name, json.dumps(report[name]), flush=True)
-    report["roofline"] = roofline()
-    print("roofline", json.dumps(report["roofline"]), flush=True)
+    if args.compare:
+        report["roofline"] = roofline()
+        print("roofline", json.dumps(report["roofline"]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
