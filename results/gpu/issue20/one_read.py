@@ -28,6 +28,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -67,9 +68,12 @@ def _body(
     rotate,
     exchange,
     accumulate,
+    fast_math,
 ):
-    """rotate / exchange / accumulate False leave out the rotation, the cluster's exchange of
-    scores, the tensor-core accumulation (wrong results: a timing diagnostic only)."""
+    """fast_math: the hardware's approximate sin, cos and exp (sin.approx.f32 …) after a range
+    reduction, instead of the precise library calls. rotate / exchange / accumulate False
+    leave out the rotation, the cluster's exchange of scores, the tensor-core accumulation
+    (wrong results: a timing diagnostic only)."""
     row, split, part = lax.axis_index("row"), lax.axis_index("split"), lax.axis_index("part")
     local = heads // PARTS
     width = local * head_dim
@@ -108,6 +112,9 @@ def _body(
         angles = lax.broadcast_in_dim(jnp.maximum(pos, 0).astype(jnp.float32), (TILE, half), [0])
         angles = angles * lax.broadcast_in_dim(freq, (TILE, half), [1])
         if rotate:
+            if fast_math:
+                # The hardware's sin/cos are accurate near zero: reduce to [−π, π] first.
+                angles = angles - jnp.round(angles * (0.5 / np.pi)) * (2 * np.pi)
             cos, sin = jnp.cos(angles), jnp.sin(angles)
         for h in range(local):
             k1 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim, half)), layout=plgpu.Layout.WGMMA)
@@ -195,6 +202,7 @@ def one_read_attention(
     rotate=True,
     exchange=True,
     accumulate=True,
+    fast_math=False,
 ):
     """`key_only_attention`'s contract, one read of the keys: see the module docstring."""
     B, S, H, hd = k.shape
@@ -220,7 +228,9 @@ def one_read_attention(
             rotate=rotate,
             exchange=exchange,
             accumulate=accumulate,
+            fast_math=fast_math,
         ),
+        compiler_params=plgpu.CompilerParams(approx_math=fast_math),
         out_type=(
             jax.ShapeDtypeStruct((B, splits, width, H), jnp.float32),
             jax.ShapeDtypeStruct((B, splits, 2, ROWS), jnp.float32),
