@@ -233,3 +233,18 @@ def test_key_norm_attention_correlation(direction, expected):
     assert numbers["spearman_per_kv_head"] == [[pytest.approx(expected)]]
     assert numbers["fraction_negative"] == (1.0 if expected < 0 else 0.0)
     assert numbers["share_of_keys_larger_than_sink_median"] == pytest.approx(1 - 1 / (length - num_queries))
+
+
+def test_bundled_statistics_carry_their_band_variance():
+    """expected_attention_calibrated needs it; every band's variance is at least the bound that
+    Jensen's inequality sets from the same tokens' means, (E|q_f|)² − |E q_f|²."""
+    from triattention_jax.calibration import BUNDLED_STATS_DIR
+    from triattention_jax.checkpoints.safetensors_io import read_safetensors
+
+    files = sorted(BUNDLED_STATS_DIR.glob("*.triattention_stats.safetensors"))
+    assert len(files) == 3
+    for path in files:
+        tensors = {name: np.asarray(value) for name, value in read_safetensors(path).items()}
+        assert tensors["q_band_var"].shape == tensors["q_mean_real"].shape, path.name
+        bound = tensors["q_abs_mean"] ** 2 - tensors["q_mean_real"] ** 2 - tensors["q_mean_imag"] ** 2
+        assert np.all(tensors["q_band_var"] >= bound - 1e-4 * np.abs(bound).max()), path.name
