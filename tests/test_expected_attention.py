@@ -5,6 +5,7 @@ positions, explicit covariance), its recent-query window, and end to end through
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax
@@ -308,7 +309,7 @@ def test_calibrated_scores_match_reference(problem, use_covariance, offsets):
         got = np.asarray(policy.scores(p["cache"], p["context"]))
         want = expected if aggregation == "per_layer_per_head" else np.broadcast_to(expected.mean(0), expected.shape)
         np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
-    # The calibration's statistics are not the window's: another ranking.
+    # The test's data tells the calibration's statistics from the window's (both references).
     assert not np.allclose(expected[valid], reference_scores(p)[valid], rtol=1e-2)
 
 
@@ -331,6 +332,14 @@ def test_build_calibrated_from_a_calibration(tiny):
         build_policy(tiny, "expected_attention_calibrated", PolicySettings(), stats=stats)
     with pytest.raises(UserError, match="K-only"):
         policy.check([10], 16, slim=True)
+    without_norm = dataclasses.replace(policy, use_value_norm=False)
+    with pytest.raises(UserError, match="aggregation per_layer"):
+        without_norm.check([10], 16, slim=True)
+    dataclasses.replace(without_norm, aggregation="per_layer").check([10], 16, slim=True)
+    with pytest.raises(UserError, match="max_offset"):
+        build_policy(tiny, "expected_attention_calibrated:max_offset=0", stats=calibration)
+    with pytest.raises(UserError, match="offsets"):
+        dataclasses.replace(policy, offsets=()).check([10], 16)
 
 
 def test_calibrated_generation(tiny):

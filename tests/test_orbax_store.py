@@ -16,7 +16,7 @@ from triattention_jax.bench.reload import time_reload
 from triattention_jax.calibration import stats_for_model
 from triattention_jax.checkpoints import orbax as orbax_store
 from triattention_jax.checkpoints.hf import load_transformer
-from triattention_jax.checkpoints.stats import CalibrationResult, model_metadata
+from triattention_jax.checkpoints.stats import STAT_NAMES, CalibrationResult, model_metadata
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.errors import UserError
 
@@ -52,7 +52,7 @@ def test_round_trip_is_bit_exact_with_statistics(saved):
     for path, value in expected.items():
         assert found[path].dtype == value.dtype, path
         np.testing.assert_array_equal(np.asarray(found[path]), np.asarray(value), err_msg=str(path))
-    for name in orbax_store.STATS_FIELDS:
+    for name in STAT_NAMES:
         np.testing.assert_array_equal(
             np.asarray(getattr(restored_stats.stats, name)), np.asarray(getattr(stats.stats, name))
         )

@@ -45,6 +45,12 @@ class PolicySettings:
     fitted_scorer: str | None = None
 
 
+def _offsets_up_to(largest: int) -> tuple[int, ...]:
+    if largest < 1:
+        raise ValueError(f"max_offset must be at least 1, got {largest}")
+    return tuple(2**i for i in range(largest.bit_length()))
+
+
 def _boolean(text: str) -> bool:
     return {"true": True, "false": False}[text.lower()]
 
@@ -54,7 +60,7 @@ def _boolean(text: str) -> bool:
 VARIANT_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "aggregation": ("aggregation", str),
     "window": ("window", int),
-    "max_offset": ("offsets", lambda text: tuple(2**i for i in range(int(text).bit_length()))),
+    "max_offset": ("offsets", lambda text: _offsets_up_to(int(text))),
     "trig_term": ("trigonometric", _boolean),
     "norm_weighting": ("norm_weighting", _boolean),
     "protect_prompt": ("protect_prompt", _boolean),
@@ -132,7 +138,8 @@ def build_policy(
         if band_var is None:
             raise UserError(
                 "expected_attention_calibrated needs the query variance per band, which these statistics lack "
-                "(older files and the reference .pt format): recalibrate with python calibrate.py"
+                "(files from before it was recorded, the reference .pt format): run python calibrate.py --out FILE "
+                "and pass --stats FILE"
             )
         if settings.offsets:
             options["offsets"] = settings.offsets

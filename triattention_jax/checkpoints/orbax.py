@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from triattention_jax import sharding
 from triattention_jax.checkpoints.hf import read_hf_config
-from triattention_jax.checkpoints.stats import CalibrationResult
+from triattention_jax.checkpoints.stats import STAT_NAMES, CalibrationResult
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.model import Transformer, weight_specs
@@ -34,7 +34,6 @@ from triattention_jax.scoring import FrequencyStats
 MARKER = "triattention_orbax.json"
 STATE_DIR = "state"
 FORMAT_VERSION = 1
-STATS_FIELDS = ("q_mean_real", "q_mean_imag", "q_abs_mean")
 # Files of a checkpoint folder that hold weights (the orbax state replaces them).
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".gguf")
 
@@ -81,7 +80,7 @@ def save_orbax(
                 shutil.copy2(source, tmp / source.name)
         tree = {"weights": _flat_arrays(nnx.state(transformer))}
         if stats is not None:
-            tree["stats"] = {name: jnp.asarray(getattr(stats.stats, name), jnp.float32) for name in STATS_FIELDS}
+            tree["stats"] = {name: jnp.asarray(getattr(stats.stats, name), jnp.float32) for name in STAT_NAMES}
             if stats.q_band_var is not None:
                 tree["stats"]["q_band_var"] = jnp.asarray(stats.q_band_var, jnp.float32)
         # Uncompressed: SmolLM2's float32 weights compress to 65% with orbax's default zstd,
@@ -168,7 +167,7 @@ def restore_transformer(
             else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         )
         # Checkpoints saved before the band variance was recorded name no fields: the statistics alone.
-        saved = marker.get("stats_fields", STATS_FIELDS)
+        saved = marker.get("stats_fields", STAT_NAMES)
         target["stats"] = {name: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated) for name in saved}
     try:
         with ocp.StandardCheckpointer() as checkpointer:

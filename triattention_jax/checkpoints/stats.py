@@ -23,7 +23,7 @@ STATS_FILE = "triattention_stats.safetensors"
 # The fitted scorer's weights, beside the statistics (`calibrate.py --fit`).
 FIT_FILE = "triattention_fit.safetensors"
 FORMAT_VERSION = 1
-_STAT_NAMES = ("q_mean_real", "q_mean_imag", "q_abs_mean")
+STAT_NAMES = ("q_mean_real", "q_mean_imag", "q_abs_mean")
 # Every FINGERPRINT_STRIDE-th element of the q/k weights, rounded to bfloat16, identifies a
 # checkpoint whichever dtype it was loaded in, at a small fraction of the hashing cost.
 FINGERPRINT_STRIDE = 61
@@ -86,12 +86,13 @@ def check_compatible(metadata: dict[str, Any], transformer: Transformer, source:
 
 
 def save_stats(path: str | os.PathLike, result: CalibrationResult) -> None:
-    """Writes our format (safetensors + JSON metadata) or, for a `.pt` path, the reference format."""
+    """Writes our format (safetensors + JSON metadata) or, for a `.pt` path, the reference format
+    (which has no place for the band variance: it is left out)."""
     path = Path(path)
     if path.suffix == ".pt":
         _save_reference_pt(path, result)
         return
-    arrays = {name: np.asarray(getattr(result.stats, name), np.float32) for name in _STAT_NAMES}
+    arrays = {name: np.asarray(getattr(result.stats, name), np.float32) for name in STAT_NAMES}
     if result.q_band_var is not None:
         arrays["q_band_var"] = np.asarray(result.q_band_var, np.float32)
     write_safetensors(
@@ -110,7 +111,7 @@ def load_stats(path: str | os.PathLike, transformer: Transformer) -> Calibration
         result = _load_safetensors_stats(path)
     check_compatible(result.metadata, transformer, path)
     expected = (transformer.config.num_layers, transformer.config.num_heads, transformer.config.head_dim // 2)
-    arrays = {name: getattr(result.stats, name) for name in _STAT_NAMES}
+    arrays = {name: getattr(result.stats, name) for name in STAT_NAMES}
     if result.q_band_var is not None:
         arrays["q_band_var"] = result.q_band_var
     for name, values in arrays.items():
@@ -134,9 +135,9 @@ def _metadata_dict(raw: Any, path: Path) -> dict[str, Any]:
 def _load_safetensors_stats(path: Path) -> CalibrationResult:
     tensors = read_safetensors(path)
     raw = read_safetensors_metadata(path).get("triattention")
-    if raw is None or not set(_STAT_NAMES) <= tensors.keys():
+    if raw is None or not set(STAT_NAMES) <= tensors.keys():
         raise UserError(f"{path} is not a TriAttention statistics file: run calibrate.py to create one")
-    stats = FrequencyStats(**{name: np.array(tensors[name], np.float32) for name in _STAT_NAMES})
+    stats = FrequencyStats(**{name: np.array(tensors[name], np.float32) for name in STAT_NAMES})
     band_var = np.array(tensors["q_band_var"], np.float32) if "q_band_var" in tensors else None
     return CalibrationResult(stats=stats, metadata=_metadata_dict(raw, path), q_band_var=band_var)
 
@@ -149,7 +150,7 @@ def _save_reference_pt(path: Path, result: CalibrationResult) -> None:
         for head in range(heads):
             stats[f"layer{layer:02d}_head{head:02d}"] = {
                 name: torch.from_numpy(np.asarray(getattr(result.stats, name)[layer, head], np.float32).copy())
-                for name in _STAT_NAMES
+                for name in STAT_NAMES
             }
     metadata = {
         "rope_style": "half",
@@ -187,7 +188,7 @@ def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResul
             f"statistics {path} were computed for another model (head_dim: {meta['head_dim']} != {config.head_dim})"
         )
     half = config.head_dim // 2
-    arrays = {name: np.zeros((config.num_layers, config.num_heads, half), np.float32) for name in _STAT_NAMES}
+    arrays = {name: np.zeros((config.num_layers, config.num_heads, half), np.float32) for name in STAT_NAMES}
     seen = np.zeros((config.num_layers, config.num_heads), bool)
     for key, values in entries.items():
         match = _REFERENCE_KEY.fullmatch(str(key))
@@ -196,9 +197,9 @@ def _load_reference_pt(path: Path, transformer: Transformer) -> CalibrationResul
         layer, head = int(match.group(1)), int(match.group(2))
         if layer >= config.num_layers or head >= config.num_heads:
             raise UserError(f"statistics {path} name {key}, which this model does not have")
-        if not isinstance(values, dict) or not set(_STAT_NAMES) <= values.keys():
-            raise UserError(f"statistics {path} entry {key} lacks one of {', '.join(_STAT_NAMES)}")
-        for name in _STAT_NAMES:
+        if not isinstance(values, dict) or not set(STAT_NAMES) <= values.keys():
+            raise UserError(f"statistics {path} entry {key} lacks one of {', '.join(STAT_NAMES)}")
+        for name in STAT_NAMES:
             value = np.asarray(values[name], np.float32)
             if value.shape != (half,):
                 raise UserError(

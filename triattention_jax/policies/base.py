@@ -20,6 +20,7 @@ import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, KVCache
 from triattention_jax.errors import UserError
+from triattention_jax.scoring import AGGREGATIONS
 
 _REGISTRY: dict[str, type[KVPolicy]] = {}
 
@@ -253,6 +254,21 @@ class EvictionPolicy(KVPolicy):
         kept_pos = jnp.take_along_axis(cache.stacked("pos"), kept, axis=3)
         order = jnp.argsort(jnp.where(kept_pos == EMPTY_POSITION, np.iinfo(np.int32).max, kept_pos), axis=3)
         return cache.gather(jnp.take_along_axis(kept, order, axis=3), in_place=in_place)
+
+
+def check_aggregation(aggregation: str) -> None:
+    """Refuses a token-set aggregation that `scoring.aggregate` does not know."""
+    if aggregation not in AGGREGATIONS:
+        raise UserError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+
+
+def check_slim_selection(aggregation: str, slim: bool) -> None:
+    """A K-only layer recomputes each head's V from all heads' K: its heads keep one token set."""
+    if slim and aggregation != "per_layer":
+        raise UserError(
+            "--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep "
+            f"the same tokens: pass --aggregation per_layer (got {aggregation})"
+        )
 
 
 def register(name: str, policy_class: type[KVPolicy]) -> None:

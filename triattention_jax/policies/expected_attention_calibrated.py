@@ -20,14 +20,22 @@ import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
 from triattention_jax.errors import UserError
-from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.base import (
+    EvictionPolicy,
+    RoundContext,
+    array_field,
+    check_aggregation,
+    check_slim_selection,
+    policy_dataclass,
+    register,
+)
 from triattention_jax.policies.expected_attention import (
     check_expected_attention,
     expected_log_scores,
     future_rotation,
 )
 from triattention_jax.rope import apply_rope
-from triattention_jax.scoring import AGGREGATIONS, FrequencyStats, aggregate
+from triattention_jax.scoring import FrequencyStats, aggregate
 
 if TYPE_CHECKING:
     from triattention_jax.model import Transformer
@@ -68,13 +76,16 @@ class ExpectedAttentionCalibrated(EvictionPolicy):
         same calibration's `q_band_var`."""
         config = transformer.config
         expected = (config.num_layers, config.num_heads, config.head_dim // 2)
-        for name, array in (("q_mean_real", stats.q_mean_real), ("q_band_var", q_band_var)):
+        for name, array in (
+            ("q_mean_real", stats.q_mean_real),
+            ("q_mean_imag", stats.q_mean_imag),
+            ("q_band_var", q_band_var),
+        ):
             if tuple(np.shape(array)) != expected:
                 raise UserError(
                     f"calibration {name} has shape {tuple(np.shape(array))}, the model needs {expected}: recalibrate"
                 )
-        if options.get("aggregation", "per_head") not in AGGREGATIONS:
-            raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
+        check_aggregation(options.get("aggregation", "per_head"))
         q_mean = np.concatenate([np.asarray(stats.q_mean_real), np.asarray(stats.q_mean_imag)], axis=-1)
         return cls(
             q_mean=jnp.asarray(q_mean, jnp.float32),
@@ -93,11 +104,9 @@ class ExpectedAttentionCalibrated(EvictionPolicy):
         context_length: int | None = None,
     ) -> None:
         check_expected_attention(self, "expected_attention_calibrated", slim)
-        if slim and self.aggregation != "per_layer":
-            raise UserError(
-                "--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep "
-                f"the same tokens: pass --aggregation per_layer (got {self.aggregation})"
-            )
+        check_slim_selection(self.aggregation, slim)
+        if self.offsets is not None and (not self.offsets or min(self.offsets) < 0):
+            raise UserError(f"offsets must be a non-empty list of non-negative distances, got {self.offsets}")
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     def layer_scores(

@@ -10,9 +10,16 @@ import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
 from triattention_jax.errors import UserError
-from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.base import (
+    EvictionPolicy,
+    RoundContext,
+    array_field,
+    check_aggregation,
+    check_slim_selection,
+    policy_dataclass,
+    register,
+)
 from triattention_jax.scoring import (
-    AGGREGATIONS,
     DEFAULT_OFFSETS,
     FrequencyStats,
     aggregate,
@@ -53,8 +60,7 @@ class TriAttention(EvictionPolicy):
             raise UserError(
                 f"statistics have shape {tuple(stats.q_mean_real.shape)}, the model needs {expected}: recalibrate"
             )
-        if options.get("aggregation", "per_head") not in AGGREGATIONS:
-            raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
+        check_aggregation(options.get("aggregation", "per_head"))
         if not offsets or min(offsets) < 0:
             raise UserError(f"offsets must be a non-empty list of non-negative distances, got {offsets}")
         return cls(**scoring_fields(transformer, stats, offsets), **options)
@@ -67,11 +73,7 @@ class TriAttention(EvictionPolicy):
         slim: bool = False,
         context_length: int | None = None,
     ) -> None:
-        if slim and self.aggregation != "per_layer":
-            raise UserError(
-                "--kv_cache slim recomputes each head's V from all heads' K, so every head of a layer must keep "
-                f"the same tokens: pass --aggregation per_layer (got {self.aggregation})"
-            )
+        check_slim_selection(self.aggregation, slim)
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:

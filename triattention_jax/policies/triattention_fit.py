@@ -31,10 +31,16 @@ import numpy as np
 from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
 from triattention_jax.errors import UserError
 from triattention_jax.model import MASK_VALUE
-from triattention_jax.policies.base import EvictionPolicy, RoundContext, array_field, policy_dataclass, register
+from triattention_jax.policies.base import (
+    EvictionPolicy,
+    RoundContext,
+    array_field,
+    check_aggregation,
+    policy_dataclass,
+    register,
+)
 from triattention_jax.policies.triattention import scoring_fields
 from triattention_jax.scoring import (
-    AGGREGATIONS,
     DEFAULT_OFFSETS,
     FrequencyStats,
     aggregate,
@@ -134,8 +140,7 @@ class TriAttentionFit(EvictionPolicy):
                 raise UserError(
                     f"fitted scorer's {name} have shape {got}, the model needs {want}: run calibrate.py --fit"
                 )
-        if options.get("aggregation", "per_head") not in AGGREGATIONS:
-            raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
+        check_aggregation(options.get("aggregation", "per_head"))
         return cls(
             **scoring_fields(transformer, stats, offsets),
             q_band_var=jnp.asarray(q_band_var, jnp.float32),
