@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from triattention_jax.checkpoints.stats import FitResult
+from triattention_jax.checkpoints.stats import CalibrationResult, FitResult
 from triattention_jax.config import ModelConfig
 from triattention_jax.errors import UserError
 from triattention_jax.model import LAYER_WEIGHTS, Transformer, weight_specs
@@ -133,6 +133,16 @@ def random_stats(transformer: Transformer, seed: int = 0) -> FrequencyStats:
     keys = jax.random.split(jax.random.key(seed), 2)
     mean_re, mean_im = jax.random.normal(keys[0], shape), jax.random.normal(keys[1], shape)
     return FrequencyStats(q_mean_real=mean_re, q_mean_imag=mean_im, q_abs_mean=1.5 * jnp.sqrt(mean_re**2 + mean_im**2))
+
+
+def random_calibration(transformer: Transformer, seed: int = 0) -> CalibrationResult:
+    """`random_stats` with a random band variance, as a calibration (what every statistics-driven
+    method, expected_attention_calibrated included, can be built from)."""
+    c = transformer.config
+    band_var = np.random.default_rng(seed).uniform(0.1, 1.0, size=(c.num_layers, c.num_heads, c.head_dim // 2))
+    return CalibrationResult(
+        stats=random_stats(transformer, seed), metadata={"source": "random"}, q_band_var=band_var.astype(np.float32)
+    )
 
 
 def random_fit(transformer: Transformer, seed: int = 0) -> FitResult:

@@ -107,8 +107,8 @@ def main(argv: list[str]) -> None:
     from triattention_jax.bench.presets import (
         cache_variants,
         preset_config,
+        random_calibration,
         random_fit,
-        random_stats,
         random_transformer,
     )
     from triattention_jax.bench.report import (
@@ -289,7 +289,7 @@ def main(argv: list[str]) -> None:
                     loaded or transformer,
                     method,
                     settings,
-                    stats=random_stats(transformer) if loaded is None else None,
+                    stats=random_calibration(transformer) if loaded is None else None,
                     fit=random_fit(transformer) if loaded is None else None,
                 )
                 memory = speed.sequence_memory(transformer, policy, P, N, divide, mesh=mesh)

@@ -18,6 +18,7 @@ from triattention_jax.errors import UserError
 # The registered policies' names (`policies.policy_names()`, which imports jax; a test keeps them equal).
 METHOD_NAMES = (
     "expected_attention",
+    "expected_attention_calibrated",
     "full",
     "h2o",
     "random",
