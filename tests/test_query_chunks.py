@@ -14,7 +14,7 @@ from conftest import WIDE, random_transformer
 from flax import nnx
 
 from triattention_jax import model
-from triattention_jax.bench.presets import random_fit, random_stats
+from triattention_jax.bench.presets import random_calibration, random_fit
 from triattention_jax.cache import init_cache
 from triattention_jax.checkpoints.hf import load_transformer
 from triattention_jax.decoding import prefill
@@ -62,7 +62,7 @@ def test_prefill_in_query_chunks_equals_scoring_at_once(transformer, monkeypatch
         transformer,
         name,
         PolicySettings(budget=24, protect_prompt=False),
-        stats=random_stats(transformer, seed=1),
+        stats=random_calibration(transformer, seed=1),
         fit=random_fit(transformer, seed=1),
     )
     bucket, lengths = 64, np.array([50, 37], np.int32)

@@ -10,7 +10,7 @@ import pytest
 from conftest import WIDE, random_transformer
 from flax import nnx
 
-from triattention_jax.bench.presets import random_fit, random_stats
+from triattention_jax.bench.presets import random_calibration, random_fit
 from triattention_jax.decoding import prefill, teacher_force, teacher_forced_round
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.policies import policy_names
@@ -30,7 +30,7 @@ def _policy(name: str, transformer):
         transformer,
         name,
         PolicySettings(budget=BUDGET),
-        stats=random_stats(transformer, seed=1),
+        stats=random_calibration(transformer, seed=1),
         fit=random_fit(transformer, seed=1),
     )
 
