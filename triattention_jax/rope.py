@@ -90,6 +90,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def band_power(x: jax.Array) -> jax.Array:
+    """|x_f|² of each RoPE band f, the pair (x[f], x[f + head_dim/2]) that rotates together:
+    (..., head_dim) -> (..., head_dim/2), float32. Rotation leaves it unchanged."""
+    x = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    return x[..., :half] ** 2 + x[..., half:] ** 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Rotation:
     """A model's RoPE as hashable data (a static field of a pytree): ω_f per band and the

@@ -262,6 +262,12 @@ def check_aggregation(aggregation: str) -> None:
         raise UserError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
 
 
+def check_offsets(offsets: Sequence[int]) -> None:
+    """Refuses future distances a score cannot average over: none, or a negative one."""
+    if not offsets or min(offsets) < 0:
+        raise UserError(f"offsets must be a non-empty list of non-negative distances, got {offsets}")
+
+
 def check_slim_selection(aggregation: str, slim: bool) -> None:
     """A K-only layer recomputes each head's V from all heads' K: its heads keep one token set."""
     if slim and aggregation != "per_layer":

@@ -25,6 +25,7 @@ from triattention_jax.policies.base import (
     RoundContext,
     array_field,
     check_aggregation,
+    check_offsets,
     check_slim_selection,
     policy_dataclass,
     register,
@@ -34,7 +35,7 @@ from triattention_jax.policies.expected_attention import (
     expected_log_scores,
     future_rotation,
 )
-from triattention_jax.rope import apply_rope
+from triattention_jax.rope import apply_rope, band_power
 from triattention_jax.scoring import FrequencyStats, aggregate
 
 if TYPE_CHECKING:
@@ -105,8 +106,8 @@ class ExpectedAttentionCalibrated(EvictionPolicy):
     ) -> None:
         check_expected_attention(self, "expected_attention_calibrated", slim)
         check_slim_selection(self.aggregation, slim)
-        if self.offsets is not None and (not self.offsets or min(self.offsets) < 0):
-            raise UserError(f"offsets must be a non-empty list of non-negative distances, got {self.offsets}")
+        if self.offsets is not None:
+            check_offsets(self.offsets)
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     def layer_scores(
@@ -121,10 +122,9 @@ class ExpectedAttentionCalibrated(EvictionPolicy):
         mean = apply_rope(q_mean[None], cos[:, None], sin[:, None]).reshape(B, K, H // K, hd)
         logits = jnp.einsum("bkgd,bksd->bkgs", mean, keys) * hd**-0.5
         if self.use_covariance:
-            band_power = keys[..., : hd // 2] ** 2 + keys[..., hd // 2 :] ** 2  # (B, K, S, hd/2)
             component_var = q_band_var[None] / 2 * (cos**2 + sin**2)[:, None]  # (B, H, hd/2): R̄ΣR̄ᵀ
             component_var = component_var.reshape(B, K, H // K, hd // 2)
-            logits += jnp.einsum("bkgf,bksf->bkgs", component_var, band_power) / (2 * hd)
+            logits += jnp.einsum("bkgf,bksf->bkgs", component_var, band_power(keys)) / (2 * hd)
         return expected_log_scores(layer, logits, self.n_sink, self.use_value_norm)
 
     def scores(self, cache: KVCache, context: RoundContext) -> jax.Array:

@@ -15,6 +15,7 @@ from triattention_jax.policies.base import (
     RoundContext,
     array_field,
     check_aggregation,
+    check_offsets,
     check_slim_selection,
     policy_dataclass,
     register,
@@ -61,8 +62,7 @@ class TriAttention(EvictionPolicy):
                 f"statistics have shape {tuple(stats.q_mean_real.shape)}, the model needs {expected}: recalibrate"
             )
         check_aggregation(options.get("aggregation", "per_head"))
-        if not offsets or min(offsets) < 0:
-            raise UserError(f"offsets must be a non-empty list of non-negative distances, got {offsets}")
+        check_offsets(offsets)
         return cls(**scoring_fields(transformer, stats, offsets), **options)
 
     def check(

@@ -40,6 +40,7 @@ from triattention_jax.policies.base import (
     register,
 )
 from triattention_jax.policies.triattention import scoring_fields
+from triattention_jax.rope import band_power
 from triattention_jax.scoring import (
     DEFAULT_OFFSETS,
     FrequencyStats,
@@ -73,9 +74,7 @@ def key_features(
     trig, norm = key_score_terms(
         keys[None], stats, inv_freq, phasors, position, attention_scaling=attention_scaling
     )  # each (1, B, H, S)
-    keys32 = keys.astype(jnp.float32)
-    band_power = keys32[..., : hd // 2] ** 2 + keys32[..., hd // 2 :] ** 2  # (B, K, S, hd/2)
-    second = jnp.einsum("kgf,bksf->bkgs", q_band_var.reshape(K, H // K, hd // 2), band_power) / (2 * hd)
+    second = jnp.einsum("kgf,bksf->bkgs", q_band_var.reshape(K, H // K, hd // 2), band_power(keys)) / (2 * hd)
     value_norm = jnp.linalg.norm(values.astype(jnp.float32), axis=-1)
     age = jnp.maximum(position[:, None, None] - key_positions, 0).astype(jnp.float32)
     sink = ((key_positions >= 0) & (key_positions < SINK_POSITIONS)).astype(jnp.float32)

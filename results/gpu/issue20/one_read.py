@@ -35,6 +35,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from triattention_jax.kernels.decode_attention import MASK_VALUE, merge_splits
 
+from scores_sweep import random_layer_inputs  # beside this script
+
 PARTS = 8
 TILE = 64
 ROWS = 64  # the scores' rows padded to one warpgroup's matrix tile
@@ -258,13 +260,6 @@ def one_read_attention(
     return merge_splits(acc, stats[:, :, 0, :H], stats[:, :, 1, :H], axis=1)
 
 
-def _inputs(batch: int, slots: int, heads: int, head_dim: int):
-    keys = jax.random.normal(jax.random.key(0), (batch, slots, heads, head_dim), jnp.bfloat16)
-    q = jax.random.normal(jax.random.key(1), (batch, heads, head_dim), jnp.float32)
-    key_pos = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
-    return q, keys, key_pos, jnp.full((batch,), slots, jnp.int32), jnp.asarray(slots, jnp.int32)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", nargs="?")
@@ -276,7 +271,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="one_read_attention's keyword options, as JSON")
     parser.add_argument("--compare", action="store_true", help="also time key_only_attention and the roofline")
     args = parser.parse_args()
-    q, keys, key_pos, query_pos, length = _inputs(args.batch, args.slots, args.heads, args.head_dim)
+    q, keys, key_pos, query_pos, length = random_layer_inputs(args.batch, args.slots, args.heads, args.head_dim)
     hd = args.head_dim
     options = dict(
         inv_freq=tuple(float(10000.0 ** (-2 * i / hd)) for i in range(hd // 2)), attention_scaling=1.0, scale=hd**-0.5

@@ -31,7 +31,7 @@ OPTIONS = (
 )
 
 
-def _inputs(batch: int, slots: int, heads: int, head_dim: int):
+def random_layer_inputs(batch: int, slots: int, heads: int, head_dim: int):
     import jax
     import jax.numpy as jnp
 
@@ -49,7 +49,7 @@ def run_one(args: argparse.Namespace, options: dict) -> dict:
     from triattention_jax.bench.speed import device_seconds
     from triattention_jax.kernels.key_only_attention import key_only_attention
 
-    q, keys, key_pos, query_pos, length = _inputs(args.batch, args.slots, args.heads, args.head_dim)
+    q, keys, key_pos, query_pos, length = random_layer_inputs(args.batch, args.slots, args.heads, args.head_dim)
     hd = args.head_dim
     inv_freq = tuple(float(10000.0 ** (-2 * i / hd)) for i in range(hd // 2))
 
