@@ -55,7 +55,8 @@ def _body(
     k_smem,
     pos_smem,
     freq_smem,
-    mine_smem,
+    mine0_smem,
+    mine1_smem,
     all_smem,
     p_smem,
     alpha_smem,
@@ -99,7 +100,7 @@ def _body(
     for ahead in range(stages - 1):
         pl.when(ahead < num_tiles)(functools.partial(fetch, ahead))
 
-    def tile(index, carry):
+    def tile(index, mine_smem, carry):
         acc, row_max, total = carry
         buffer = lax.rem(index, stages)
 
@@ -133,20 +134,18 @@ def _body(
                 score = jnp.sum(k1 * q1 + k2 * q2, axis=1)
             mine_smem[h] = jnp.where(pos >= 0, score, MASK_VALUE)
         plgpu.commit_smem()
-        # Every block's scores of this tile are published before any block reads them.
+        # Every block's scores of this tile are published before any block reads them. One
+        # barrier per tile suffices: a peer overwrites this buffer two tiles on, after the
+        # next barrier, which waits for this block's reads of it.
         if exchange:
             plgpu.barrier_arrive(exchange_barrier)
             plgpu.barrier_wait(exchange_barrier)
             for peer in range(PARTS):
                 theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
                 all_smem[pl.ds(peer * local, local)] = theirs[...]
-            plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
-            # Every block has read this tile's scores before any block overwrites its own.
-            plgpu.barrier_arrive(exchange_barrier)
-            plgpu.barrier_wait(exchange_barrier)
         else:
             all_smem[pl.ds(0, local)] = mine_smem[...]
-            plgpu.commit_smem()
+        plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
         scores = plgpu.load(all_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
         alpha = jnp.exp(row_max - new_max)
@@ -176,7 +175,11 @@ def _body(
         plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
     )
-    acc, row_max, total = lax.fori_loop(0, num_tiles, tile, init)
+    # Two tiles per step, so that each uses its own scores buffer, chosen statically.
+    def pair(index, carry):
+        return tile(2 * index + 1, mine1_smem, tile(2 * index, mine0_smem, carry))
+
+    acc, row_max, total = lax.fori_loop(0, num_tiles // 2, pair, init)
     all_smem[0] = row_max
     all_smem[1] = total
     plgpu.commit_smem()
@@ -208,14 +211,15 @@ def one_read_attention(
 ):
     """`key_only_attention`'s contract, one read of the keys: see the module docstring."""
     B, S, H, hd = k.shape
-    if H % PARTS or H > ROWS or S % TILE:
-        raise ValueError(f"{H} heads must divide into {PARTS} parts (at most {ROWS}), {S} slots into tiles of {TILE}")
+    if H % PARTS or H > ROWS or S % (2 * TILE):
+        raise ValueError(f"{H} heads must divide into {PARTS} parts (at most {ROWS}), {S} slots into pairs of {TILE}")
     width = H * hd
     slots = jnp.arange(S)
     visible = (slots[None] < length) & (key_pos >= 0) & (key_pos <= query_pos[:, None])
     pos = jnp.where(visible, key_pos, -1).astype(jnp.int32)
-    tiles = -(-jnp.asarray(length, jnp.int32) // TILE)
-    per_split = -(-tiles // splits)
+    # Even tile counts (the loop takes pairs); a tile past `length` is masked (pos −1).
+    tiles = 2 * -(-jnp.asarray(length, jnp.int32) // (2 * TILE))
+    per_split = 2 * -(-tiles // (2 * splits))
     first = jnp.arange(splits) * per_split
     count = jnp.clip(tiles - first, 0, per_split)
     bounds = jnp.zeros((B, splits, 2), jnp.int32).at[:, :, 0].set(first).at[:, :, 1].set(count)
@@ -246,6 +250,7 @@ def one_read_attention(
             plgpu.SMEM((stages, TILE, width // PARTS), k.dtype, transforms=TRANSFORMS),
             plgpu.SMEM((stages, TILE), jnp.int32),
             plgpu.SMEM((hd // 2,), jnp.float32),
+            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
             plgpu.SMEM((H // PARTS, TILE), jnp.float32),
             plgpu.SMEM((ROWS, TILE), jnp.float32),
             plgpu.SMEM((ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
