@@ -55,8 +55,7 @@ def _body(
     k_smem,
     pos_smem,
     freq_smem,
-    mine0_smem,
-    mine1_smem,
+    mine_smem,
     all_smem,
     p_smem,
     alpha_smem,
@@ -68,48 +67,57 @@ def _body(
     head_dim,
     splits,
     stages,
+    groups,
     rotate,
     exchange,
     accumulate,
     fast_math,
 ):
-    """fast_math: the hardware's approximate sin, cos and exp (sin.approx.f32 …) after a range
+    """Each of the block's `groups` warpgroups owns 1/groups of its columns (its own loads,
+    heads and accumulator: the whole one needs 128 registers a thread in one warpgroup).
+    fast_math: the hardware's approximate sin, cos and exp (sin.approx.f32 …) after a range
     reduction, instead of the precise library calls. rotate / exchange / accumulate False
     leave out the rotation, the cluster's exchange of scores, the tensor-core accumulation
     (wrong results: a timing diagnostic only)."""
     row, split, part = lax.axis_index("row"), lax.axis_index("split"), lax.axis_index("part")
-    local = heads // PARTS
+    group = lax.axis_index("group") if groups > 1 else 0
+    local = heads // PARTS // groups  # this warpgroup's heads
     width = local * head_dim
     half = head_dim // 2
-    columns = pl.ds(part * width, width)
-    plgpu.copy_gmem_to_smem(q_gmem.at[row, pl.ds(part * local, local)], q_smem, setup.at[0])
-    plgpu.copy_gmem_to_smem(freq_gmem, freq_smem, setup.at[1])
+    first_head = (part * groups + group) * local
+    columns = pl.ds(first_head * head_dim, width)
+    q_mine, all_mine, p_mine, alpha_mine = (ref.at[group] for ref in (q_smem, all_smem, p_smem, alpha_smem))
+    plgpu.copy_gmem_to_smem(q_gmem.at[row, pl.ds(first_head, local)], q_mine, setup.at[2 * group])
+    plgpu.copy_gmem_to_smem(freq_gmem, freq_smem.at[group], setup.at[2 * group + 1])
     first_tile = bounds_gmem[row, split, 0]
     num_tiles = bounds_gmem[row, split, 1]
-    plgpu.barrier_wait(setup.at[0])
-    plgpu.barrier_wait(setup.at[1])
-    all_smem[...] = jnp.zeros((ROWS, TILE), jnp.float32)
-    freq = plgpu.load(freq_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    plgpu.barrier_wait(setup.at[2 * group])
+    plgpu.barrier_wait(setup.at[2 * group + 1])
+    all_mine[...] = jnp.zeros((ROWS, TILE), jnp.float32)
+    freq = plgpu.load(freq_smem, (group,), layout=plgpu.Layout.WGMMA.reduce(0))
 
     def fetch(index):
-        buffer = lax.rem(index, stages)
+        buffer = group * stages + lax.rem(index, stages)
         slots = pl.ds((first_tile + index) * TILE, TILE)
-        plgpu.copy_gmem_to_smem(k_gmem.at[row, slots, columns], k_smem.at[buffer], loaded.at[buffer])
-        plgpu.copy_gmem_to_smem(pos_gmem.at[row, slots], pos_smem.at[buffer], loaded.at[stages + buffer])
+        plgpu.copy_gmem_to_smem(k_gmem.at[row, slots, columns], k_smem.at[buffer], loaded.at[2 * buffer])
+        plgpu.copy_gmem_to_smem(pos_gmem.at[row, slots], pos_smem.at[buffer], loaded.at[2 * buffer + 1])
 
     for ahead in range(stages - 1):
         pl.when(ahead < num_tiles)(functools.partial(fetch, ahead))
 
-    def tile(index, mine_smem, carry):
+    def tile(index, carry):
         acc, row_max, total = carry
-        buffer = lax.rem(index, stages)
+        buffer = group * stages + lax.rem(index, stages)
+        # Scores alternate between two buffers: a peer overwrites one two tiles on, after the
+        # next barrier, which waits for this block's reads of it. So one barrier per tile.
+        parity = lax.rem(index, 2) * (heads // PARTS)
 
         @pl.when(index + stages - 1 < num_tiles)
         def _():
             fetch(index + stages - 1)
 
-        plgpu.barrier_wait(loaded.at[buffer])
-        plgpu.barrier_wait(loaded.at[stages + buffer])
+        plgpu.barrier_wait(loaded.at[2 * buffer])
+        plgpu.barrier_wait(loaded.at[2 * buffer + 1])
         keys = k_smem.at[buffer]
         pos = plgpu.load(pos_smem, (buffer,), layout=plgpu.Layout.WGMMA.reduce(1))
         angles = lax.broadcast_in_dim(jnp.maximum(pos, 0).astype(jnp.float32), (TILE, half), [0])
@@ -123,8 +131,8 @@ def _body(
             k1 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim, half)), layout=plgpu.Layout.WGMMA)
             k2 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim + half, half)), layout=plgpu.Layout.WGMMA)
             k1, k2 = k1.astype(jnp.float32), k2.astype(jnp.float32)
-            q1 = plgpu.load(q_smem, (h, pl.ds(0, half)), layout=plgpu.Layout.WGMMA.reduce(0))
-            q2 = plgpu.load(q_smem, (h, pl.ds(half, half)), layout=plgpu.Layout.WGMMA.reduce(0))
+            q1 = plgpu.load(q_mine, (h, pl.ds(0, half)), layout=plgpu.Layout.WGMMA.reduce(0))
+            q2 = plgpu.load(q_mine, (h, pl.ds(half, half)), layout=plgpu.Layout.WGMMA.reduce(0))
             q1 = lax.broadcast_in_dim(q1, (TILE, half), [1])
             q2 = lax.broadcast_in_dim(q2, (TILE, half), [1])
             # q·R(pos)k with RoPE's rotate-half form, summed per band then over the bands.
@@ -132,38 +140,37 @@ def _body(
                 score = jnp.sum(cos * (k1 * q1 + k2 * q2) + sin * (k1 * q2 - k2 * q1), axis=1)
             else:
                 score = jnp.sum(k1 * q1 + k2 * q2, axis=1)
-            mine_smem[h] = jnp.where(pos >= 0, score, MASK_VALUE)
+            mine_smem[parity + group * local + h] = jnp.where(pos >= 0, score, MASK_VALUE)
         plgpu.commit_smem()
-        # Every block's scores of this tile are published before any block reads them. One
-        # barrier per tile suffices: a peer overwrites this buffer two tiles on, after the
-        # next barrier, which waits for this block's reads of it.
+        # Every warpgroup of the cluster has published this tile's scores before any reads them.
+        published = pl.ds(parity, heads // PARTS)
         if exchange:
             plgpu.barrier_arrive(exchange_barrier)
             plgpu.barrier_wait(exchange_barrier)
             for peer in range(PARTS):
                 theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
-                all_smem[pl.ds(peer * local, local)] = theirs[...]
+                all_mine[pl.ds(peer * (heads // PARTS), heads // PARTS)] = theirs[published]
         else:
-            all_smem[pl.ds(0, local)] = mine_smem[...]
+            all_mine[pl.ds(0, heads // PARTS)] = mine_smem[published]
         plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
-        scores = plgpu.load(all_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+        scores = plgpu.load(all_mine, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
         alpha = jnp.exp(row_max - new_max)
         weights = jnp.where(
             scores > MASK_VALUE / 2, jnp.exp(scores - lax.broadcast_in_dim(new_max, scores.shape, [0])), 0.0
         )
         total = total * alpha + weights.sum(axis=1)
-        p_smem[...] = weights.astype(jnp.bfloat16)
-        alpha_smem[...] = alpha
+        p_mine[...] = weights.astype(jnp.bfloat16)
+        alpha_mine[...] = alpha
         plgpu.commit_smem()
-        scale = plgpu.load(alpha_smem, (pl.ds(0, heads),), layout=plgpu.Layout.WGMMA.reduce(0))
+        scale = plgpu.load(alpha_mine, (pl.ds(0, heads),), layout=plgpu.Layout.WGMMA.reduce(0))
         acc = acc * lax.broadcast_in_dim(scale, acc.shape, [1])
 
         def add_products(acc_ref):
             plgpu.wgmma(
                 acc_ref,
                 plgpu.transpose_ref(keys, (1, 0)),
-                plgpu.transpose_ref(p_smem.at[pl.ds(0, heads)], (1, 0)),
+                plgpu.transpose_ref(p_mine.at[pl.ds(0, heads)], (1, 0)),
             )
 
         if accumulate:
@@ -175,18 +182,14 @@ def _body(
         plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
     )
-    # Two tiles per step, so that each uses its own scores buffer, chosen statically.
-    def pair(index, carry):
-        return tile(2 * index + 1, mine1_smem, tile(2 * index, mine0_smem, carry))
-
-    acc, row_max, total = lax.fori_loop(0, num_tiles // 2, pair, init)
-    all_smem[0] = row_max
-    all_smem[1] = total
+    acc, row_max, total = lax.fori_loop(0, num_tiles, tile, init)
+    all_mine[0] = row_max
+    all_mine[1] = total
     plgpu.commit_smem()
 
-    @pl.when(part == 0)
+    @pl.when((part == 0) & (group == 0))
     def _():
-        plgpu.copy_smem_to_gmem(all_smem.at[pl.ds(0, 2)], stats_gmem.at[row, split])
+        plgpu.copy_smem_to_gmem(all_mine.at[pl.ds(0, 2)], stats_gmem.at[row, split])
 
     acc_gmem[row, split, columns, :] = acc
     plgpu.wait_smem_to_gmem(0)
@@ -204,26 +207,31 @@ def one_read_attention(
     scale,
     splits=1,
     stages=2,
+    groups=2,
     rotate=True,
     exchange=True,
     accumulate=True,
-    fast_math=False,
+    fast_math=True,
 ):
     """`key_only_attention`'s contract, one read of the keys: see the module docstring."""
     B, S, H, hd = k.shape
-    if H % PARTS or H > ROWS or S % (2 * TILE):
-        raise ValueError(f"{H} heads must divide into {PARTS} parts (at most {ROWS}), {S} slots into pairs of {TILE}")
+    if H % (PARTS * groups) or H > ROWS or S % TILE:
+        raise ValueError(
+            f"{H} heads must divide into {PARTS} blocks of {groups} warpgroups (at most {ROWS}), "
+            f"{S} slots into tiles of {TILE}"
+        )
     width = H * hd
     slots = jnp.arange(S)
     visible = (slots[None] < length) & (key_pos >= 0) & (key_pos <= query_pos[:, None])
     pos = jnp.where(visible, key_pos, -1).astype(jnp.int32)
-    # Even tile counts (the loop takes pairs); a tile past `length` is masked (pos −1).
-    tiles = 2 * -(-jnp.asarray(length, jnp.int32) // (2 * TILE))
-    per_split = 2 * -(-tiles // (2 * splits))
+    tiles = -(-jnp.asarray(length, jnp.int32) // TILE)
+    per_split = -(-tiles // splits)
     first = jnp.arange(splits) * per_split
     count = jnp.clip(tiles - first, 0, per_split)
     bounds = jnp.zeros((B, splits, 2), jnp.int32).at[:, :, 0].set(first).at[:, :, 1].set(count)
     q = (q.astype(jnp.float32) * (scale * attention_scaling)).reshape(B, H, hd)
+    local = H // PARTS // groups
+    threads = dict(num_threads=groups, thread_name="group") if groups > 1 else {}
     kernel = plgpu.kernel(
         functools.partial(
             _body,
@@ -231,6 +239,7 @@ def one_read_attention(
             head_dim=hd,
             splits=splits,
             stages=stages,
+            groups=groups,
             rotate=rotate,
             exchange=exchange,
             accumulate=accumulate,
@@ -245,19 +254,19 @@ def one_read_attention(
         grid_names=("row", "split"),
         cluster=(PARTS,),
         cluster_names=("part",),
+        **threads,
         scratch_types=[
-            plgpu.SMEM((H // PARTS, hd), jnp.float32),
-            plgpu.SMEM((stages, TILE, width // PARTS), k.dtype, transforms=TRANSFORMS),
-            plgpu.SMEM((stages, TILE), jnp.int32),
-            plgpu.SMEM((hd // 2,), jnp.float32),
-            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
-            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
-            plgpu.SMEM((ROWS, TILE), jnp.float32),
-            plgpu.SMEM((ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
-            plgpu.SMEM((ROWS,), jnp.float32),
-            plgpu.Barrier(num_barriers=2 * stages),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.ClusterBarrier(collective_axes=("part",)),
+            plgpu.SMEM((groups, local, hd), jnp.float32),
+            plgpu.SMEM((groups * stages, TILE, local * hd), k.dtype, transforms=TRANSFORMS),
+            plgpu.SMEM((groups * stages, TILE), jnp.int32),
+            plgpu.SMEM((groups, hd // 2), jnp.float32),
+            plgpu.SMEM((2 * H // PARTS, TILE), jnp.float32),
+            plgpu.SMEM((groups, ROWS, TILE), jnp.float32),
+            plgpu.SMEM((groups, ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
+            plgpu.SMEM((groups, ROWS), jnp.float32),
+            plgpu.Barrier(num_barriers=2 * groups * stages),
+            plgpu.Barrier(num_barriers=2 * groups),
+            plgpu.ClusterBarrier(collective_axes=("part",), num_arrivals=groups),
         ],
     )
     acc, stats = kernel(q, k.reshape(B, S, width), pos, jnp.asarray(inv_freq, jnp.float32), bounds)
