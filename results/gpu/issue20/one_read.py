@@ -38,6 +38,7 @@ from triattention_jax.kernels.decode_attention import MASK_VALUE, merge_splits
 from scores_sweep import random_layer_inputs  # beside this script
 
 PARTS = 8
+GROUPS = 2  # warpgroups a block
 TILE = 64
 ROWS = 64  # the scores' rows padded to one warpgroup's matrix tile
 TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -55,7 +56,8 @@ def _body(
     k_smem,
     pos_smem,
     freq_smem,
-    mine_smem,
+    mine0_smem,
+    mine1_smem,
     all_smem,
     p_smem,
     alpha_smem,
@@ -67,24 +69,24 @@ def _body(
     head_dim,
     splits,
     stages,
-    groups,
     rotate,
     exchange,
     accumulate,
     fast_math,
 ):
-    """Each of the block's `groups` warpgroups owns 1/groups of its columns (its own loads,
-    heads and accumulator: the whole one needs 128 registers a thread in one warpgroup).
+    """Each of the block's GROUPS warpgroups owns 1/GROUPS of its columns: its own loads,
+    heads and accumulator (the whole one took 128 registers a thread in one warpgroup, which
+    spilled; two warpgroups also hide each other's latencies).
     fast_math: the hardware's approximate sin, cos and exp (sin.approx.f32 …) after a range
     reduction, instead of the precise library calls. rotate / exchange / accumulate False
     leave out the rotation, the cluster's exchange of scores, the tensor-core accumulation
     (wrong results: a timing diagnostic only)."""
     row, split, part = lax.axis_index("row"), lax.axis_index("split"), lax.axis_index("part")
-    group = lax.axis_index("group") if groups > 1 else 0
-    local = heads // PARTS // groups  # this warpgroup's heads
+    group = lax.axis_index("group")
+    local = heads // PARTS // GROUPS  # this warpgroup's heads
     width = local * head_dim
     half = head_dim // 2
-    first_head = (part * groups + group) * local
+    first_head = (part * GROUPS + group) * local
     columns = pl.ds(first_head * head_dim, width)
     q_mine, all_mine, p_mine, alpha_mine = (ref.at[group] for ref in (q_smem, all_smem, p_smem, alpha_smem))
     plgpu.copy_gmem_to_smem(q_gmem.at[row, pl.ds(first_head, local)], q_mine, setup.at[2 * group])
@@ -109,8 +111,10 @@ def _body(
         acc, row_max, total = carry
         buffer = group * stages + lax.rem(index, stages)
         # Scores alternate between two buffers: a peer overwrites one two tiles on, after the
-        # next barrier, which waits for this block's reads of it. So one barrier per tile.
-        parity = lax.rem(index, 2) * (heads // PARTS)
+        # next barrier, which waits for this block's reads of it. So one barrier per tile. (A
+        # dynamically offset peer reference does not lower on 0.11.2: each buffer is static.)
+        parity = lax.rem(index, 2)
+        buffers = (mine0_smem, mine1_smem)
 
         @pl.when(index + stages - 1 < num_tiles)
         def _():
@@ -127,6 +131,7 @@ def _body(
                 # The hardware's sin/cos are accurate near zero: reduce to [−π, π] first.
                 angles = angles - jnp.round(angles * (0.5 / np.pi)) * (2 * np.pi)
             cos, sin = jnp.cos(angles), jnp.sin(angles)
+        scores = []
         for h in range(local):
             k1 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim, half)), layout=plgpu.Layout.WGMMA)
             k2 = plgpu.load(keys, (slice(None), pl.ds(h * head_dim + half, half)), layout=plgpu.Layout.WGMMA)
@@ -140,18 +145,31 @@ def _body(
                 score = jnp.sum(cos * (k1 * q1 + k2 * q2) + sin * (k1 * q2 - k2 * q1), axis=1)
             else:
                 score = jnp.sum(k1 * q1 + k2 * q2, axis=1)
-            mine_smem[parity + group * local + h] = jnp.where(pos >= 0, score, MASK_VALUE)
+            scores.append(jnp.where(pos >= 0, score, MASK_VALUE))
+        for which, mine_smem in enumerate(buffers):
+
+            @pl.when(parity == which)
+            def _():
+                for h, score in enumerate(scores):
+                    mine_smem[group * local + h] = score
+
         plgpu.commit_smem()
         # Every warpgroup of the cluster has published this tile's scores before any reads them.
-        published = pl.ds(parity, heads // PARTS)
         if exchange:
             plgpu.barrier_arrive(exchange_barrier)
             plgpu.barrier_wait(exchange_barrier)
-            for peer in range(PARTS):
-                theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
-                all_mine[pl.ds(peer * (heads // PARTS), heads // PARTS)] = theirs[published]
-        else:
-            all_mine[pl.ds(0, heads // PARTS)] = mine_smem[published]
+        per_block = heads // PARTS
+        for which, mine_smem in enumerate(buffers):
+
+            @pl.when(parity == which)
+            def _():
+                if exchange:
+                    for peer in range(PARTS):
+                        theirs = plgpu.cluster_ref(mine_smem, {"part": peer})
+                        all_mine[pl.ds(peer * per_block, per_block)] = theirs[...]
+                else:
+                    all_mine[pl.ds(0, per_block)] = mine_smem[...]
+
         plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
         scores = plgpu.load(all_mine, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
@@ -207,7 +225,6 @@ def one_read_attention(
     scale,
     splits=1,
     stages=2,
-    groups=2,
     rotate=True,
     exchange=True,
     accumulate=True,
@@ -215,9 +232,9 @@ def one_read_attention(
 ):
     """`key_only_attention`'s contract, one read of the keys: see the module docstring."""
     B, S, H, hd = k.shape
-    if H % (PARTS * groups) or H > ROWS or S % TILE:
+    if H % (PARTS * GROUPS) or H > ROWS or S % TILE:
         raise ValueError(
-            f"{H} heads must divide into {PARTS} blocks of {groups} warpgroups (at most {ROWS}), "
+            f"{H} heads must divide into {PARTS} blocks of {GROUPS} warpgroups (at most {ROWS}), "
             f"{S} slots into tiles of {TILE}"
         )
     width = H * hd
@@ -230,8 +247,7 @@ def one_read_attention(
     count = jnp.clip(tiles - first, 0, per_split)
     bounds = jnp.zeros((B, splits, 2), jnp.int32).at[:, :, 0].set(first).at[:, :, 1].set(count)
     q = (q.astype(jnp.float32) * (scale * attention_scaling)).reshape(B, H, hd)
-    local = H // PARTS // groups
-    threads = dict(num_threads=groups, thread_name="group") if groups > 1 else {}
+    local = H // PARTS // GROUPS
     kernel = plgpu.kernel(
         functools.partial(
             _body,
@@ -239,7 +255,6 @@ def one_read_attention(
             head_dim=hd,
             splits=splits,
             stages=stages,
-            groups=groups,
             rotate=rotate,
             exchange=exchange,
             accumulate=accumulate,
@@ -254,19 +269,21 @@ def one_read_attention(
         grid_names=("row", "split"),
         cluster=(PARTS,),
         cluster_names=("part",),
-        **threads,
+        num_threads=GROUPS,
+        thread_name="group",
         scratch_types=[
-            plgpu.SMEM((groups, local, hd), jnp.float32),
-            plgpu.SMEM((groups * stages, TILE, local * hd), k.dtype, transforms=TRANSFORMS),
-            plgpu.SMEM((groups * stages, TILE), jnp.int32),
-            plgpu.SMEM((groups, hd // 2), jnp.float32),
-            plgpu.SMEM((2 * H // PARTS, TILE), jnp.float32),
-            plgpu.SMEM((groups, ROWS, TILE), jnp.float32),
-            plgpu.SMEM((groups, ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
-            plgpu.SMEM((groups, ROWS), jnp.float32),
-            plgpu.Barrier(num_barriers=2 * groups * stages),
-            plgpu.Barrier(num_barriers=2 * groups),
-            plgpu.ClusterBarrier(collective_axes=("part",), num_arrivals=groups),
+            plgpu.SMEM((GROUPS, local, hd), jnp.float32),
+            plgpu.SMEM((GROUPS * stages, TILE, local * hd), k.dtype, transforms=TRANSFORMS),
+            plgpu.SMEM((GROUPS * stages, TILE), jnp.int32),
+            plgpu.SMEM((GROUPS, hd // 2), jnp.float32),
+            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
+            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
+            plgpu.SMEM((GROUPS, ROWS, TILE), jnp.float32),
+            plgpu.SMEM((GROUPS, ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
+            plgpu.SMEM((GROUPS, ROWS), jnp.float32),
+            plgpu.Barrier(num_barriers=2 * GROUPS * stages),
+            plgpu.Barrier(num_barriers=2 * GROUPS),
+            plgpu.ClusterBarrier(collective_axes=("part",), num_arrivals=GROUPS),
         ],
     )
     acc, stats = kernel(q, k.reshape(B, S, width), pos, jnp.asarray(inv_freq, jnp.float32), bounds)
