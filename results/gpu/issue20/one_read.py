@@ -56,11 +56,11 @@ def _body(
     k_smem,
     pos_smem,
     freq_smem,
-    all0_smem,
-    all1_smem,
+    mine0_smem,
+    mine1_smem,
+    all_smem,
     p_smem,
     alpha_smem,
-    stats_smem,
     loaded,
     setup,
     exchange_barrier,
@@ -78,10 +78,9 @@ def _body(
     heads and accumulator (the whole one took 128 registers a thread in one warpgroup, which
     spilled; two warpgroups also hide each other's latencies).
     fast_math: the hardware's approximate sin, cos and exp (sin.approx.f32 …) after a range
-    reduction, instead of the precise library calls. exchange: "push" (each warpgroup stores
-    its heads' scores into every block of the cluster), "barrier" (the barrier alone) or
-    "none"; rotate / accumulate False leave out the rotation or the tensor-core accumulation
-    (all but "push" with both: wrong results, a timing diagnostic only)."""
+    reduction, instead of the precise library calls. rotate / exchange / accumulate False
+    leave out the rotation, the cluster's exchange of scores, the tensor-core accumulation
+    (wrong results: a timing diagnostic only)."""
     row, split, part = lax.axis_index("row"), lax.axis_index("split"), lax.axis_index("part")
     group = lax.axis_index("group")
     local = heads // PARTS // GROUPS  # this warpgroup's heads
@@ -89,16 +88,14 @@ def _body(
     half = head_dim // 2
     first_head = (part * GROUPS + group) * local
     columns = pl.ds(first_head * head_dim, width)
-    q_mine, p_mine, alpha_mine = (ref.at[group] for ref in (q_smem, p_smem, alpha_smem))
+    q_mine, all_mine, p_mine, alpha_mine = (ref.at[group] for ref in (q_smem, all_smem, p_smem, alpha_smem))
     plgpu.copy_gmem_to_smem(q_gmem.at[row, pl.ds(first_head, local)], q_mine, setup.at[2 * group])
     plgpu.copy_gmem_to_smem(freq_gmem, freq_smem.at[group], setup.at[2 * group + 1])
     first_tile = bounds_gmem[row, split, 0]
     num_tiles = bounds_gmem[row, split, 1]
     plgpu.barrier_wait(setup.at[2 * group])
     plgpu.barrier_wait(setup.at[2 * group + 1])
-    # Rows past the heads are padding that no peer writes.
-    for all_smem in (all0_smem, all1_smem):
-        all_smem[pl.ds(heads, ROWS - heads)] = jnp.zeros((ROWS - heads, TILE), jnp.float32)
+    all_mine[...] = jnp.zeros((ROWS, TILE), jnp.float32)
     freq = plgpu.load(freq_smem, (group,), layout=plgpu.Layout.WGMMA.reduce(0))
 
     def fetch(index):
@@ -113,10 +110,11 @@ def _body(
     def tile(index, carry):
         acc, row_max, total = carry
         buffer = group * stages + lax.rem(index, stages)
-        # Scores alternate between two buffers: a peer writes one again two tiles on, after the
+        # Scores alternate between two buffers: a peer overwrites one two tiles on, after the
         # next barrier, which waits for this block's reads of it. So one barrier per tile. (A
         # dynamically offset peer reference does not lower on 0.11.2: each buffer is static.)
         parity = lax.rem(index, 2)
+        buffers = (mine0_smem, mine1_smem)
 
         @pl.when(index + stages - 1 < num_tiles)
         def _():
@@ -148,26 +146,34 @@ def _body(
             else:
                 score = jnp.sum(k1 * q1 + k2 * q2, axis=1)
             scores.append(jnp.where(pos >= 0, score, MASK_VALUE))
-        # Pushed, not pulled: a remote store does not wait for its answer, a remote load does.
-        for which, all_smem in enumerate((all0_smem, all1_smem)):
+        for which, mine_smem in enumerate(buffers):
 
             @pl.when(parity == which)
             def _():
-                for peer in range(PARTS) if exchange == "push" else ():
-                    theirs = plgpu.cluster_ref(all_smem, {"part": peer})
-                    for h, score in enumerate(scores):
-                        theirs[first_head + h] = score
+                for h, score in enumerate(scores):
+                    mine_smem[group * local + h] = score
 
         plgpu.commit_smem()
-        # Every warpgroup of the cluster has pushed this tile's scores before any reads them.
-        if exchange != "none":
+        # Every warpgroup of the cluster has published this tile's scores before any reads them.
+        if exchange:
             plgpu.barrier_arrive(exchange_barrier)
             plgpu.barrier_wait(exchange_barrier)
-        scores = jnp.where(
-            parity == 0,
-            plgpu.load(all0_smem, (), layout=plgpu.Layout.WGMMA, optimized=False),
-            plgpu.load(all1_smem, (), layout=plgpu.Layout.WGMMA, optimized=False),
-        )
+        per_block = heads // PARTS
+        for which, mine_smem in enumerate(buffers):
+
+            @pl.when(parity == which)
+            def _():
+                if exchange:
+                    # Every remote load in flight before the first store, which could alias
+                    # them: each waits for its answer. (0.11.2 has no remote stores.)
+                    received = [plgpu.cluster_ref(mine_smem, {"part": peer})[...] for peer in range(PARTS)]
+                    for peer, theirs in enumerate(received):
+                        all_mine[pl.ds(peer * per_block, per_block)] = theirs
+                else:
+                    all_mine[pl.ds(0, per_block)] = mine_smem[...]
+
+        plgpu.commit_smem()  # the warpgroup's threads read what the others wrote
+        scores = plgpu.load(all_mine, (), layout=plgpu.Layout.WGMMA, optimized=False)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
         alpha = jnp.exp(row_max - new_max)
         weights = jnp.where(
@@ -197,13 +203,13 @@ def _body(
         plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
     )
     acc, row_max, total = lax.fori_loop(0, num_tiles, tile, init)
+    all_mine[0] = row_max
+    all_mine[1] = total
+    plgpu.commit_smem()
 
     @pl.when((part == 0) & (group == 0))
     def _():
-        stats_smem[0] = row_max
-        stats_smem[1] = total
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stats_smem, stats_gmem.at[row, split])
+        plgpu.copy_smem_to_gmem(all_mine.at[pl.ds(0, 2)], stats_gmem.at[row, split])
 
     acc_gmem[row, split, columns, :] = acc
     plgpu.wait_smem_to_gmem(0)
@@ -222,7 +228,7 @@ def one_read_attention(
     splits=1,
     stages=2,
     rotate=True,
-    exchange="push",
+    exchange=True,
     accumulate=True,
     fast_math=True,
 ):
@@ -272,11 +278,11 @@ def one_read_attention(
             plgpu.SMEM((GROUPS * stages, TILE, local * hd), k.dtype, transforms=TRANSFORMS),
             plgpu.SMEM((GROUPS * stages, TILE), jnp.int32),
             plgpu.SMEM((GROUPS, hd // 2), jnp.float32),
-            plgpu.SMEM((ROWS, TILE), jnp.float32),
-            plgpu.SMEM((ROWS, TILE), jnp.float32),
+            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
+            plgpu.SMEM((H // PARTS, TILE), jnp.float32),
+            plgpu.SMEM((GROUPS, ROWS, TILE), jnp.float32),
             plgpu.SMEM((GROUPS, ROWS, TILE), jnp.bfloat16, transforms=TRANSFORMS),
             plgpu.SMEM((GROUPS, ROWS), jnp.float32),
-            plgpu.SMEM((2, ROWS), jnp.float32),
             plgpu.Barrier(num_barriers=2 * GROUPS * stages),
             plgpu.Barrier(num_barriers=2 * GROUPS),
             plgpu.ClusterBarrier(collective_axes=("part",), num_arrivals=GROUPS),

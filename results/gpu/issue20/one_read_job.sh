@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # Issue 20: the one-read kernel on the device (one call, about 3 minutes). Session 17 found two
 # warpgroups a block (each its half of the columns and accumulator) faster than one (2.10 ms
-# against 2.24 at batch 139), and the exchange of scores the largest cost left (0.8 ms): eight
-# remote loads a tile, each waiting for its answer. This call probes remote stores (the
-# cluster probe), then times the push exchange, the barrier alone and no exchange, against
-# the two-kernel step and the roofline, with ptxas's register report. Results in $OUT (JSON
-# per run, one log: the tool brings back 8 files).
+# against 2.24 at batch 139), and the exchange of scores the largest cost left (0.8 ms), and
+# that 0.11.2 has no remote stores (the cluster probe). This call times the pull with all eight
+# remote loads in flight at once, no exchange and no rotation, against the two-kernel step and
+# the roofline, with ptxas's register report. Results in $OUT (JSON per run, one log: the
+# tool brings back 8 files).
 #     run: bash results/gpu/issue20/one_read_job.sh
 set -uo pipefail
 export PYTHONPATH=. JAX_PLATFORMS=cuda
 date
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm --format=csv
-timeout 60 python -u results/gpu/issue20/cluster_probe.py 2>&1 | grep -v Warning | tail -3
 MOSAIC_GPU_DUMP_PTXAS=1 timeout 90 python -u results/gpu/issue20/one_read.py > /tmp/ptxas.log 2>&1
 grep -i -E "spill|registers|error|one_read" /tmp/ptxas.log | sort | uniq -c | head -20
 run() {
@@ -23,8 +22,7 @@ run() {
     grep -E "^one_read|^two_kernels|^roofline|Error" /tmp/run.log | cut -c1-200 | tail -4
 }
 run b139 --batch 139 --slots 2176 --compare
-run b139_barrier --batch 139 --slots 2176 --options '{"exchange": "barrier"}'
-run b139_none --batch 139 --slots 2176 --options '{"exchange": "none"}'
-run b139_none_norotate --batch 139 --slots 2176 --options '{"exchange": "none", "rotate": false}'
+run b139_noexchange --batch 139 --slots 2176 --options '{"exchange": false}'
+run b139_norotate --batch 139 --slots 2176 --options '{"rotate": false}'
 run b8 --batch 8 --slots 2176 --splits 4 --compare
 date
