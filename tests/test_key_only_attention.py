@@ -122,3 +122,78 @@ def test_bad_head_options_are_refused(options, message):
             q, k, jnp.zeros((1, 64), jnp.int32), jnp.zeros(1, jnp.int32), jnp.asarray(8),
             inv_freq=ROTATION.inv_freq, attention_scaling=1.0, scale=SCALE, **options,
         )  # fmt: skip
+
+
+def _one_read_fits() -> bool:
+    from triattention_jax.kernels import key_only_one_read
+
+    return key_only_one_read.fits(jnp.zeros((1, 64, 16, 128), jnp.bfloat16))
+
+
+@pytest.mark.skipif(not _one_read_fits(), reason="the one-read kernel needs a Hopper GPU")
+@pytest.mark.parametrize("H, length, splits", [(32, 150, 1), (32, 192, 2), (16, 1, None), (16, 0, 1)])
+def test_one_read_kernel_matches_the_two_kernels_and_float64(H, length, splits):
+    """Evicted-looking slots (shuffled positions, empty ones, stale ones past the length, a
+    query before some keys), bfloat16 keys at head_dim 128: each head's Σ p·k / Σ p."""
+    from triattention_jax.kernels import key_only_attention, key_only_one_read
+
+    rng = np.random.default_rng(H + length)
+    B, S, hd = 3, 192, 128
+    keys = jnp.asarray(rng.normal(size=(B, S, H, hd)), jnp.bfloat16)
+    pos = np.stack([rng.permutation(S) * 5 for _ in range(B)]).astype(np.int32)
+    pos[0, 10:30] = -1
+    query_pos = np.array([5 * S, 5 * S // 2, 5 * S], np.int32)
+    q = rng.normal(size=(B, H, hd))
+    inv_freq = tuple(float(5e5 ** (-2 * i / hd)) for i in range(hd // 2))
+    rope = dict(inv_freq=inv_freq, attention_scaling=1.1, scale=hd**-0.5)
+    args = (jnp.asarray(q, jnp.float32), keys, jnp.asarray(pos), jnp.asarray(query_pos), jnp.asarray(length, jnp.int32))
+    got = key_only_one_read.key_only_one_read(*args, **rope, splits=splits)
+    two = key_only_attention.key_only_attention(*args, **rope)
+
+    k64 = np.asarray(keys, np.float64)
+    angles = np.maximum(pos, 0)[..., None] * np.asarray(rope["inv_freq"])
+    cos, sin = (np.concatenate([f(angles)] * 2, -1)[:, :, None] * rope["attention_scaling"] for f in (np.cos, np.sin))
+    rotated = k64 * cos + np.concatenate([-k64[..., hd // 2 :], k64[..., : hd // 2]], -1) * sin
+    scores = rope["scale"] * np.einsum("bhd,bshd->bhs", q, rotated)
+    visible = (np.arange(S) < length) & (pos >= 0) & (pos <= query_pos[:, None])
+    if not visible.any(axis=1).all():
+        np.testing.assert_array_equal(np.asarray(got[2])[~visible.any(axis=1)], 0.0)
+        return
+    weights = np.exp(np.where(visible[:, None], scores, -np.inf) - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhs,bsd->bhd", weights / weights.sum(-1, keepdims=True), k64.reshape(B, S, H * hd))
+    normalized = lambda sums: np.asarray(sums[0]) / np.asarray(sums[2])[..., None]  # noqa: E731
+    top = np.abs(expected).max()
+    assert np.abs(normalized(got) - expected).max() / top < 5e-3  # probabilities in bfloat16
+    assert np.abs(normalized(got) - normalized(two)).max() / top < 5e-3
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(two[1]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, problem",
+    [
+        ((1, 64, 32, 64), jnp.bfloat16, "head_dim 128"),
+        ((1, 64, 24, 128), jnp.bfloat16, "heads a multiple of 16 up to 32"),
+        ((1, 64, 64, 128), jnp.bfloat16, "heads a multiple of 16 up to 32"),
+        ((1, 100, 32, 128), jnp.bfloat16, "slots a multiple of 64"),
+        ((1, 64, 32, 128), jnp.float32, "bfloat16/float16 keys"),
+    ],
+)
+def test_one_read_kernel_refuses_shapes_it_cannot_serve(shape, dtype, problem):
+    from triattention_jax.kernels import key_only_one_read
+
+    k = jnp.zeros(shape, dtype)
+    assert problem in key_only_one_read.shape_problem(k)
+    assert not key_only_one_read.fits(k)
+    with pytest.raises(ValueError, match="use key_only_attention"):
+        key_only_one_read.key_only_one_read(
+            jnp.zeros(shape[:1] + shape[2:]), k, jnp.zeros(shape[:2], jnp.int32), jnp.zeros(1, jnp.int32),
+            jnp.asarray(8), inv_freq=(1.0,) * (shape[3] // 2), attention_scaling=1.0, scale=1.0,
+        )  # fmt: skip
+
+
+def test_one_read_splits_fill_the_device_when_the_batch_does_not():
+    from triattention_jax.kernels.key_only_one_read import split_count
+
+    assert split_count(139, 2176, 132) == 1  # 139 clusters: the batch fills 16 a wave
+    assert split_count(8, 2176, 132) == 4  # two waves of 16 clusters
+    assert split_count(1, 128, 132) == 2  # at most one split a tile

@@ -19,7 +19,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from triattention_jax.cache import CacheLayer, KVCache
 from triattention_jax.config import ModelConfig
-from triattention_jax.kernels import decode_attention, key_only_attention
+from triattention_jax.kernels import decode_attention, key_only_attention, key_only_one_read
 from triattention_jax.kernels.decode_attention import MASK_VALUE
 from triattention_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -195,7 +195,8 @@ class Transformer(nnx.Module):
         logits are wanted; None returns logits for all T positions. The collect_* switches
         add per-layer extras to the output (see `ExtendOutput`); each costs only when on.
         A decode step (T = 1) on a GPU reads the cache with the length-aware kernels
-        (`kernels/decode_attention.py`, `kernels/key_only_attention.py` for K-only layers: only
+        (`kernels/decode_attention.py`; for K-only layers `kernels/key_only_one_read.py` on Hopper
+        GPUs where it fits, else `kernels/key_only_attention.py`: only
         slots below the cursor, so its cost follows the filled length), except with
         collect_attention, on a buffer no key block divides, or with `pin`. pin: on a mesh
         (`sharding.pinner`), the layouts of intermediates XLA would otherwise choose badly; the
@@ -360,11 +361,14 @@ def kernel_partial(
     scale: float,
 ) -> SoftmaxPartial:
     """A decode step's attention (q (B,1,H,hd) at positions (B,1)) over the first `length`
-    slots of a cache layer, by the length-aware kernels: `decode_attention` for K and V,
-    `key_only_attention` for a K-only layer (its sums over keys mapped to values with w)."""
+    slots of a cache layer, by the length-aware kernels: `decode_attention` for K and V; for a
+    K-only layer `key_only_one_read` where it fits (one read of the keys, Hopper GPUs), else
+    `key_only_attention` (its sums over keys mapped to values with w)."""
     B, _, H, hd = q.shape
     if cached.v is None:
-        summed, row_max, total = key_only_attention.key_only_attention(
+        fits = key_only_one_read.fits(cached.k)
+        attend = key_only_one_read.key_only_one_read if fits else key_only_attention.key_only_attention
+        summed, row_max, total = attend(
             q[:, 0],
             cached.k,
             cached.pos[:, 0],

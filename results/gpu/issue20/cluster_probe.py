@@ -61,7 +61,8 @@ def _push_body(x_gmem, o_gmem, mine, inbox, loaded, cluster_barrier, *, dynamic)
     plgpu.copy_gmem_to_smem(x_gmem.at[block], mine, loaded)
     plgpu.barrier_wait(loaded)
     row = block if dynamic else 1
-    plgpu.cluster_ref(inbox, {"cluster": 1 - block})[row] = plgpu.load(mine, (), layout=plgpu.Layout.WG_STRIDED((WIDTH,), 1)) * 2.0
+    doubled = plgpu.load(mine, (), layout=plgpu.Layout.WG_STRIDED((WIDTH,), 1)) * 2.0
+    plgpu.cluster_ref(inbox, {"cluster": 1 - block})[row] = doubled
     plgpu.commit_smem()
     # Every block has pushed its row before any block copies out what it received.
     plgpu.barrier_arrive(cluster_barrier)
