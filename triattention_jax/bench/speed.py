@@ -244,7 +244,10 @@ class RoundProfile:
         """From a `jax.profiler.trace(..., create_perfetto_trace=True)` folder of a run that
         took wall_seconds. Only XLA's ops count (events naming their HLO op; on a GPU, the
         kernels on the devices' own timelines), each by its self time: a CPU's while loop
-        does not count the ops inside it twice."""
+        does not count the ops inside it twice. A host's ops are one timeline per process:
+        XLA:CPU runs a program's ops on whichever pool thread is free, so a loop's body often
+        runs on other threads than the loop; an op overlapping another counts only its time
+        outside it."""
         [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as f:
             trace = json.load(f)
@@ -258,8 +261,10 @@ class RoundProfile:
         }
         timelines: dict[tuple, list[dict]] = {}
         for e in events:
-            if e.get("ph") == "X" and (e.get("pid") in device_pids or "hlo_op" in e.get("args", {})):
+            if e.get("pid") in device_pids and e.get("ph") == "X":
                 timelines.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+            elif e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+                timelines.setdefault((e.get("pid"),), []).append(e)
         busy: dict[str, float] = {}
         collectives = 0.0
         for timeline in timelines.values():
@@ -273,7 +278,8 @@ class RoundProfile:
                 share = duration * 1e-6 / devices / wall_seconds
                 busy[name] = busy.get(name, 0.0) + share
                 if open_events:
-                    busy[open_events[-1][1]] -= share
+                    enclosing_end, enclosing = open_events[-1]
+                    busy[enclosing] -= min(duration, enclosing_end - start) * 1e-6 / devices / wall_seconds
                 open_events.append((start + duration, name))
                 if _COLLECTIVE.search(name):
                     collectives += share
