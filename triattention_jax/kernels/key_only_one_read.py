@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from triattention_jax.kernels.decode_attention import MASK_VALUE, merge_splits
+from triattention_jax.kernels.decode_attention import MASK_VALUE, merge_splits, split_range
 
 PARTS = 8  # blocks of a cluster: the portable maximum
 GROUPS = 2  # warpgroups of a block: one alone spilled its accumulator's 128 registers a thread
@@ -251,11 +251,8 @@ def key_only_one_read(
     slots = jnp.arange(S)
     visible = (slots[None] < length) & (key_pos >= 0) & (key_pos <= query_pos[:, None])
     pos = jnp.where(visible, key_pos, -1).astype(jnp.int32)
-    tiles = -(-jnp.asarray(length, jnp.int32) // TILE)
-    per_split = -(-tiles // splits)
-    first = jnp.arange(splits) * per_split
-    count = jnp.clip(tiles - first, 0, per_split)
-    bounds = jnp.zeros((B, splits, 2), jnp.int32).at[:, :, 0].set(first).at[:, :, 1].set(count)
+    start, count = split_range(jnp.asarray(length, jnp.int32), splits, TILE, jnp.arange(splits))
+    bounds = jnp.broadcast_to(jnp.stack([start // TILE, count], -1), (B, splits, 2)).astype(jnp.int32)
     q = (q.astype(jnp.float32) * (scale * attention_scaling)).reshape(B, H, hd)
     local = H // PARTS // GROUPS
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
