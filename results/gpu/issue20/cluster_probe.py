@@ -40,20 +40,25 @@ def _body(x_gmem, o_gmem, mine, out_smem, loaded, cluster_barrier):
     plgpu.wait_smem_to_gmem(0)
 
 
-swap_rows_doubled = plgpu.kernel(
-    _body,
-    out_type=jax.ShapeDtypeStruct((2, WIDTH), jnp.float32),
-    grid=(1,),
-    grid_names=("grid",),
-    cluster=(2,),
-    cluster_names=("cluster",),
-    scratch_types=[
-        plgpu.SMEM((WIDTH,), jnp.float32),
-        plgpu.SMEM((WIDTH,), jnp.float32),
-        plgpu.Barrier(),
-        plgpu.ClusterBarrier(collective_axes=("cluster",)),
-    ],
-)
+def _two_block_kernel(body, received_shape: tuple[int, ...]):
+    """A cluster of two blocks, each with its row of x and a buffer for what it receives."""
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((2, WIDTH), jnp.float32),
+        grid=(1,),
+        grid_names=("grid",),
+        cluster=(2,),
+        cluster_names=("cluster",),
+        scratch_types=[
+            plgpu.SMEM((WIDTH,), jnp.float32),
+            plgpu.SMEM(received_shape, jnp.float32),
+            plgpu.Barrier(),
+            plgpu.ClusterBarrier(collective_axes=("cluster",)),
+        ],
+    )
+
+
+swap_rows_doubled = _two_block_kernel(_body, (WIDTH,))
 
 
 def _push_body(x_gmem, o_gmem, mine, inbox, loaded, cluster_barrier, *, dynamic):
@@ -72,20 +77,7 @@ def _push_body(x_gmem, o_gmem, mine, inbox, loaded, cluster_barrier, *, dynamic)
 
 
 def push_rows_doubled(dynamic: bool):
-    return plgpu.kernel(
-        functools.partial(_push_body, dynamic=dynamic),
-        out_type=jax.ShapeDtypeStruct((2, WIDTH), jnp.float32),
-        grid=(1,),
-        grid_names=("grid",),
-        cluster=(2,),
-        cluster_names=("cluster",),
-        scratch_types=[
-            plgpu.SMEM((WIDTH,), jnp.float32),
-            plgpu.SMEM((2, WIDTH), jnp.float32),
-            plgpu.Barrier(),
-            plgpu.ClusterBarrier(collective_axes=("cluster",)),
-        ],
-    )
+    return _two_block_kernel(functools.partial(_push_body, dynamic=dynamic), (2, WIDTH))
 
 
 def main() -> None:
