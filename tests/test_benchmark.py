@@ -154,17 +154,25 @@ def test_round_profile_joins_a_hosts_threads(tmp_path):
     def op(name, tid, start, duration):
         return {"ph": "X", "pid": 7, "tid": tid, "ts": start, "dur": duration, "name": name, "args": {"hlo_op": name}}
 
-    events = [
-        op("while.3", 1, 0, 100),
-        op("dot_fusion.1", 2, 10, 30),
-        op("dot_fusion.2", 3, 50, 40),
-        op("copy.1", 4, 95, 15),  # overlaps the loop's end
-    ]
-    folder = tmp_path / "plugins" / "profile" / "run"
-    folder.mkdir(parents=True)
-    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
-    profile = RoundProfile.from_trace(str(tmp_path), 110e-6, devices=1)
-    shares = dict(profile.ops)
-    assert shares == pytest.approx({"while": 25 / 110, "dot_fusion": 70 / 110, "copy": 15 / 110})
-    assert sum(shares.values()) == pytest.approx(1.0)
+    def shares(events, wall_microseconds):
+        folder = tmp_path / str(len(events)) / "plugins" / "profile" / "run"
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+            json.dump({"traceEvents": events}, f)
+        return dict(RoundProfile.from_trace(str(folder.parents[2]), wall_microseconds * 1e-6, devices=1).ops)
+
+    loop = shares(
+        [
+            op("while.3", 1, 0, 100),
+            op("dot_fusion.1", 2, 10, 30),
+            op("dot_fusion.2", 3, 50, 40),
+            op("copy.1", 4, 95, 15),  # overlaps the loop's end
+        ],
+        110,
+    )
+    assert loop == pytest.approx({"while": 25 / 110, "dot_fusion": 70 / 110, "copy": 15 / 110})
+    assert sum(loop.values()) == pytest.approx(1.0)
+    # Three ops side by side, the last overlapping both others: each instant counts once.
+    side_by_side = shares([op("add.1", 1, 0, 10), op("exp.1", 2, 2, 2), op("copy.2", 3, 3, 9)], 12)
+    assert side_by_side == pytest.approx({"add": 2 / 12, "exp": 1 / 12, "copy": 9 / 12})
+    assert sum(side_by_side.values()) == pytest.approx(1.0)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import glob
 import gzip
+import heapq
 import json
 import math
 import os
@@ -200,11 +201,15 @@ def time_rounds(
     started at the first cursor spends its device time (`RoundProfile`, from a profiler trace)."""
     cache = setup.cache
 
-    def timed_round(cursor: int) -> float:
+    def round_inputs(cursor: int) -> tuple[tuple, dict]:
         nonlocal cache
         cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
         jax.block_until_ready(cache)
-        args, options = setup.round_arguments(cache, divide_length)
+        return setup.round_arguments(cache, divide_length)
+
+    def timed_round(inputs: tuple[tuple, dict]) -> float:
+        nonlocal cache
+        args, options = inputs
         start = time.perf_counter()
         cache, _, emitted = decode_round(*args, **options)
         jax.block_until_ready(emitted)
@@ -212,12 +217,14 @@ def time_rounds(
 
     medians, profile = [], None
     for cursor in cursors:
-        times = [timed_round(cursor) for _ in range(repeats + 1)][1:]  # the first call may compile
+        # The first call may compile.
+        times = [timed_round(round_inputs(cursor)) for _ in range(repeats + 1)][1:]
         medians.append(float(np.median(times)))
     if profile_first:
+        inputs = round_inputs(cursors[0])  # outside the trace: only the timed round's ops count
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                wall = timed_round(cursors[0])
+                wall = timed_round(inputs)
             profile = RoundProfile.from_trace(trace_dir, wall, devices=1 if setup.mesh is None else setup.mesh.size)
     return medians, profile
 
@@ -226,6 +233,27 @@ def time_rounds(
 _INSTANCE = re.compile(r"([._]\d+)+$")
 # Collective operations as XLA names them (HLO ops on the CPU, their kernels on a GPU: NCCL).
 _COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|nccl", re.IGNORECASE)
+
+
+def _innermost_times(timeline: list[dict]) -> dict[str, float]:
+    """Microseconds of a timeline's events (name without instance number) during which each is
+    the innermost running: the latest started, the shorter one of two that start together."""
+    order = sorted(timeline, key=lambda e: (e["ts"], -e.get("dur", 0)))
+    points = sorted({e["ts"] for e in order} | {e["ts"] + e.get("dur", 0) for e in order})
+    running: list[tuple[float, float, int, str]] = []  # heap of (−start, dur, index, name)
+    times: dict[str, float] = {}
+    following = 0
+    for here, after in zip(points, points[1:]):
+        while following < len(order) and order[following]["ts"] <= here:
+            e = order[following]
+            heapq.heappush(running, (-e["ts"], e.get("dur", 0), following, _INSTANCE.sub("", e["name"])))
+            following += 1
+        while running and -running[0][0] + running[0][1] <= here:
+            heapq.heappop(running)  # the innermost has ended; an outer one takes over
+        if running:
+            name = running[0][3]
+            times[name] = times.get(name, 0.0) + after - here
+    return times
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -243,11 +271,11 @@ class RoundProfile:
     def from_trace(cls, trace_dir: str, wall_seconds: float, *, devices: int) -> RoundProfile:
         """From a `jax.profiler.trace(..., create_perfetto_trace=True)` folder of a run that
         took wall_seconds. Only XLA's ops count (events naming their HLO op; on a GPU, the
-        kernels on the devices' own timelines), each by its self time: a CPU's while loop
-        does not count the ops inside it twice. A host's ops are one timeline per process:
+        kernels on the devices' own timelines), each by its self time: every instant of a
+        timeline goes to the innermost (latest started) op running then, so a CPU's while
+        loop does not count the ops inside it twice. A host's ops are one timeline per process:
         XLA:CPU runs a program's ops on whichever pool thread is free, so a loop's body often
-        runs on other threads than the loop; an op overlapping another counts only its time
-        outside it."""
+        runs on other threads than the loop, and ops side by side count their overlap once."""
         [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as f:
             trace = json.load(f)
@@ -265,24 +293,15 @@ class RoundProfile:
                 timelines.setdefault((e.get("pid"), e.get("tid")), []).append(e)
             elif e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
                 timelines.setdefault((e.get("pid"),), []).append(e)
+        per_microsecond = 1e-6 / devices / wall_seconds
         busy: dict[str, float] = {}
         collectives = 0.0
         for timeline in timelines.values():
-            timeline.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
-            open_events: list[tuple[float, str]] = []  # (end, name) of the events enclosing this one
+            for name, microseconds in _innermost_times(timeline).items():
+                busy[name] = busy.get(name, 0.0) + microseconds * per_microsecond
             for e in timeline:
-                start, duration = e["ts"], e.get("dur", 0)
-                while open_events and open_events[-1][0] <= start:
-                    open_events.pop()
-                name = _INSTANCE.sub("", e["name"])
-                share = duration * 1e-6 / devices / wall_seconds
-                busy[name] = busy.get(name, 0.0) + share
-                if open_events:
-                    enclosing_end, enclosing = open_events[-1]
-                    busy[enclosing] -= min(duration, enclosing_end - start) * 1e-6 / devices / wall_seconds
-                open_events.append((start + duration, name))
-                if _COLLECTIVE.search(name):
-                    collectives += share
+                if _COLLECTIVE.search(e["name"]):
+                    collectives += e.get("dur", 0) * per_microsecond
         ops = tuple(sorted(busy.items(), key=lambda item: -item[1]))
         return cls(wall_seconds=wall_seconds, ops=ops, collective_share=collectives)
 
