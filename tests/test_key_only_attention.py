@@ -3,6 +3,7 @@ against the XLA path they replace on GPUs and against float64."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,12 +184,25 @@ def test_one_read_kernel_refuses_shapes_it_cannot_serve(shape, dtype, problem):
 
     k = jnp.zeros(shape, dtype)
     assert problem in key_only_one_read.shape_problem(k)
-    assert not key_only_one_read.fits(k)
+    assert not key_only_one_read.fits(k) and not key_only_one_read.preferred(k)
     with pytest.raises(ValueError, match="use key_only_attention"):
         key_only_one_read.key_only_one_read(
             jnp.zeros(shape[:1] + shape[2:]), k, jnp.zeros(shape[:2], jnp.int32), jnp.zeros(1, jnp.int32),
             jnp.asarray(8), inv_freq=(1.0,) * (shape[3] // 2), attention_scaling=1.0, scale=1.0,
         )  # fmt: skip
+
+
+@pytest.mark.skipif(not _one_read_fits(), reason="the one-read kernel needs a Hopper GPU")
+def test_one_read_is_preferred_on_short_buffers_only():
+    """The decode step takes one read on TriAttention's 2,176-slot buffer, two kernels on a
+    16K one (where, measured, the two stream faster)."""
+    from triattention_jax.kernels import key_only_one_read
+
+    layer = lambda slots: jax.ShapeDtypeStruct((8, slots, 32, 128), jnp.bfloat16)  # noqa: E731
+    assert key_only_one_read.preferred(layer(2176))
+    assert key_only_one_read.preferred(layer(key_only_one_read.LONGEST_BUFFER))
+    assert not key_only_one_read.preferred(layer(16384))
+    assert key_only_one_read.fits(layer(16384))
 
 
 def test_one_read_splits_fill_the_device_when_the_batch_does_not():

@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
         add per-layer extras to the output (see `ExtendOutput`); each costs only when on.
         A decode step (T = 1) on a GPU reads the cache with the length-aware kernels
         (`kernels/decode_attention.py`; for K-only layers `kernels/key_only_one_read.py` on Hopper
-        GPUs where it fits, else `kernels/key_only_attention.py`: only
+        GPUs where it is preferred, else `kernels/key_only_attention.py`: only
         slots below the cursor, so its cost follows the filled length), except with
         collect_attention, on a buffer no key block divides, or with `pin`. pin: on a mesh
         (`sharding.pinner`), the layouts of intermediates XLA would otherwise choose badly; the
@@ -362,12 +362,13 @@ def kernel_partial(
 ) -> SoftmaxPartial:
     """A decode step's attention (q (B,1,H,hd) at positions (B,1)) over the first `length`
     slots of a cache layer, by the length-aware kernels: `decode_attention` for K and V; for a
-    K-only layer `key_only_one_read` where it fits (one read of the keys, Hopper GPUs), else
-    `key_only_attention` (its sums over keys mapped to values with w)."""
+    K-only layer `key_only_one_read` where `key_only_one_read.preferred` (one read of the keys,
+    Hopper GPUs, buffers up to its LONGEST_BUFFER slots), else `key_only_attention` (its sums
+    over keys mapped to values with w)."""
     B, _, H, hd = q.shape
     if cached.v is None:
-        fits = key_only_one_read.fits(cached.k)
-        attend = key_only_one_read.key_only_one_read if fits else key_only_attention.key_only_attention
+        one_read = key_only_one_read.preferred(cached.k)
+        attend = key_only_one_read.key_only_one_read if one_read else key_only_attention.key_only_attention
         summed, row_max, total = attend(
             q[:, 0],
             cached.k,

@@ -44,6 +44,13 @@ MAX_HEADS = 32  # 64 heads' keys, double-buffered, would need 324 KB of shared m
 HEAD_DIM = 128  # a half head is one 128-byte swizzled row of bfloat16
 STAGES = 2  # TMA buffers a warpgroup: two of (TILE, D/16) keys fill the shared memory
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
+# The longest buffer on which one read beats key_only_attention's two kernels. One H200, batch
+# 8, Llama-2-7B shape (WORKSPACE, session 18): one read is faster at 2,176 slots (9.03 against
+# 9.60 ms a step) and at 1,024 of 16,384 filled (7.08 against 7.90), about even at 8,704
+# (21.15 against 20.64) and slower at 16,256 (35.23 against 31.70): it streams at about
+# 1.1-1.3 TB/s, the two kernels' second pass at 3.8, so the read it saves pays only while
+# the fixed costs it also saves weigh more.
+LONGEST_BUFFER = 8192
 
 
 def shape_problem(k: jax.Array) -> str | None:
@@ -64,6 +71,12 @@ def fits(k: jax.Array) -> bool:
     if jax.default_backend() != "gpu" or shape_problem(k):
         return False
     return getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
+
+
+def preferred(k: jax.Array) -> bool:
+    """Whether a decode step over K-only cache layer k (B, S, H, hd) should take this kernel
+    rather than key_only_attention's two: where it fits and S is at most LONGEST_BUFFER."""
+    return k.shape[1] <= LONGEST_BUFFER and fits(k)
 
 
 def split_count(batch: int, slots: int, multiprocessors: int) -> int:
