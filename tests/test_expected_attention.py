@@ -313,6 +313,41 @@ def test_calibrated_scores_match_reference(problem, use_covariance, offsets):
     assert not np.allclose(expected[valid], reference_scores(p)[valid], rtol=1e-2)
 
 
+def pooled_moments(p, q_mean, band_var, count):
+    """The window's queries and `count` draws of the calibration's Gaussian as one sample:
+    its mean, and its second moment about that mean (the Gaussian's share in closed form)."""
+    own, prior = recent_moments(p), calibrated_moments(q_mean, band_var)
+
+    def moments(l, b, h):
+        q = p["queries"][l, b, p["query_positions"][b] >= SINKS, h].astype(np.float64)
+        prior_mean, prior_cov = prior(l, b, h)
+        total = len(q) + count
+        mean = (q.sum(axis=0) + count * prior_mean) / total
+        shift = prior_mean - mean
+        scatter = (q - mean).T @ (q - mean) + count * (prior_cov + np.outer(shift, shift))
+        assert np.allclose(own(l, b, h)[0], q.mean(axis=0))
+        return mean, scatter / total
+
+    return moments
+
+
+@pytest.mark.parametrize("count", [5, 10**7])
+def test_prior_scores_match_reference(problem, count):
+    """A calibration pooled with the window as `count` pseudo-queries; a huge count leaves the
+    calibration alone (`expected_attention_calibrated`'s statistics, per layer and KV head)."""
+    p = problem
+    q_mean, band_var = _calibration()
+    policy = _policy(p).with_prior(q_mean, band_var, count)
+    got = np.asarray(policy.scores(p["cache"], p["context"]))
+    valid = p["positions"] >= 0
+    expected = reference_scores(p, pooled_moments(p, q_mean, band_var, count))
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    alone = reference_scores(p, calibrated_moments(q_mean, band_var))
+    window = reference_scores(p)
+    assert np.allclose(got[valid], alone[valid], rtol=1e-4, atol=1e-4) == (count > 1000)
+    assert not np.allclose(got[valid], window[valid], rtol=1e-2)
+
+
 def test_build_calibrated_from_a_calibration(tiny):
     c = tiny.config
     stats = random_stats(tiny, seed=2)
@@ -340,6 +375,28 @@ def test_build_calibrated_from_a_calibration(tiny):
         build_policy(tiny, "expected_attention_calibrated:max_offset=0", stats=calibration)
     with pytest.raises(UserError, match="offsets"):
         dataclasses.replace(policy, offsets=()).check([10], 16)
+
+
+def test_build_a_prior_from_a_calibration(tiny):
+    c = tiny.config
+    stats = random_stats(tiny, seed=2)
+    _, band_var = _calibration(layers=c.num_layers, heads=c.num_heads, head_dim=c.head_dim)
+    calibration = CalibrationResult(stats=stats, metadata={}, q_band_var=band_var)
+    policy = build_policy(tiny, "expected_attention:prior_count=64", PolicySettings(budget=48), stats=calibration)
+    assert isinstance(policy, ExpectedAttention) and policy.prior_count == 64
+    half = c.head_dim // 2
+    np.testing.assert_array_equal(policy.prior_mean[..., :half], stats.q_mean_real)
+    np.testing.assert_array_equal(policy.prior_variance[..., half:], band_var / 2)
+    policy.check([10], 16)
+    assert build_policy(tiny, "expected_attention", stats=calibration).prior_mean is None
+    with pytest.raises(UserError, match="query variance per band"):
+        build_policy(tiny, "expected_attention:prior_count=64", stats=stats)
+    with pytest.raises(UserError, match="prior_count=-1"):
+        dataclasses.replace(policy, prior_count=-1).check([10], 16)
+    with pytest.raises(UserError, match="prior_count=64 needs a calibration"):
+        dataclasses.replace(policy, prior_mean=None, prior_variance=None).check([10], 16)
+    with pytest.raises(UserError, match="prior_count"):
+        parse_method("expected_attention:prior_count=many")
 
 
 def test_calibrated_generation(tiny):

@@ -22,6 +22,7 @@ from triattention_jax.policies import (
     TriAttentionFit,
     policy_class,
 )
+from triattention_jax.policies.expected_attention import calibrated_moments
 from triattention_jax.policies.triattention_fit import FEATURES
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats
 
@@ -43,6 +44,7 @@ class PolicySettings:
     norm_weighting: bool = True
     slack_trigger: bool = False
     fitted_scorer: str | None = None
+    prior_count: int = 0
 
 
 def _offsets_up_to(largest: int) -> tuple[int, ...]:
@@ -66,6 +68,7 @@ VARIANT_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "protect_prompt": ("protect_prompt", _boolean),
     "slack_trigger": ("slack_trigger", _boolean),
     "fitted_scorer": ("fitted_scorer", str),
+    "prior_count": ("prior_count", int),
 }
 
 
@@ -106,8 +109,9 @@ def build_policy(
     loaded model's own (`calibration.stats_for_model`: the checkpoint's, the model folder's, the
     package's, or calibrated once); a bare `Transformer` needs one of the first two.
     triattention_fit's weights likewise: `fit`, else `settings.fitted_scorer`, else the loaded
-    model's (`calibration.fit_for_model`). expected_attention_calibrated also needs the
-    calibration's band variance, which a `CalibrationResult` (or a statistics file) carries.
+    model's (`calibration.fit_for_model`). expected_attention_calibrated, and expected_attention
+    with prior_count, also need the calibration's band variance, which a `CalibrationResult`
+    (or a statistics file) carries.
     """
     name, overrides = parse_method(method)
     settings = dataclasses.replace(settings, **overrides)
@@ -121,26 +125,29 @@ def build_policy(
         "slack_trigger": settings.slack_trigger,
     }
     transformer = model if isinstance(model, Transformer) else model.transformer
-    if cls is ExpectedAttention:  # scores with the model's own RoPE
+    if cls is ExpectedAttention and not settings.prior_count:  # scores with the model's own RoPE
         return ExpectedAttention.create(transformer, **options)
-    if cls not in (TriAttention, TriAttentionFit, ExpectedAttentionCalibrated):
+    if cls not in (TriAttention, TriAttentionFit, ExpectedAttentionCalibrated, ExpectedAttention):
         return cls(**options)
-    if settings.aggregation is not None:
-        options["aggregation"] = settings.aggregation
     if stats is None and isinstance(model, Transformer):
         if settings.stats is None:
             raise UserError(f"{name} needs statistics: pass stats=, a statistics file, or what load_model returns")
         stats = load_stats(settings.stats, transformer)
     elif stats is None:
         stats = stats_for_model(model, settings.stats)
-    if cls is ExpectedAttentionCalibrated:
+    if cls in (ExpectedAttention, ExpectedAttentionCalibrated):
         band_var = stats.q_band_var if isinstance(stats, CalibrationResult) else None
         if band_var is None:
             raise UserError(
-                "expected_attention_calibrated needs the query variance per band, which these statistics lack "
-                "(files from before it was recorded, the reference .pt format): run python calibrate.py --out FILE "
-                "and pass --stats FILE"
+                f"{method} needs the query variance per band, which these statistics lack (files from before it "
+                "was recorded, the reference .pt format): run python calibrate.py --out FILE and pass --stats FILE"
             )
+        if cls is ExpectedAttention:
+            q_mean, band_var = calibrated_moments(transformer, stats.stats, band_var)
+            return ExpectedAttention.create(transformer, **options).with_prior(q_mean, band_var, settings.prior_count)
+    if settings.aggregation is not None:
+        options["aggregation"] = settings.aggregation
+    if cls is ExpectedAttentionCalibrated:
         if settings.offsets:
             options["offsets"] = settings.offsets
         return ExpectedAttentionCalibrated.create(transformer, stats.stats, band_var, **options)

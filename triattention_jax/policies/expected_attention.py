@@ -11,6 +11,7 @@ positions are always kept. `expected_attention_calibrated` takes μ and Σ from 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,6 +34,7 @@ from triattention_jax.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
     from triattention_jax.model import Transformer
+    from triattention_jax.scoring import FrequencyStats
 
 
 @policy_dataclass
@@ -55,6 +57,11 @@ class ExpectedAttention(EvictionPolicy):
     use_covariance / use_value_norm: switch off the kᵀΣ̄k term / the ‖v‖ factor (kvpress's
     use_covariance / use_vnorm). kvpress's epsilon (added before the ‖v‖ factor) is 0 by default
     and is left out.
+    prior_count, prior_mean, prior_variance: a calibration as a prior (`with_prior`): its
+    pre-RoPE query mean (layers, heads, head_dim) and per-component variance (layers, heads,
+    head_dim), pooled with the window as prior_count pseudo-queries, so μ = (n·μ_w + n₀·μ₀) /
+    (n + n₀) and Σ is the covariance of that mixture. A window of 128 queries is few for a
+    head_dim × head_dim covariance; the calibration alone misses what this text asks.
     """
 
     observes: ClassVar[frozenset[str]] = frozenset({"queries"})
@@ -69,6 +76,9 @@ class ExpectedAttention(EvictionPolicy):
     query_window: int = 128
     use_covariance: bool = True
     use_value_norm: bool = True
+    prior_count: int = 0
+    prior_mean: jax.Array | None = array_field(default=None)
+    prior_variance: jax.Array | None = array_field(default=None)
 
     @classmethod
     def create(cls, transformer: Transformer, **options: Any) -> ExpectedAttention:
@@ -80,6 +90,19 @@ class ExpectedAttention(EvictionPolicy):
             **options,
         )
 
+    def with_prior(self, q_mean: np.ndarray, q_band_var: np.ndarray, count: int) -> ExpectedAttention:
+        """This policy with a calibration's query statistics as a prior worth `count` queries:
+        q_mean (layers, heads, head_dim) laid out as RoPE splits a head, q_band_var (layers,
+        heads, head_dim/2) each band's E|q_f − E q_f|², isotropic within the band (σ²_f/2 per
+        component), as `expected_attention_calibrated` reads them."""
+        component_variance = np.concatenate([np.asarray(q_band_var) / 2] * 2, axis=-1)
+        return dataclasses.replace(
+            self,
+            prior_count=count,
+            prior_mean=jnp.asarray(q_mean, jnp.float32),
+            prior_variance=jnp.asarray(component_variance, jnp.float32),
+        )
+
     def check(
         self,
         prompt_lengths: Sequence[int],
@@ -89,6 +112,11 @@ class ExpectedAttention(EvictionPolicy):
         context_length: int | None = None,
     ) -> None:
         check_expected_attention(self, "expected_attention", slim, query_window=self.query_window)
+        if self.prior_count < 0 or (self.prior_count > 0) != (self.prior_mean is not None):
+            raise UserError(
+                f"expected_attention's prior_count={self.prior_count} needs a calibration's statistics when above 0 "
+                "and cannot be negative: pass prior_count=N with statistics (--stats FILE), or leave it out"
+            )
         super().check(prompt_lengths, divide_length, slim=slim, context_length=context_length)
 
     def start(self, cache: KVCache, out: Any, positions: jax.Array) -> KVCache:
@@ -98,17 +126,26 @@ class ExpectedAttention(EvictionPolicy):
         window = (cache.state["recent_queries"], cache.state["recent_positions"])
         return _with_state(cache, *slide_window(*window, out.queries, positions, self.query_window))
 
-    def query_statistics(self, queries: jax.Array, query_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def query_statistics(
+        self, queries: jax.Array, query_positions: jax.Array, prior: tuple[jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """μ (batch, heads, head_dim) and Σ (batch, heads, head_dim, head_dim) of one layer's
         window of pre-RoPE queries (batch, window, heads, head_dim), float32, over the entries
-        at positions ≥ n_sink; Σ divides by the count (kvpress's biased estimate)."""
+        at positions ≥ n_sink; Σ divides by the count (kvpress's biased estimate). prior: the
+        layer's (mean, per-component variance), each (heads, head_dim), pooled as prior_count
+        queries."""
         used = (query_positions >= self.n_sink)[:, :, None, None]
-        count = jnp.maximum(jnp.sum(used, axis=1), 1).astype(jnp.float32)  # (batch, 1, 1)
+        count = jnp.sum(used, axis=1).astype(jnp.float32)  # (batch, 1, 1)
         queries = jnp.where(used, queries.astype(jnp.float32), 0.0)
-        mean = jnp.sum(queries, axis=1) / count
+        weight = 0.0 if prior is None else float(self.prior_count)
+        prior_mean = 0.0 if prior is None else prior[0]
+        mean = (jnp.sum(queries, axis=1) + weight * prior_mean) / jnp.maximum(count + weight, 1)
         centered = jnp.where(used, queries - mean[:, None], 0.0)
-        covariance = jnp.einsum("bwhd,bwhe->bhde", centered, centered) / count[..., None]
-        return mean, covariance
+        scatter = jnp.einsum("bwhd,bwhe->bhde", centered, centered)
+        if prior is not None:
+            shift = prior_mean - mean
+            scatter += weight * (jnp.einsum("bhd,bhe->bhde", shift, shift) + jax.vmap(jnp.diag)(prior[1]))
+        return mean, scatter / jnp.maximum(count + weight, 1)[..., None]
 
     def layer_scores(
         self,
@@ -116,12 +153,13 @@ class ExpectedAttention(EvictionPolicy):
         queries: jax.Array,
         query_positions: jax.Array,
         rotation: tuple[jax.Array, jax.Array],
+        prior: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """One layer's scores (batch, kv_heads, slots), as `expected_log_scores`."""
         keys = layer.rope_keys.astype(jnp.float32)  # (B, K, S, hd), post-RoPE
         B, K, S, hd = keys.shape
         H = queries.shape[2]
-        mean, covariance = self.query_statistics(queries, query_positions)
+        mean, covariance = self.query_statistics(queries, query_positions, prior)
         cos, sin = rotation
         # μ̄ = R̄μ, Σ̄ = R̄ΣR̄ᵀ. apply_rope maps each vector along the last axis to R̄x, so on Σ it
         # gives ΣR̄ᵀ, and on that product's transpose, R̄Σ (Σ is symmetric), it gives R̄ΣR̄ᵀ.
@@ -139,12 +177,15 @@ class ExpectedAttention(EvictionPolicy):
             context.position, self.inv_freq, self.attention_scaling, range(self.n_future_positions)
         )
         positions = cache.state["recent_positions"]
+        layers = [cache.layers(), list(cache.state["recent_queries"])]
+        if self.prior_count:
+            layers += [list(self.prior_mean), list(self.prior_variance)]
 
-        def one_layer(layer: CacheLayer, queries: jax.Array) -> jax.Array:
-            return self.layer_scores(layer, queries, positions, rotation)
+        def one_layer(layer: CacheLayer, queries: jax.Array, *prior: jax.Array) -> jax.Array:
+            return self.layer_scores(layer, queries, positions, rotation, tuple(prior) or None)
 
         # One layer's float32 keys and (keys × Σ̄) product at a time are the scoring's scratch.
-        return jnp.stack(layer_by_layer(one_layer, cache.layers(), list(cache.state["recent_queries"])))
+        return jnp.stack(layer_by_layer(one_layer, *layers))
 
 
 def future_rotation(
@@ -180,6 +221,27 @@ def expected_log_scores(layer: CacheLayer, logits: jax.Array, n_sink: int, use_v
         scores = scores + jnp.log(jnp.linalg.norm(layer.v.astype(jnp.float32), axis=-1))
     sinks = (layer.pos != EMPTY_POSITION) & (layer.pos < n_sink)
     return jnp.where(sinks, jnp.inf, jnp.where(layer.pos == EMPTY_POSITION, -jnp.inf, scores))
+
+
+def calibrated_moments(
+    transformer: Transformer, stats: FrequencyStats, q_band_var: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A calibration's pre-RoPE query mean (layers, heads, head_dim), its complex band means
+    laid out as RoPE splits a head (real parts, then imaginary parts), and its band variance
+    (layers, heads, head_dim/2), both checked against `transformer`'s shape."""
+    config = transformer.config
+    expected = (config.num_layers, config.num_heads, config.head_dim // 2)
+    for name, array in (
+        ("q_mean_real", stats.q_mean_real),
+        ("q_mean_imag", stats.q_mean_imag),
+        ("q_band_var", q_band_var),
+    ):
+        if tuple(np.shape(array)) != expected:
+            raise UserError(
+                f"calibration {name} has shape {tuple(np.shape(array))}, the model needs {expected}: recalibrate"
+            )
+    q_mean = np.concatenate([np.asarray(stats.q_mean_real), np.asarray(stats.q_mean_imag)], axis=-1)
+    return q_mean, np.asarray(q_band_var)
 
 
 def check_expected_attention(policy: Any, method: str, slim: bool, **positive: int) -> None:

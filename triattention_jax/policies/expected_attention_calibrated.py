@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by_layer
-from triattention_jax.errors import UserError
 from triattention_jax.policies.base import (
     EvictionPolicy,
     RoundContext,
@@ -31,6 +30,7 @@ from triattention_jax.policies.base import (
     register,
 )
 from triattention_jax.policies.expected_attention import (
+    calibrated_moments,
     check_expected_attention,
     expected_log_scores,
     future_rotation,
@@ -75,19 +75,8 @@ class ExpectedAttentionCalibrated(EvictionPolicy):
     ) -> ExpectedAttentionCalibrated:
         """The policy with `transformer`'s RoPE, the calibrated band means of `stats` and the
         same calibration's `q_band_var`."""
-        config = transformer.config
-        expected = (config.num_layers, config.num_heads, config.head_dim // 2)
-        for name, array in (
-            ("q_mean_real", stats.q_mean_real),
-            ("q_mean_imag", stats.q_mean_imag),
-            ("q_band_var", q_band_var),
-        ):
-            if tuple(np.shape(array)) != expected:
-                raise UserError(
-                    f"calibration {name} has shape {tuple(np.shape(array))}, the model needs {expected}: recalibrate"
-                )
+        q_mean, q_band_var = calibrated_moments(transformer, stats, q_band_var)
         check_aggregation(options.get("aggregation", "per_head"))
-        q_mean = np.concatenate([np.asarray(stats.q_mean_real), np.asarray(stats.q_mean_imag)], axis=-1)
         return cls(
             q_mean=jnp.asarray(q_mean, jnp.float32),
             q_band_var=jnp.asarray(q_band_var, jnp.float32),
