@@ -145,6 +145,18 @@ def test_scores_match_reference(problem, use_covariance, use_value_norm):
     np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
 
 
+def test_shared_token_sets_average_the_layers(problem):
+    """aggregation=per_head: each KV-head index keeps one set in every layer, by the mean of
+    the layers' log scores; per_layer: a set per layer, by the max over its KV heads."""
+    p = problem
+    expected = reference_scores(p)
+    valid = p["positions"] >= 0
+    shared = np.asarray(_policy(p, aggregation="per_head").scores(p["cache"], p["context"]))
+    np.testing.assert_allclose(shared[valid], np.broadcast_to(expected.mean(0), expected.shape)[valid], rtol=1e-5)
+    per_layer = np.asarray(_policy(p, aggregation="per_layer").scores(p["cache"], p["context"]))
+    np.testing.assert_allclose(per_layer, np.broadcast_to(expected.max(2, keepdims=True), expected.shape), rtol=1e-5)
+
+
 def test_future_horizon_matters(problem):
     """A short horizon is another averaged rotation: the scores follow it (and the reference)."""
     p = problem
@@ -389,6 +401,10 @@ def test_build_a_prior_from_a_calibration(tiny):
     np.testing.assert_array_equal(policy.prior_variance[..., half:], band_var / 2)
     policy.check([10], 16)
     assert build_policy(tiny, "expected_attention", stats=calibration).prior_mean is None
+    shared = build_policy(tiny, "expected_attention:aggregation=per_head;prior_count=8", stats=calibration)
+    assert (shared.aggregation, shared.prior_count) == ("per_head", 8)
+    with pytest.raises(UserError, match="unknown aggregation"):
+        dataclasses.replace(shared, aggregation="per_token").check([10], 16)
     with pytest.raises(UserError, match="query variance per band"):
         build_policy(tiny, "expected_attention:prior_count=64", stats=stats)
     with pytest.raises(UserError, match="prior_count=-1"):

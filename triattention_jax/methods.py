@@ -125,10 +125,12 @@ def build_policy(
         "slack_trigger": settings.slack_trigger,
     }
     transformer = model if isinstance(model, Transformer) else model.transformer
-    if cls is ExpectedAttention and not settings.prior_count:  # scores with the model's own RoPE
-        return ExpectedAttention.create(transformer, **options)
     if cls not in (TriAttention, TriAttentionFit, ExpectedAttentionCalibrated, ExpectedAttention):
         return cls(**options)
+    if settings.aggregation is not None:
+        options["aggregation"] = settings.aggregation
+    if cls is ExpectedAttention and not settings.prior_count:  # scores with the model's own RoPE
+        return ExpectedAttention.create(transformer, **options)
     if stats is None and isinstance(model, Transformer):
         if settings.stats is None:
             raise UserError(f"{name} needs statistics: pass stats=, a statistics file, or what load_model returns")
@@ -145,8 +147,6 @@ def build_policy(
         if cls is ExpectedAttention:
             q_mean, band_var = calibrated_moments(transformer, stats.stats, band_var)
             return ExpectedAttention.create(transformer, **options).with_prior(q_mean, band_var, settings.prior_count)
-    if settings.aggregation is not None:
-        options["aggregation"] = settings.aggregation
     if cls is ExpectedAttentionCalibrated:
         if settings.offsets:
             options["offsets"] = settings.offsets

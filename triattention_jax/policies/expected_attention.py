@@ -25,12 +25,15 @@ from triattention_jax.policies.base import (
     EvictionPolicy,
     RoundContext,
     array_field,
+    check_aggregation,
+    check_slim_selection,
     last_prompt_entries,
     policy_dataclass,
     register,
     slide_window,
 )
 from triattention_jax.rope import apply_rope, rope_cos_sin
+from triattention_jax.scoring import aggregate
 
 if TYPE_CHECKING:
     from triattention_jax.model import Transformer
@@ -57,6 +60,8 @@ class ExpectedAttention(EvictionPolicy):
     use_covariance / use_value_norm: switch off the kᵀΣ̄k term / the ‖v‖ factor (kvpress's
     use_covariance / use_vnorm). kvpress's epsilon (added before the ‖v‖ factor) is 0 by default
     and is left out.
+    aggregation: the token sets, as TriAttention's (`scoring.aggregate`); kvpress keeps one per
+    (layer, KV head), so per_layer_per_head.
     prior_count, prior_mean, prior_variance: a calibration as a prior (`with_prior`): its
     pre-RoPE query mean (layers, heads, head_dim) and per-component variance (layers, heads,
     head_dim), pooled with the window as prior_count pseudo-queries, so μ = (n·μ_w + n₀·μ₀) /
@@ -76,6 +81,7 @@ class ExpectedAttention(EvictionPolicy):
     query_window: int = 128
     use_covariance: bool = True
     use_value_norm: bool = True
+    aggregation: str = "per_layer_per_head"
     prior_count: int = 0
     prior_mean: jax.Array | None = array_field(default=None)
     prior_variance: jax.Array | None = array_field(default=None)
@@ -112,6 +118,8 @@ class ExpectedAttention(EvictionPolicy):
         context_length: int | None = None,
     ) -> None:
         check_expected_attention(self, "expected_attention", slim, query_window=self.query_window)
+        check_aggregation(self.aggregation)
+        check_slim_selection(self.aggregation, slim)
         if self.prior_count < 0 or (self.prior_count > 0) != (self.prior_mean is not None):
             raise UserError(
                 f"expected_attention's prior_count={self.prior_count} needs a calibration's statistics when above 0 "
@@ -185,7 +193,8 @@ class ExpectedAttention(EvictionPolicy):
             return self.layer_scores(layer, queries, positions, rotation, tuple(prior) or None)
 
         # One layer's float32 keys and (keys × Σ̄) product at a time are the scoring's scratch.
-        return jnp.stack(layer_by_layer(one_layer, *layers))
+        scores = jnp.stack(layer_by_layer(one_layer, *layers))
+        return aggregate(scores, cache.stacked("pos") != EMPTY_POSITION, self.aggregation)
 
 
 def future_rotation(
