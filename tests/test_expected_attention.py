@@ -214,7 +214,10 @@ def test_registered_and_refuses_a_k_only_cache():
     policy = ExpectedAttention(inv_freq=jnp.ones(HD // 2), budget=64)
     with pytest.raises(UserError, match="K-only"):
         policy.check([10], 16, slim=True)
-    ExpectedAttention(inv_freq=jnp.ones(HD // 2), budget=64, use_value_norm=False).check([10], 16, slim=True)
+    without_value_norm = ExpectedAttention(inv_freq=jnp.ones(HD // 2), budget=64, use_value_norm=False)
+    with pytest.raises(UserError, match="aggregation per_layer"):
+        without_value_norm.check([10], 16, slim=True)
+    dataclasses.replace(without_value_norm, aggregation="per_layer").check([10], 16, slim=True)
     with pytest.raises(UserError, match="n_future_positions"):
         ExpectedAttention(inv_freq=jnp.ones(HD // 2), n_future_positions=0).check([10], 16)
 
