@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,50 @@ def _layer_examples(
     return jnp.stack(features), jnp.stack(targets), jnp.stack(masks)
 
 
+def sequence_examples(
+    transformer: Transformer,
+    stats: FrequencyStats,
+    q_band_var: np.ndarray,
+    sequences: Sequence[Sequence[int]],
+    *,
+    horizon: int | None,
+    snapshot_every: int,
+    target: str,
+    budget: int,
+    after: int,
+) -> Iterator[list[tuple[jax.Array, jax.Array, jax.Array]]]:
+    """Per sequence, each layer's (features, targets, mask) of `_layer_examples`, the sequence
+    traced once with full attention and padded to its `_trace_width`."""
+    config = transformer.config
+    inv_freq = np.asarray(transformer.inv_freq[...])
+    phasors = jnp.asarray(offset_phasors(inv_freq, DEFAULT_OFFSETS))
+    stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats)
+    graphdef, state = nnx.split(transformer)
+    for tokens in sequences:
+        padded = np.zeros((1, _trace_width(len(tokens))), np.int32)
+        padded[0, : len(tokens)] = tokens
+        queries, keys, values = trace_sequence(graphdef, state, jnp.asarray(padded))
+        yield [
+            _layer_examples(
+                queries[layer],
+                keys[layer],
+                values[layer],
+                jnp.asarray(len(tokens), jnp.int32),
+                jax.tree.map(lambda s, i=layer: s[i : i + 1], stats),
+                jnp.asarray(q_band_var[layer]),
+                jnp.asarray(inv_freq),
+                phasors,
+                snapshots=snapshot_positions(len(tokens), horizon, snapshot_every, after),
+                horizon=horizon,
+                target=target,
+                budget=budget,
+                attention_scale=config.head_dim**-0.5,
+                attention_scaling=float(transformer.attention_scaling),
+            )
+            for layer in range(config.num_layers)
+        ]
+
+
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate", "l2"))
 def _fit_layer(
     x: jax.Array, y: jax.Array, mask: jax.Array, *, steps: int, learning_rate: float, l2: float
@@ -208,37 +252,24 @@ def fit_scorer(
 
     config = transformer.config
     q_band_var = np.asarray(q_band_var, np.float32)
-    inv_freq = np.asarray(transformer.inv_freq[...])
-    phasors = jnp.asarray(offset_phasors(inv_freq, DEFAULT_OFFSETS))
-    stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), stats)
-    graphdef, state = nnx.split(transformer)
     per_layer: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(config.num_layers)]
     width = max(_trace_width(len(s)) for s in sequences)
-    for tokens in tqdm(sequences, desc="fitting traces", unit="seq", disable=not progress, file=sys.stderr):
-        bucket = _trace_width(len(tokens))
-        padded = np.zeros((1, bucket), np.int32)
-        padded[0, : len(tokens)] = tokens
-        queries, keys, values = trace_sequence(graphdef, state, jnp.asarray(padded))
-        length = jnp.asarray(len(tokens), jnp.int32)
-        snapshots = snapshot_positions(len(tokens), horizon, snapshot_every, after)
-        for layer in range(config.num_layers):
-            x, y, mask = _layer_examples(
-                queries[layer],
-                keys[layer],
-                values[layer],
-                length,
-                jax.tree.map(lambda s, i=layer: s[i : i + 1], stats),
-                jnp.asarray(q_band_var[layer]),
-                jnp.asarray(inv_freq),
-                phasors,
-                snapshots=snapshots,
-                horizon=horizon,
-                target=target,
-                budget=budget,
-                attention_scale=config.head_dim**-0.5,
-                attention_scaling=float(transformer.attention_scaling),
-            )
-            pad = width - bucket  # sequences of different buckets share one array per layer
+    traced = sequence_examples(
+        transformer,
+        stats,
+        q_band_var,
+        sequences,
+        horizon=horizon,
+        snapshot_every=snapshot_every,
+        target=target,
+        budget=budget,
+        after=after,
+    )
+    for layers in tqdm(
+        traced, total=len(sequences), desc="fitting traces", unit="seq", disable=not progress, file=sys.stderr
+    ):
+        for layer, (x, y, mask) in enumerate(layers):
+            pad = width - mask.shape[-1]  # sequences of different buckets share one array per layer
             per_layer[layer].append(
                 (
                     np.pad(np.asarray(x), ((0, 0), (0, 0), (0, pad), (0, 0))),
