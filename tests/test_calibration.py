@@ -140,11 +140,14 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "512",
         "--fit_horizon",
         "256",
+        "--fit_budget",
+        "128",
     )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
     # The fit cuts the calibration file's 1,024 tokens into sequences of 512.
     assert "fitted scorer:" in result.stdout and "2 sequences" in result.stdout
+    assert "chosen at budget 128 on 2 fitting documents" in result.stdout
     numbers = json.loads((report / "report.json").read_text())
     assert numbers["num_tokens"] == 1024 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1

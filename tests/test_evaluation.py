@@ -9,9 +9,10 @@ import pytest
 
 from triattention_jax.decoding import teacher_force
 from triattention_jax.errors import UserError
+from triattention_jax.eval.fidelity import first_eviction_position
 from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, position_metrics
 from triattention_jax.eval.report import paired_comparison, write_outputs
-from triattention_jax.eval.runner import evaluate, first_eviction_position
+from triattention_jax.eval.runner import evaluate
 from triattention_jax.eval.store import ResultStore
 from triattention_jax.eval.texts import PREFILL_TOKENS, fidelity_tokens
 from triattention_jax.methods import parse_method

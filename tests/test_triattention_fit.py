@@ -16,10 +16,22 @@ from triattention_jax.checkpoints.stats import FitResult, load_fit, model_metada
 from triattention_jax.config import RopeConfig
 from triattention_jax.decoding import generate
 from triattention_jax.errors import UserError
+from triattention_jax.eval.fidelity import FullAttentionReference
 from triattention_jax.eval.runner import _check_disjoint_from_fit
 from triattention_jax.eval.store import ResultStore
 from triattention_jax.eval.texts import FIT_FIRST_SOURCE, SOURCES, document_name, stdlib_sources
-from triattention_jax.fitting import _fit_layer, _layer_examples, fit_scorer, snapshot_positions
+from triattention_jax.fitting import (
+    BLENDS,
+    SELECTION_AGGREGATIONS,
+    _fit_layer,
+    _layer_examples,
+    choose_scorer,
+    fit_scorer,
+    prior_weights,
+    selection_length,
+    snapshot_positions,
+)
+from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.policies import FullAttention, TriAttentionFit
 from triattention_jax.policies.triattention_fit import FEATURES, group_log_attention, key_features
 from triattention_jax.prompts import token_fingerprint
@@ -263,6 +275,41 @@ def test_decoding_with_the_fitted_scorer(transformer, fitted):
     assert all(len(t) == 80 for t in small.token_ids)
     with pytest.raises(UserError, match="shape"):
         TriAttentionFit.create(transformer, stats, result.q_band_var, result.weights[:, :, :2], budget=24)
+
+
+def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transformer, fitted):
+    result, stats, _ = fitted
+    c = transformer.config
+    budget, length = 32, selection_length(32)
+    rng = np.random.default_rng(6)
+    documents = [rng.integers(3, c.vocab_size, size=n).tolist() for n in (length + 20, length, length + 5)]
+    chosen = choose_scorer(transformer, stats, result, documents, budget=budget, batch_size=2, progress=False)
+    selection = chosen.metadata["selection"]
+    names = {f"blend={b:g};aggregation={a}" for b in BLENDS for a in SELECTION_AGGREGATIONS}
+    assert set(selection["mean_kl"]) == names
+    assert len(set(np.round(list(selection["mean_kl"].values()), 7))) > 1  # the candidates do differ
+    best = min(selection["mean_kl"], key=selection["mean_kl"].get)
+    assert best == f"blend={chosen.metadata['blend']:g};aggregation={chosen.metadata['aggregation']}"
+    prior = prior_weights(c.num_layers, c.num_heads, c.head_dim)
+    blend = chosen.metadata["blend"]
+    np.testing.assert_allclose(chosen.weights, (1 - blend) * prior + blend * result.weights, rtol=1e-6, atol=1e-6)
+    # Every document is cut to the shortest, and one batch of three gives the same KL as two batches.
+    tokens = np.asarray([d[:length] for d in documents])
+    assert selection["fingerprints"] == [token_fingerprint(row) for row in tokens]
+    policy = TriAttentionFit.create(
+        transformer, stats, result.q_band_var, prior, budget=budget, protect_prompt=False, aggregation="per_head"
+    )
+    kl = np.mean([cell["kl"] for cell in FullAttentionReference.of(transformer, tokens).fidelity(policy)])
+    assert selection["mean_kl"]["blend=0;aggregation=per_head"] == pytest.approx(kl, rel=1e-4)
+    # The chosen aggregation is the method's default; an explicit one still wins.
+    default = build_policy(transformer, "triattention_fit", PolicySettings(budget=budget), stats=stats, fit=chosen)
+    assert default.aggregation == chosen.metadata["aggregation"]
+    explicit = build_policy(
+        transformer, "triattention_fit", PolicySettings(budget=budget, aggregation="per_layer"), stats=stats, fit=chosen
+    )
+    assert explicit.aggregation == "per_layer"
+    with pytest.raises(UserError, match="at least 352 tokens, the shortest has 300"):
+        choose_scorer(transformer, stats, result, [documents[0][:300]], budget=budget, progress=False)
 
 
 def test_fitting_texts_are_never_evaluation_texts():

@@ -14,10 +14,18 @@ Per layer, the weights minimise the cross-entropy between that target and the sc
 predicted distribution (`group_log_attention`), with optax; features are standardised per head
 for the optimiser and the weights mapped back to raw units (a constant shift of a head's scores
 does not change its softmax, so the standardisation's offset drops).
+
+That cross-entropy is not what eviction needs (measured: Expected Attention's score from the
+same calibration statistics, with set weights, evicts better than the fitted weights on every
+model), and how a model's layers should share token sets differs between models. So
+`choose_scorer` then decodes the fitting documents, teacher-forced at a budget, with blends
+(1 - a) * prior + a * fitted of the fitted weights and that prior (`prior_weights`), under each
+aggregation, and keeps the blend and aggregation with the lowest mean KL to full attention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,13 +37,21 @@ import optax
 from flax import nnx
 
 from triattention_jax.checkpoints.stats import FitResult, model_metadata
+from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
 from triattention_jax.errors import UserError
+from triattention_jax.eval.fidelity import PREFILL_TOKENS, FullAttentionReference
+from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.model import Transformer
 from triattention_jax.policies.triattention_fit import FEATURES, group_log_attention, key_features
 from triattention_jax.prompts import token_fingerprint
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_phasors
 
 TARGETS = ("attention", "output", "kept")
+# The fitted weights' share in the chosen scorer, and the token-set sharings tried: one set per
+# KV-head index for all layers (best on SmolLM2) or one per (layer, KV head) (best on Qwen2.5).
+BLENDS = (0.0, 0.5, 1.0)
+SELECTION_AGGREGATIONS = ("per_head", "per_layer_per_head")
+SINK_WEIGHT = 1000.0  # keeps the sinks whatever the other features say, as Expected Attention does
 
 
 TRACE_LENGTH_STEP = 512
@@ -306,3 +322,97 @@ def fit_scorer(
         "cross_entropy_fitted": after,
     }
     return FitResult(weights=np.stack(weights), q_band_var=q_band_var, metadata=metadata)
+
+
+def prior_weights(num_layers: int, num_heads: int, head_dim: int) -> np.ndarray:
+    """Expected Attention's score from calibration statistics as weights of FEATURES (layers,
+    heads, features): mu.k / sqrt(d) (the trigonometric feature, the query mean rotated by RoPE
+    averaged over the future offsets) + k^T Sigma k / (2d) (Sigma isotropic within a band after
+    that averaging: sigma_f^2 / 2 per component, half the second_moment feature) + log ||v|| (it
+    weighs a key by its value norm), the sinks kept."""
+    weights = np.zeros((num_layers, num_heads, len(FEATURES)), np.float32)
+    for feature, weight in {
+        "trigonometric": head_dim**-0.5,
+        "second_moment": 0.5,
+        "log_value_norm": 1.0,
+        "sink": SINK_WEIGHT,
+    }.items():
+        weights[..., FEATURES.index(feature)] = weight
+    return weights
+
+
+def _candidate_name(blend: float, aggregation: str) -> str:
+    return f"blend={blend:g};aggregation={aggregation}"
+
+
+def choose_scorer(
+    transformer: Transformer,
+    stats: FrequencyStats,
+    fitted: FitResult,
+    sequences: Sequence[Sequence[int]],
+    *,
+    budget: int,
+    blends: Sequence[float] = BLENDS,
+    aggregations: Sequence[str] = SELECTION_AGGREGATIONS,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> FitResult:
+    """`fitted` with the weights (1 - a) * prior + a * fitted (`prior_weights`) and the
+    aggregation whose teacher-forced decoding of `sequences` (cut to the shortest) at `budget`
+    has the lowest mean KL to full attention, over a in `blends` and `aggregations`; every
+    candidate's KL and the sequences' fingerprints go into the metadata. batch_size: sequences
+    decoded at once (each holds its full-attention log-probs on the device)."""
+    length = min(map(len, sequences), default=0)
+    if length < selection_length(budget):
+        raise UserError(
+            f"choosing the fitted scorer at budget {budget} needs fitting documents of at least "
+            f"{selection_length(budget)} tokens, the shortest has {length}: raise --fit_seq_len or lower --fit_budget"
+        )
+    from tqdm import tqdm
+
+    config = transformer.config
+    tokens = np.asarray([list(s)[:length] for s in sequences], np.int32)
+    prior = prior_weights(config.num_layers, config.num_heads, config.head_dim)
+    candidates = {
+        _candidate_name(blend, aggregation): (blend, aggregation) for blend in blends for aggregation in aggregations
+    }
+
+    def blended(blend: float) -> np.ndarray:
+        return (1.0 - blend) * prior + blend * np.asarray(fitted.weights, np.float32)
+
+    def policy(blend: float, aggregation: str):
+        settings = PolicySettings(budget=budget, protect_prompt=False, aggregation=aggregation)
+        fit = dataclasses.replace(fitted, weights=blended(blend))
+        return build_policy(transformer, "triattention_fit", settings, stats=stats, fit=fit)
+
+    kl: dict[str, list[float]] = {name: [] for name in candidates}
+    with tqdm(
+        total=len(tokens) * len(candidates), desc="choosing", unit="run", disable=not progress, file=sys.stderr
+    ) as bar:
+        for first in range(0, len(tokens), batch_size):
+            reference = FullAttentionReference.of(transformer, tokens[first : first + batch_size])
+            for name, (blend, aggregation) in candidates.items():
+                kl[name] += [cell["kl"] for cell in reference.fidelity(policy(blend, aggregation))]
+                bar.update(len(reference.tokens))
+            del reference  # its log-probs fill the device before the next batch's
+    mean_kl = {name: float(np.mean(values)) for name, values in kl.items()}
+    best = min(mean_kl, key=mean_kl.get)
+    blend, aggregation = candidates[best]
+    metadata = {
+        **fitted.metadata,
+        "aggregation": aggregation,
+        "blend": blend,
+        "selection": {
+            "budget": budget,
+            "seq_len": length,
+            "fingerprints": [token_fingerprint(row) for row in tokens],
+            "mean_kl": mean_kl,
+        },
+    }
+    return FitResult(weights=blended(blend), q_band_var=fitted.q_band_var, metadata=metadata)
+
+
+def selection_length(budget: int) -> int:
+    """The fewest tokens a fitting document needs for `choose_scorer` at `budget`: the prefill,
+    enough rounds to fill the budget, and one round of decoding after an eviction."""
+    return PREFILL_TOKENS + budget + 2 * DEFAULT_DIVIDE_LENGTH

@@ -163,6 +163,8 @@ def build_policy(
             fit = load_fit(settings.fitted_scorer, transformer, FEATURES)
         elif fit is None:
             fit = fit_for_model(model, FEATURES, settings.fitted_scorer)
+        # A fit chosen by `fitting.choose_scorer` records the aggregation it was chosen with.
+        options.setdefault("aggregation", fit.metadata.get("aggregation", "per_head"))
         return TriAttentionFit.create(transformer, stats, fit.q_band_var, fit.weights, offsets=offsets, **options)
     return TriAttention.create(
         transformer,

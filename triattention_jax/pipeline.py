@@ -22,7 +22,7 @@ from triattention_jax.decoding import free_device_memory, generate, prompt_bucke
 from triattention_jax.errors import UserError
 from triattention_jax.eval.texts import fit_documents
 from triattention_jax.files import check_writable, write_json_atomic
-from triattention_jax.fitting import TARGETS, fit_scorer
+from triattention_jax.fitting import TARGETS, choose_scorer, fit_scorer, selection_length
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.policies import EvictionPolicy, FullAttention
 from triattention_jax.prompts import encode_prompts, has_chat_template, read_prompt_file
@@ -211,6 +211,7 @@ def run_calibration(
     fit_seq_len: int = 4096,
     fit_horizon: int | None = 512,
     fit_budget: int = 512,
+    fit_choose: bool = True,
 ) -> list[str]:
     """Calibrates, writes the statistics (and the report, and with `fit` the fitted scorer,
     beside the statistics); returns summary lines to print.
@@ -219,7 +220,9 @@ def run_calibration(
     meets: `calib_files` cut that long, or else the calibration's own generated sequences and
     `fit_code_files` standard-library source files (`eval.texts.fit_documents`: never
     evaluation texts); fit_horizon: the future queries the target counts (None: all to the end of
-    each sequence); fit_budget: the budget whose kept set the "kept" target is."""
+    each sequence); fit_budget: the budget whose kept set the "kept" target is, and at which
+    `fitting.choose_scorer` (unless not `fit_choose`) chooses the blend with Expected
+    Attention's prior and the aggregation by decoding the fitting texts of `fit_seq_len` tokens."""
     fit_path = None
     if out:
         check_writable(out)
@@ -227,6 +230,12 @@ def run_calibration(
     if fit:
         if fit_target not in TARGETS:
             raise UserError(f"unknown --fit_target {fit_target!r}: choose one of {', '.join(TARGETS)}")
+        if fit_choose and fit_seq_len < selection_length(fit_budget):
+            raise UserError(
+                f"--fit_seq_len {fit_seq_len} is too short to choose the fitted scorer at --fit_budget {fit_budget} "
+                f"(it needs {selection_length(fit_budget)}): raise --fit_seq_len, lower --fit_budget, "
+                "or pass --nofit_choose"
+            )
         if fit_path:
             check_writable(str(fit_path))
     loaded = load_model(model, dtype=dtype)
@@ -276,6 +285,14 @@ def run_calibration(
             budget=fit_budget,
             documents=[name for name, _ in texts],
         )
+        if fit_choose:
+            fitted = choose_scorer(
+                loaded.transformer,
+                result.stats,
+                fitted,
+                [tokens for _, tokens in texts if len(tokens) >= fit_seq_len],
+                budget=fit_budget,
+            )
         fit_path = fit_path or loaded.store_dir / FIT_FILE
         save_fit(fit_path, fitted)
         start, after = fitted.metadata["cross_entropy_start"], fitted.metadata["cross_entropy_fitted"]
@@ -286,4 +303,12 @@ def run_calibration(
             f"{fitted.metadata['num_tokens']} tokens); cross-entropy per layer, mean: {np.mean(start):.3f} with "
             f"the paper's two terms, {np.mean(after):.3f} fitted"
         )
+        if fit_choose:
+            chosen = fitted.metadata["selection"]
+            lines.append(
+                f"chosen at budget {fit_budget} on {len(chosen['fingerprints'])} fitting documents: blend "
+                f"{fitted.metadata['blend']:g} of the fitted weights with Expected Attention's, aggregation "
+                f"{fitted.metadata['aggregation']}; mean KL "
+                + ", ".join(f"{name} {kl:.4f}" for name, kl in chosen["mean_kl"].items())
+            )
     return lines

@@ -16,20 +16,17 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
-
 from triattention_jax.checkpoints.stats import FitResult, read_safetensors, read_safetensors_metadata, save_fit
+from triattention_jax.fitting import prior_weights
+from triattention_jax.policies.triattention_fit import FEATURES
 
 
 def main(source: str, out: str) -> None:
     tensors = read_safetensors(source)
     metadata = json.loads(read_safetensors_metadata(source)["triattention_fit"])
-    features = metadata["features"]
-    weights = np.zeros_like(tensors["weights"])
-    weights[..., features.index("trigonometric")] = metadata["head_dim"] ** -0.5
-    weights[..., features.index("second_moment")] = 0.5
-    weights[..., features.index("log_value_norm")] = 1.0
-    weights[..., features.index("sink")] = 1000.0
+    if metadata["features"] != list(FEATURES):
+        raise SystemExit(f"{source} has features {metadata['features']}, this version uses {list(FEATURES)}")
+    weights = prior_weights(*tensors["weights"].shape[:2], metadata["head_dim"])
     metadata.pop("format_version", None)
     metadata.update(target="expected_attention from calibration statistics (set weights, not fitted)")
     metadata.update(cross_entropy_start=None, cross_entropy_fitted=None)

@@ -43,7 +43,18 @@ flags.DEFINE_enum(
     "its value norm (its share of the attention output), or whether it is among the --fit_budget keys "
     "they pay the most (the set an oracle would keep).",
 )
-flags.DEFINE_integer("fit_budget", 512, "The budget of --fit_target kept.", lower_bound=1)
+flags.DEFINE_integer(
+    "fit_budget",
+    512,
+    "The budget the fit is chosen at (--fit_choose), and the kept set's size of --fit_target kept.",
+    lower_bound=1,
+)
+flags.DEFINE_bool(
+    "fit_choose",
+    True,
+    "Choose how much of the fitted weights to blend with Expected Attention's score from the statistics, and "
+    "how layers share token sets, by decoding the fitting documents at --fit_budget (lowest KL to full attention).",
+)
 flags.DEFINE_integer(
     "fit_code_files", 4, "Standard-library source files added to the fitting texts (none with --calib_file)."
 )
@@ -82,6 +93,7 @@ def main(argv: list[str]) -> None:
         fit_seq_len=FLAGS.fit_seq_len,
         fit_horizon=FLAGS.fit_horizon or None,
         fit_budget=FLAGS.fit_budget,
+        fit_choose=FLAGS.fit_choose,
     )
     for line in summary:
         print(line)

@@ -24,16 +24,15 @@ import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from triattention_jax.calibration import fit_for_model
 from triattention_jax.checkpoints.store import LoadedModel
-from triattention_jax.config import DEFAULT_DIVIDE_LENGTH
-from triattention_jax.decoding import generate, prompt_bucket, teacher_forced_pieces
+from triattention_jax.decoding import generate, teacher_forced_pieces
 from triattention_jax.errors import UserError
-from triattention_jax.eval.metrics import divergence_metrics, fidelity_metrics, position_metrics
+from triattention_jax.eval.fidelity import FullAttentionReference
+from triattention_jax.eval.metrics import divergence_metrics
 from triattention_jax.eval.report import GROUND_TRUTH_TASKS, write_outputs
 from triattention_jax.eval.store import ResultStore, check_output_folder, run_settings
 from triattention_jax.eval.tasks.code import MAX_NEW_TOKENS, code_files, code_metrics, code_sample
@@ -51,22 +50,9 @@ from triattention_jax.eval.texts import (
     text_tokens,
 )
 from triattention_jax.methods import PolicySettings, build_policy, parse_method
-from triattention_jax.policies import EvictionPolicy, FullAttention, KVPolicy
+from triattention_jax.policies import FullAttention, KVPolicy
 from triattention_jax.policies.triattention_fit import FEATURES
 from triattention_jax.prompts import encode_prompts, has_chat_template, token_fingerprint
-
-
-def first_eviction_position(policy: KVPolicy, prefill_length: int, total: int, divide_length: int) -> int:
-    """The position from which on the method may have evicted something (total if never)."""
-    if not isinstance(policy, EvictionPolicy):
-        return total
-    bucket = prompt_bucket(prefill_length)
-    if bucket > policy.budget:
-        return prefill_length
-    new_tokens = total - prefill_length
-    compacting = policy.compacting_rounds(prefill_length, bucket, new_tokens, divide_length)
-    steps = policy.round_steps(prefill_length, bucket, new_tokens, divide_length)
-    return prefill_length + sum(steps[: compacting[0]]) if compacting else total
 
 
 def build_eval_policy(model: LoadedModel, method: str, budget: int, *, slack_trigger: bool = False) -> KVPolicy:
@@ -116,23 +102,6 @@ def _run_groups(
         progress(total, total, "")
 
 
-@jax.jit
-def _compare_piece(
-    reference: jax.Array, next_tokens: jax.Array, rows: jax.Array, begin: jax.Array, logprobs: jax.Array
-) -> jax.Array:
-    """`position_metrics` of a method's piece (batch, width, V) of log-probs starting at `begin`
-    against the same positions of rows `rows` of full attention's `reference` (samples, T, V);
-    next_tokens: (samples, T)."""
-    width = logprobs.shape[1]
-    full = jax.lax.dynamic_slice_in_dim(reference, begin, width, axis=1)[rows]
-    return position_metrics(full, logprobs, jax.lax.dynamic_slice_in_dim(next_tokens, begin, width, axis=1)[rows])
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_piece(reference: jax.Array, logprobs: jax.Array, begin: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(reference, logprobs, begin, axis=1)
-
-
 def run_fidelity(
     model: LoadedModel,
     store: ResultStore,
@@ -155,27 +124,12 @@ def run_fidelity(
     fingerprints = {s: token_fingerprint(row) for s, row in zip(needed, batch)}
     for sample, fingerprint in fingerprints.items():
         store.check_input("fidelity", sample, fingerprint)
-    # Full attention's log-probs stay on the device; each method's round is compared with them
-    # there, so only per-position metrics reach the host. They are written piece by piece into
-    # one donated buffer: concatenating the pieces would hold them twice (44 GB for 9 Qwen texts).
-    reference = None
-    for begin, logprobs in teacher_forced_pieces(model.transformer, batch, prefill_length=PREFILL_TOKENS):
-        if reference is None:
-            reference = jnp.zeros((*batch.shape, logprobs.shape[-1]), logprobs.dtype)
-        reference = _write_piece(reference, logprobs, begin)
+    reference = FullAttentionReference.of(model.transformer, batch)
     row_of = {s: i for i, s in enumerate(needed)}
-    next_tokens = jnp.asarray(np.pad(batch[:, 1:], ((0, 0), (0, 1))))
 
     def run_group(method: str, budget: int, group: list[int]) -> list[dict]:
-        policy = policies(method, budget)
-        start = first_eviction_position(policy, PREFILL_TOKENS, seq_len - 1, DEFAULT_DIVIDE_LENGTH)
-        rows = np.asarray([row_of[s] for s in group])
-        pieces = teacher_forced_pieces(model.transformer, batch[rows], prefill_length=PREFILL_TOKENS, policy=policy)
-        per_position = np.concatenate(
-            [np.asarray(_compare_piece(reference, next_tokens, rows, begin, logprobs)) for begin, logprobs in pieces],
-            axis=1,
-        )
-        return [fidelity_metrics(row[:-1], start) | {"input": fingerprints[s]} for s, row in zip(group, per_position)]
+        cells = reference.fidelity(policies(method, budget), [row_of[s] for s in group])
+        return [cell | {"input": fingerprints[s]} for s, cell in zip(group, cells)]
 
     _run_groups(store, "fidelity", groups, run_group, progress)
 

@@ -17,7 +17,7 @@ Per query head h and cached key s at the current position t0, the features are
 and the head's score is w_h · features; the head's predicted attention is its softmax over
 the cached keys, and a KV head ranks its keys by the log of their summed predicted attention
 over its GQA group (the quantity the weights are fitted to), averaged over layers by default
-like the paper's scorer.
+like the paper's scorer, or as the fit file says.
 """
 
 from __future__ import annotations
@@ -99,9 +99,10 @@ def group_log_attention(scores: jax.Array, valid: jax.Array, num_kv_heads: int) 
 class TriAttentionFit(EvictionPolicy):
     """Build with `TriAttentionFit.create(transformer, stats, q_band_var, weights, budget=...)`.
 
-    weights: (layers, heads, len(FEATURES)) from `fitting.fit_scorer`; aggregation as
-    TriAttention's, per_head by default: one token set per KV-head index shared by all layers
-    (SmolLM2, budget 512 of 4,096, 3 texts: KL 0.058 against 0.086 selecting per layer).
+    weights: (layers, heads, len(FEATURES)) from `fitting.fit_scorer` (and `fitting.choose_scorer`,
+    which also records the aggregation that `methods.build_policy` then uses by default);
+    aggregation as TriAttention's, per_head when a fit names none: one token set per KV-head
+    index shared by all layers.
     """
 
     stats: FrequencyStats = array_field()
