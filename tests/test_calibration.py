@@ -127,7 +127,7 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "--calib_file",
         str(source),
         "--num_tokens",
-        "1024",
+        "1536",
         "--seq_len",
         "512",
         "--out",
@@ -137,19 +137,20 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         str(report),
         "--fit",
         "--fit_seq_len",
-        "512",
+        "384",
         "--fit_horizon",
-        "256",
+        "64",
         "--fit_budget",
-        "128",
+        "32",
     )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
-    # The fit cuts the calibration file's 1,024 tokens into sequences of 512.
-    assert "fitted scorer:" in result.stdout and "2 sequences" in result.stdout
-    assert "chosen at budget 128 on 2 fitting documents" in result.stdout
+    # The fit cuts the calibration file's 1,536 tokens into sequences of 384, and the last of the
+    # four chooses the blend and the aggregation.
+    assert "fitted scorer:" in result.stdout and "3 sequences" in result.stdout
+    assert "chosen at budget 32 on 1 held-out documents" in result.stdout
     numbers = json.loads((report / "report.json").read_text())
-    assert numbers["num_tokens"] == 1024 and numbers["heads"] == 30 * 9
+    assert numbers["num_tokens"] == 1536 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
     assert len(numbers["key_norm_vs_attention"]["spearman_per_kv_head"]) == 30
     assert -1 <= numbers["key_norm_vs_attention"]["spearman_median"] <= 1

@@ -278,11 +278,11 @@ def test_decoding_with_the_fitted_scorer(transformer, fitted):
 
 
 def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transformer, fitted):
-    result, stats, _ = fitted
+    result, stats, fit_texts = fitted
     c = transformer.config
     budget, length = 32, selection_length(32)
     rng = np.random.default_rng(6)
-    documents = [rng.integers(3, c.vocab_size, size=n).tolist() for n in (length + 20, length, length + 5)]
+    documents = [(f"d{n}", rng.integers(3, c.vocab_size, size=n).tolist()) for n in (length + 20, length, length + 5)]
     chosen = choose_scorer(transformer, stats, result, documents, budget=budget, batch_size=2, progress=False)
     selection = chosen.metadata["selection"]
     names = {f"blend={b:g};aggregation={a}" for b in BLENDS for a in SELECTION_AGGREGATIONS}
@@ -294,8 +294,10 @@ def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transf
     blend = chosen.metadata["blend"]
     np.testing.assert_allclose(chosen.weights, (1 - blend) * prior + blend * result.weights, rtol=1e-6, atol=1e-6)
     # Every document is cut to the shortest, and one batch of three gives the same KL as two batches.
-    tokens = np.asarray([d[:length] for d in documents])
+    tokens = np.asarray([d[:length] for _, d in documents])
     assert selection["fingerprints"] == [token_fingerprint(row) for row in tokens]
+    assert selection["documents"] == ["d244", "d224", "d229"]
+    assert selection["mean_kl"] == {name: pytest.approx(np.mean(kl)) for name, kl in selection["kl"].items()}
     policy = TriAttentionFit.create(
         transformer, stats, result.q_band_var, prior, budget=budget, protect_prompt=False, aggregation="per_head"
     )
@@ -308,8 +310,10 @@ def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transf
         transformer, "triattention_fit", PolicySettings(budget=budget, aggregation="per_layer"), stats=stats, fit=chosen
     )
     assert explicit.aggregation == "per_layer"
-    with pytest.raises(UserError, match="at least 352 tokens, the shortest has 300"):
-        choose_scorer(transformer, stats, result, [documents[0][:300]], budget=budget, progress=False)
+    with pytest.raises(UserError, match="at least 224 tokens, the shortest has 200"):
+        choose_scorer(transformer, stats, result, [("short", documents[0][1][:200])], budget=budget, progress=False)
+    with pytest.raises(UserError, match="fitted on 1 of the documents"):
+        choose_scorer(transformer, stats, result, [("fit", fit_texts[0]), *documents], budget=budget, progress=False)
 
 
 def test_fitting_texts_are_never_evaluation_texts():

@@ -18,9 +18,10 @@ does not change its softmax, so the standardisation's offset drops).
 That cross-entropy is not what eviction needs (measured: Expected Attention's score from the
 same calibration statistics, with set weights, evicts better than the fitted weights on every
 model), and how a model's layers should share token sets differs between models. So
-`choose_scorer` then decodes the fitting documents, teacher-forced at a budget, with blends
-(1 - a) * prior + a * fitted of the fitted weights and that prior (`prior_weights`), under each
-aggregation, and keeps the blend and aggregation with the lowest mean KL to full attention.
+`choose_scorer` then decodes documents the weights were not fitted on (and no evaluation
+reads), teacher-forced at a budget, with blends (1 - a) * prior + a * fitted of the fitted
+weights and that prior (`prior_weights`), under each aggregation, and keeps the blend and
+aggregation with the lowest mean KL to full attention.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def choose_scorer(
     transformer: Transformer,
     stats: FrequencyStats,
     fitted: FitResult,
-    sequences: Sequence[Sequence[int]],
+    documents: Sequence[tuple[str, Sequence[int]]],
     *,
     budget: int,
     blends: Sequence[float] = BLENDS,
@@ -358,11 +359,17 @@ def choose_scorer(
     progress: bool = True,
 ) -> FitResult:
     """`fitted` with the weights (1 - a) * prior + a * fitted (`prior_weights`) and the
-    aggregation whose teacher-forced decoding of `sequences` (cut to the shortest) at `budget`
-    has the lowest mean KL to full attention, over a in `blends` and `aggregations`; every
-    candidate's KL and the sequences' fingerprints go into the metadata. batch_size: sequences
-    decoded at once (each holds its full-attention log-probs on the device)."""
-    length = min(map(len, sequences), default=0)
+    aggregation whose teacher-forced decoding of `documents` ((name, token ids), cut to the
+    shortest; texts `fitted` was not fitted on, else the choice favours the fit) at `budget` has
+    the lowest mean KL to full attention, over a in `blends` and `aggregations`; every
+    candidate's KL per document and the documents' names and fingerprints go into the metadata.
+    batch_size: documents decoded at once (each holds its full-attention log-probs on the device)."""
+    if not documents:
+        raise UserError("no documents to choose the fitted scorer on: give some (--fit_code_files), or skip the choice")
+    overlap = sorted(set(fitted.metadata.get("fingerprints", ())) & {token_fingerprint(t) for _, t in documents})
+    if overlap:
+        raise UserError(f"the fitted scorer was fitted on {len(overlap)} of the documents to choose it on: give others")
+    length = min((len(tokens) for _, tokens in documents), default=0)
     if length < selection_length(budget):
         raise UserError(
             f"choosing the fitted scorer at budget {budget} needs fitting documents of at least "
@@ -371,7 +378,7 @@ def choose_scorer(
     from tqdm import tqdm
 
     config = transformer.config
-    tokens = np.asarray([list(s)[:length] for s in sequences], np.int32)
+    tokens = np.asarray([list(t)[:length] for _, t in documents], np.int32)
     prior = prior_weights(config.num_layers, config.num_heads, config.head_dim)
     candidates = {
         _candidate_name(blend, aggregation): (blend, aggregation) for blend in blends for aggregation in aggregations
@@ -405,14 +412,16 @@ def choose_scorer(
         "selection": {
             "budget": budget,
             "seq_len": length,
+            "documents": [name for name, _ in documents],
             "fingerprints": [token_fingerprint(row) for row in tokens],
             "mean_kl": mean_kl,
+            "kl": kl,
         },
     }
     return FitResult(weights=blended(blend), q_band_var=fitted.q_band_var, metadata=metadata)
 
 
 def selection_length(budget: int) -> int:
-    """The fewest tokens a fitting document needs for `choose_scorer` at `budget`: the prefill,
-    enough rounds to fill the budget, and one round of decoding after an eviction."""
-    return PREFILL_TOKENS + budget + 2 * DEFAULT_DIVIDE_LENGTH
+    """The fewest tokens a document needs for `choose_scorer` at `budget`: the prefill, the
+    rounds that fill the budget, and one round decoded after an eviction."""
+    return PREFILL_TOKENS + budget + DEFAULT_DIVIDE_LENGTH

@@ -222,7 +222,9 @@ def run_calibration(
     evaluation texts); fit_horizon: the future queries the target counts (None: all to the end of
     each sequence); fit_budget: the budget whose kept set the "kept" target is, and at which
     `fitting.choose_scorer` (unless not `fit_choose`) chooses the blend with Expected
-    Attention's prior and the aggregation by decoding the fitting texts of `fit_seq_len` tokens."""
+    Attention's prior and the aggregation by decoding texts of `fit_seq_len` tokens the weights
+    were not fitted on: the next `fit_code_files` source files, or the last quarter of the
+    `calib_files` sequences."""
     fit_path = None
     if out:
         check_writable(out)
@@ -272,9 +274,19 @@ def run_calibration(
         if calib_files:
             long_sequences = text_file_sequences(loaded, calib_files, num_tokens, fit_seq_len)
             texts = [(f"calib_file/{index}", seq) for index, seq in enumerate(long_sequences)]
+            # The choice needs texts the fit has not seen: the last quarter of the files' sequences.
+            held_out = len(texts) // 4 if fit_choose else 0
+            if fit_choose and not held_out:
+                raise UserError(
+                    f"--calib_file gives {len(texts)} sequences of --fit_seq_len {fit_seq_len} tokens: choosing the "
+                    "fitted scorer holds a quarter of them out of the fit, so give at least 4 (more text, a smaller "
+                    "--fit_seq_len), or pass --nofit_choose"
+                )
+            texts, choice_texts = texts[: len(texts) - held_out], texts[len(texts) - held_out :]
         else:
             texts = [(f"calibration/{index}", list(seq)) for index, seq in enumerate(sequences)]
             texts += fit_documents(loaded.tokenizer, fit_code_files, fit_seq_len)
+            choice_texts = fit_documents(loaded.tokenizer, fit_code_files, fit_seq_len, skip=fit_code_files)
         fitted = fit_scorer(
             loaded.transformer,
             result.stats,
@@ -290,7 +302,7 @@ def run_calibration(
                 loaded.transformer,
                 result.stats,
                 fitted,
-                [tokens for _, tokens in texts if len(tokens) >= fit_seq_len],
+                choice_texts,
                 budget=fit_budget,
             )
         fit_path = fit_path or loaded.store_dir / FIT_FILE
@@ -306,7 +318,7 @@ def run_calibration(
         if fit_choose:
             chosen = fitted.metadata["selection"]
             lines.append(
-                f"chosen at budget {fit_budget} on {len(chosen['fingerprints'])} fitting documents: blend "
+                f"chosen at budget {fit_budget} on {len(chosen['fingerprints'])} held-out documents: blend "
                 f"{fitted.metadata['blend']:g} of the fitted weights with Expected Attention's, aggregation "
                 f"{fitted.metadata['aggregation']}; mean KL "
                 + ", ".join(f"{name} {kl:.4f}" for name, kl in chosen["mean_kl"].items())

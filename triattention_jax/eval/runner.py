@@ -319,7 +319,7 @@ TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_n
 
 
 def _check_disjoint_from_fit(task: str, samples: range, fit_documents: Sequence[str]) -> None:
-    """Refuses a study whose texts include one triattention_fit's weights were fitted on."""
+    """Refuses a study whose texts include one triattention_fit's weights were fitted or chosen on."""
     # divergence prompts are REASONING_PROMPTS, and code reads sources below FIT_FIRST_SOURCE only:
     # fitting reads neither.
     if task != "fidelity":
@@ -398,7 +398,8 @@ def evaluate(
     }
     for fitted in fits.values():
         if not texts:
-            _check_disjoint_from_fit(task, samples, fitted.metadata.get("documents", []))
+            chosen_on = fitted.metadata.get("selection", {}).get("documents", [])
+            _check_disjoint_from_fit(task, samples, [*fitted.metadata.get("documents", []), *chosen_on])
     out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(
         model,

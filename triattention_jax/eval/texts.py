@@ -55,10 +55,11 @@ def document_name(source: str, index: int) -> str:
     return source
 
 
-def fit_documents(tokenizer: Any, count: int, seq_len: int) -> list[tuple[str, list[int]]]:
+def fit_documents(tokenizer: Any, count: int, seq_len: int, *, skip: int = 0) -> list[tuple[str, list[int]]]:
     """`count` standard-library source files for fitting, never evaluation texts (see
-    FIT_FIRST_SOURCE): (document name, its first `seq_len` tokens)."""
-    files = stdlib_sources()[FIT_FIRST_SOURCE : FIT_FIRST_SOURCE + count]
+    FIT_FIRST_SOURCE), after the first `skip` of them: (document name, its first `seq_len` tokens)."""
+    first = FIT_FIRST_SOURCE + skip
+    files = stdlib_sources()[first : first + count]
     return [(f"python_source/{f.name}", text_tokens(tokenizer, f.read_text(errors="replace"), seq_len)) for f in files]
 
 
