@@ -11,7 +11,7 @@ import pytest
 from conftest import WIDE, random_transformer
 
 from triattention_jax.bench.presets import random_stats
-from triattention_jax.cache import cache_nbytes
+from triattention_jax.cache import KVCache, cache_nbytes
 from triattention_jax.checkpoints.stats import FitResult, load_fit, model_metadata, save_fit
 from triattention_jax.config import RopeConfig
 from triattention_jax.decoding import generate
@@ -32,8 +32,9 @@ from triattention_jax.fitting import (
     snapshot_positions,
 )
 from triattention_jax.methods import PolicySettings, build_policy
-from triattention_jax.policies import FullAttention, TriAttentionFit
-from triattention_jax.policies.triattention_fit import FEATURES, group_log_attention, key_features
+from triattention_jax.policies import ExpectedAttentionCalibrated, FullAttention, TriAttentionFit
+from triattention_jax.policies.base import RoundContext
+from triattention_jax.policies.triattention_fit import FEATURES, SINK_POSITIONS, group_log_output, key_features
 from triattention_jax.prompts import token_fingerprint
 from triattention_jax.rope import inverse_frequencies
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, key_score_terms, offset_phasors
@@ -90,36 +91,87 @@ def test_features_match_numpy():
         )
     )
     band_power = p["keys"][..., :F] ** 2 + p["keys"][..., F:] ** 2  # (B,K,S,F)
+    angles = p["inv_freq"][None] * np.asarray(DEFAULT_OFFSETS, np.float64)[:, None]
+    surviving = np.cos(angles).mean(0) ** 2 + np.sin(angles).mean(0) ** 2  # |mean rotation|² per band
     for h in range(H):
         kv = h // G
         want = np.stack(
             [
                 trig[:, h],
                 norm[:, h],
-                (band_power[:, kv] * p["q_band_var"][h]).sum(-1) / (2 * HD),
+                (band_power[:, kv] * p["q_band_var"][h] * surviving).sum(-1) / (2 * HD),
                 np.log(np.linalg.norm(p["values"][:, kv], axis=-1) + 1e-6),
                 np.log1p(np.maximum(p["t0"][:, None] - p["positions"][:, kv], 0)),
-                ((p["positions"][:, kv] >= 0) & (p["positions"][:, kv] < 4)).astype(float),
             ],
             axis=-1,
         )
         np.testing.assert_allclose(got[:, h], want, rtol=2e-4, atol=2e-5)
 
 
-def test_group_log_attention_is_log_of_mean_softmax():
+def test_group_log_output_is_the_log_of_the_groups_output_share():
+    """Per KV head: Σ_g softmax over the scored keys of w_g·x (log ‖v‖ left out) times
+    ‖v‖^w_g,value, normalised over the scored keys."""
     rng = np.random.default_rng(1)
-    scores = rng.normal(size=(B, H, S)) * 3
-    valid = rng.uniform(size=(B, K, S)) > 0.2
-    got = np.asarray(group_log_attention(jnp.asarray(scores), jnp.asarray(valid), K))
+    features = rng.normal(size=(B, H, S, len(FEATURES)))
+    weights = rng.normal(size=(H, len(FEATURES))) * 2
+    scored = rng.uniform(size=(B, K, S)) > 0.2
+    got = np.asarray(group_log_output(jnp.asarray(features), jnp.asarray(weights), jnp.asarray(scored), K))
+    value = FEATURES.index("log_value_norm")
+    inside = weights.copy()
+    inside[:, value] = 0
     for b in range(B):
         for kv in range(K):
-            mask = valid[b, kv]
-            probs = []
-            for g in range(G):
-                s = scores[b, kv * G + g][mask]
-                probs.append(np.exp(s - s.max()) / np.exp(s - s.max()).sum())
-            np.testing.assert_allclose(got[b, kv][mask], np.log(np.mean(probs, axis=0)), rtol=1e-5, atol=1e-5)
-            assert np.isneginf(got[b, kv][~mask]).all()
+            mask = scored[b, kv]
+            share = 0.0
+            for h in range(kv * G, (kv + 1) * G):
+                logits = features[b, h][mask] @ inside[h]
+                attention = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+                share = share + attention * np.exp(features[b, h][mask, value] * weights[h, value])
+            np.testing.assert_allclose(got[b, kv][mask], np.log(share / share.sum()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_prior_is_expected_attention_with_calibrated_statistics():
+    """prior_weights in the fit's form rank every key as expected_attention_calibrated over the
+    same offsets does (up to a constant per (layer, row, KV head)), sinks and empty slots alike,
+    under YaRN's magnitude factor."""
+    transformer = random_transformer(
+        {
+            **WIDE,
+            "rope_parameters": dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64
+            ),
+        }
+    )
+    c = transformer.config
+    assert float(transformer.attention_scaling) > 1.1
+    rng = np.random.default_rng(7)
+    stats = random_stats(transformer, seed=2)
+    q_band_var = rng.uniform(0.1, 3.0, size=(c.num_layers, c.num_heads, c.head_dim // 2))
+    slots, L = 40, c.num_layers
+    positions = np.stack([np.sort(4 + rng.permutation(296)[:slots]) for _ in range(2)])  # two rows
+    positions[1, :3] = [0, 2, 7]  # two sinks in row 1
+    positions = np.broadcast_to(positions[None, :, None], (L, 2, c.num_kv_heads, slots)).copy()
+    positions[:, 1, :, -5:] = -1  # empty slots
+    shape = (L, 2, c.num_kv_heads, slots, c.head_dim)
+    cache = KVCache.from_stacked(
+        k=jnp.asarray(rng.normal(size=shape) * 2, jnp.float32),
+        v=jnp.asarray(rng.normal(size=shape) * rng.uniform(0.2, 3.0, size=shape[:-1] + (1,)), jnp.float32),
+        pos=jnp.asarray(positions, jnp.int32),
+        cursor=jnp.asarray(slots, jnp.int32),
+    )
+    context = RoundContext(prompt_lengths=jnp.zeros(2, jnp.int32), position=jnp.asarray([310, 320], jnp.int32))
+    options = dict(budget=16, aggregation="per_layer_per_head")
+    prior = prior_weights(L, c.num_heads, c.head_dim, float(transformer.attention_scaling))
+    fit = np.asarray(TriAttentionFit.create(transformer, stats, q_band_var, prior, **options).scores(cache, context))
+    expected = ExpectedAttentionCalibrated.create(transformer, stats, q_band_var, offsets=DEFAULT_OFFSETS, **options)
+    want = np.asarray(expected.scores(cache, context))
+    np.testing.assert_array_equal(np.isposinf(fit), np.isposinf(want))
+    np.testing.assert_array_equal(np.isneginf(fit), np.isneginf(want))
+    assert np.isposinf(fit).sum() == 2 * L * c.num_kv_heads
+    finite = np.isfinite(want)
+    difference = np.where(finite, fit - want, np.nan)
+    spread = np.nanmax(difference, axis=-1) - np.nanmin(difference, axis=-1)
+    assert np.nanmax(spread) < 1e-4
 
 
 def test_fit_recovers_the_weights_that_made_the_targets():
@@ -130,7 +182,7 @@ def test_fit_recovers_the_weights_that_made_the_targets():
     truth = rng.normal(size=(H, len(FEATURES))) / features.std(axis=(0, 2))
     masks = np.arange(t)[None] < rng.integers(t // 2, t + 1, size=(n, 1))
     kv_masks = np.broadcast_to(masks[:, None], (n, K, t))
-    log_q = np.asarray(group_log_attention(jnp.einsum("nhsf,hf->nhs", features, truth), jnp.asarray(kv_masks), K))
+    log_q = np.asarray(group_log_output(features, truth, jnp.asarray(kv_masks), K))
     targets = np.where(kv_masks, np.exp(log_q), 0.0)
     weights, before, after = _fit_layer(features, targets, masks, steps=1500, learning_rate=0.05, l2=0.0)
     assert after < before
@@ -143,8 +195,9 @@ def test_fit_recovers_the_weights_that_made_the_targets():
 )
 def test_targets_match_numpy(horizon, padding, target):
     """The target at each snapshot t0: the attention queries t0 .. t0 + horizon - 1 (every
-    later query with horizon None) pay each key before t0, summed over the group, normalised
-    (kept: uniform over the BUDGET keys with the most, at snapshots past BUDGET);
+    later query with horizon None) pay each key before t0 but the sinks, summed over the group,
+    normalised (kept: uniform over the BUDGET keys with the most, the sinks counted among them,
+    at snapshots past BUDGET);
     a sequence padded past its length (garbage there) gives the same for its own snapshots."""
     problem, rng, T, budget = _problem(3), np.random.default_rng(6), 80, 20
     queries, keys = rng.normal(size=(T + padding, H, HD)), rng.normal(size=(K, T + padding, HD))
@@ -172,13 +225,15 @@ def test_targets_match_numpy(horizon, padding, target):
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights = (weights / weights.sum(-1, keepdims=True)).sum(1)  # (K, T queries, T keys)
     for i, t0 in enumerate(snapshots):
-        mass = weights[:, t0 : T if horizon is None else t0 + horizon, :t0].sum(1)
+        mass = weights[:, t0 : T if horizon is None else t0 + horizon, SINK_POSITIONS:t0].sum(1)
         if target == "kept":
-            top = np.argsort(-mass, axis=-1)[:, :budget]
+            top = np.argsort(-mass, axis=-1)[:, : budget - SINK_POSITIONS]
             mass = np.zeros_like(mass)
             np.put_along_axis(mass, top, 1.0, axis=-1)
-        np.testing.assert_allclose(targets[i][:, :t0], mass / mass.sum(-1, keepdims=True), rtol=2e-4, atol=1e-7)
-        assert not np.any(targets[i][:, t0:]) and np.array_equal(masks[i], np.arange(T + padding) < t0)
+        got = targets[i][:, SINK_POSITIONS:t0]
+        np.testing.assert_allclose(got, mass / mass.sum(-1, keepdims=True), rtol=2e-4, atol=1e-7)
+        assert not np.any(targets[i][:, t0:]) and not np.any(targets[i][:, :SINK_POSITIONS])
+        assert np.array_equal(masks[i], (np.arange(T + padding) < t0) & (np.arange(T + padding) >= SINK_POSITIONS))
 
 
 @pytest.mark.parametrize("target, needed", [("attention", 768), ("kept", 1280)])

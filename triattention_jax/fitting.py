@@ -5,15 +5,17 @@ Each fitting sequence runs once through the model with full attention. At snapsh
 them at t0, and a target: the attention the next `horizon` queries pay it (with horizon None
 every later query of the sequence: an evicted key is gone for good), summed over the GQA
 group, optionally times ‖v‖ (the key's share of the attention output), normalised over the
-keys before t0. The "kept" target is the selection itself: uniform over the `budget` keys
-with the most attention from those queries (what an oracle would keep), so the fit weighs the
+keys before t0 that are not sinks (the scorer keeps those whatever they score). The "kept"
+target is the selection itself: uniform over the `budget` keys (less the sinks) with the most
+attention from those queries (what an oracle would keep), so the fit weighs the
 keys at the budget's boundary rather than the few that draw most of the attention; snapshots
 with no more than `budget` keys before them select nothing and are left out.
 
 Per layer, the weights minimise the cross-entropy between that target and the scorer's
-predicted distribution (`group_log_attention`), with optax; features are standardised per head
+predicted distribution (`group_log_output`), with optax; features are standardised per head
 for the optimiser and the weights mapped back to raw units (a constant shift of a head's scores
-does not change its softmax, so the standardisation's offset drops).
+does not change its softmax, so the standardisation's offset drops; log ‖v‖, outside the
+softmax, is scaled only).
 
 That cross-entropy is not what eviction needs (measured: Expected Attention's score from the
 same calibration statistics, with set weights, evicts better than the fitted weights on every
@@ -43,7 +45,14 @@ from triattention_jax.errors import UserError
 from triattention_jax.eval.fidelity import PREFILL_TOKENS, FullAttentionReference
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.model import Transformer
-from triattention_jax.policies.triattention_fit import FEATURES, group_log_attention, key_features
+from triattention_jax.policies.triattention_fit import (
+    FEATURES,
+    SINK_POSITIONS,
+    VALUE_FEATURE,
+    group_log_output,
+    key_features,
+    sink_keys,
+)
 from triattention_jax.prompts import token_fingerprint
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_phasors
 
@@ -52,7 +61,6 @@ TARGETS = ("attention", "output", "kept")
 # KV-head index for all layers (best on SmolLM2) or one per (layer, KV head) (best on Qwen2.5).
 BLENDS = (0.0, 0.5, 1.0)
 SELECTION_AGGREGATIONS = ("per_head", "per_layer_per_head")
-SINK_WEIGHT = 1000.0  # keeps the sinks whatever the other features say, as Expected Attention does
 
 
 TRACE_LENGTH_STEP = 512
@@ -104,7 +112,8 @@ def _layer_examples(
     attention_scaling: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One layer of one sequence: features (snapshots, heads, T, features), the target
-    distribution (snapshots, kv_heads, T) and the mask of keys before t0 (snapshots, T).
+    distribution (snapshots, kv_heads, T) and the mask of the keys scored at t0 (snapshots, T):
+    before t0, not sinks (the scorer keeps those whatever they score).
 
     queries: (T, heads, head_dim) post-RoPE; keys, values: (kv_heads, T, head_dim); length:
     () the sequence's own length, the rest of T padding whose queries pay nothing."""
@@ -123,7 +132,7 @@ def _layer_examples(
     mass_after = jnp.concatenate([mass_after, jnp.zeros_like(mass_after[:, :1])], axis=1)  # row T: nothing after
     features, targets, masks = [], [], []
     for t0 in snapshots:
-        before = jnp.arange(T) < t0
+        scored = (jnp.arange(T) < t0) & ~sink_keys(jnp.arange(T))
         features.append(
             key_features(
                 keys[None],
@@ -140,12 +149,12 @@ def _layer_examples(
         mass = mass_after[:, t0] - mass_after[:, T if horizon is None else t0 + horizon]  # (K, T)
         if target == "output":
             mass = mass * value_norm
-        mass = jnp.where(before, mass, 0.0)
-        if target == "kept":
-            threshold = jnp.sort(jnp.where(before, mass, -1.0), axis=-1)[:, T - budget]
-            mass = (before & (mass >= threshold[:, None])).astype(jnp.float32)
+        mass = jnp.where(scored, mass, 0.0)
+        if target == "kept":  # the sinks hold SINK_POSITIONS of the budget's slots
+            threshold = jnp.sort(jnp.where(scored, mass, -1.0), axis=-1)[:, T - (budget - SINK_POSITIONS)]
+            mass = (scored & (mass >= threshold[:, None])).astype(jnp.float32)
         targets.append(mass / jnp.sum(mass, axis=-1, keepdims=True))
-        masks.append(before)
+        masks.append(scored)
     return jnp.stack(features), jnp.stack(targets), jnp.stack(masks)
 
 
@@ -205,14 +214,16 @@ def _fit_layer(
     K = y.shape[1]
     valid = mask[:, None, :, None]
     count = jnp.maximum(jnp.sum(jnp.broadcast_to(valid, x.shape[:3] + (1,)), axis=(0, 2)), 1)  # (H, 1)
-    mean = jnp.sum(jnp.where(valid, x, 0.0), axis=(0, 2)) / count
+    # log ‖v‖ multiplies a head's share outside its softmax: a shift there would reweigh the
+    # group's heads, so it is scaled only.
+    mean = (jnp.sum(jnp.where(valid, x, 0.0), axis=(0, 2)) / count).at[:, VALUE_FEATURE].set(0.0)
     std = jnp.sqrt(jnp.sum(jnp.where(valid, (x - mean[None, :, None]) ** 2, 0.0), axis=(0, 2)) / count)
     std = jnp.where(std > 1e-6, std, 1.0)
     x = jnp.where(valid, (x - mean[None, :, None]) / std[None, :, None], 0.0)
     kv_mask = jnp.broadcast_to(mask[:, None, :], y.shape)
 
     def cross_entropy(w: jax.Array) -> jax.Array:
-        log_q = group_log_attention(jnp.einsum("nhsf,hf->nhs", x, w), kv_mask, K)
+        log_q = group_log_output(x, w, kv_mask, K)
         return -jnp.sum(y * jnp.where(kv_mask, log_q, 0.0)) / (y.shape[0] * K)
 
     def loss(w: jax.Array) -> jax.Array:
@@ -325,18 +336,18 @@ def fit_scorer(
     return FitResult(weights=np.stack(weights), q_band_var=q_band_var, metadata=metadata)
 
 
-def prior_weights(num_layers: int, num_heads: int, head_dim: int) -> np.ndarray:
-    """Expected Attention's score from calibration statistics as weights of FEATURES (layers,
-    heads, features): mu.k / sqrt(d) (the trigonometric feature, the query mean rotated by RoPE
-    averaged over the future offsets) + k^T Sigma k / (2d) (Sigma isotropic within a band after
-    that averaging: sigma_f^2 / 2 per component, half the second_moment feature) + log ||v|| (it
-    weighs a key by its value norm), the sinks kept."""
+def prior_weights(num_layers: int, num_heads: int, head_dim: int, attention_scaling: float = 1.0) -> np.ndarray:
+    """Expected Attention's score from calibration statistics (`expected_attention_calibrated`
+    over the same offsets) as weights of FEATURES (layers, heads, features): mu.k / sqrt(d) (the
+    trigonometric feature: the query mean rotated by RoPE averaged over the future offsets, which
+    carries the magnitude factor once more than Expected Attention's rotated mean does) +
+    k^T Sigma k / (2d) (Sigma isotropic within a band: sigma_f^2 / 2 per component, half the
+    second_moment feature) + log ||v|| (it weighs a key by its value norm)."""
     weights = np.zeros((num_layers, num_heads, len(FEATURES)), np.float32)
     for feature, weight in {
-        "trigonometric": head_dim**-0.5,
+        "trigonometric": head_dim**-0.5 / attention_scaling,
         "second_moment": 0.5,
         "log_value_norm": 1.0,
-        "sink": SINK_WEIGHT,
     }.items():
         weights[..., FEATURES.index(feature)] = weight
     return weights
@@ -379,7 +390,7 @@ def choose_scorer(
 
     config = transformer.config
     tokens = np.asarray([list(t)[:length] for _, t in documents], np.int32)
-    prior = prior_weights(config.num_layers, config.num_heads, config.head_dim)
+    prior = prior_weights(config.num_layers, config.num_heads, config.head_dim, float(transformer.attention_scaling))
     candidates = {
         _candidate_name(blend, aggregation): (blend, aggregation) for blend in blends for aggregation in aggregations
     }

@@ -1,6 +1,6 @@
 """Moving the packaged GGUF models to the device machine, whose calls carry at most 64 MiB.
 
-  python results/study/travel.py pack .travel 60          # here: chunks of 60 MiB, one folder per call
+  python results/study/travel.py pack .travel 60 [MODEL ...]   # here: chunks of 60 MiB, one folder per call
   python results/study/travel.py unpack /tmp/chunks /tmp/site   # there: rebuild the packages' files
 
 pack streams each model's installed part files, in order, into chunks `.travel/cNN/<model>.<i>`
@@ -20,11 +20,14 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 
 
-def pack(folder: Path, chunk_mib: int) -> None:
+def pack(folder: Path, chunk_mib: int, models: list[str]) -> None:
+    """Every packaged model's parts, or only those of `models`."""
     from triattention_jax.checkpoints.gguf import PACKAGED_MODELS, part_paths
 
     manifest, calls = {}, 0
     for name, entry in PACKAGED_MODELS.items():
+        if models and name not in models:
+            continue
         paths = part_paths(name)
         if paths is None:
             sys.exit(f"{name}: parts not installed: {entry.install_command}")
@@ -73,6 +76,6 @@ def unpack(chunks: Path, site: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "pack":
-        pack(Path(sys.argv[2]), int(sys.argv[3]))
+        pack(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:
         unpack(Path(sys.argv[2]), Path(sys.argv[3]))

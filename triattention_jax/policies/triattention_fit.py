@@ -7,17 +7,23 @@ Per query head h and cached key s at the current position t0, the features are
 
     trigonometric  Σ_f Re(A_f · conj(k'_f))              the paper's series (mean over offsets)
     norm           Σ_f (qa_f − |qm_f|)·|k'_f|            the paper's norm term
-    second_moment  Σ_f σ²_f·|k'_f|² / (2·head_dim)      E[exp(q·k)]'s second-order term, σ²_f the
-                                                          query variance of band f (RoPE-averaged
-                                                          covariance is isotropic within a band)
+    second_moment  Σ_f ρ_f·σ²_f·|k'_f|² / (2·head_dim)  E[exp(q·k)]'s second-order term, σ²_f the
+                                                          query variance of band f (isotropic within
+                                                          a band), ρ_f = |mean over offsets of the
+                                                          band's rotation|², how much of it survives
+                                                          the averaging
     log_value_norm log ‖v_s‖                              the key's share of the output scales with it
     log_age        log(1 + t0 − pos_s)                    recency
-    sink           pos_s < 4                              attention sinks
 
-and the head's score is w_h · features; the head's predicted attention is its softmax over
-the cached keys, and a KV head ranks its keys by the log of their summed predicted attention
-over its GQA group (the quantity the weights are fitted to), averaged over layers by default
-like the paper's scorer, or as the fit file says.
+Head h's predicted attention is the softmax of w_h · (the features but log_value_norm) over
+the cached keys that are not sinks, and its predicted share of the output that times
+‖v_s‖^w_h,value; a KV head ranks its keys by the log of that share summed over its GQA group
+(the quantity the weights are fitted to), averaged over layers by default like the paper's
+scorer, or as the fit file says. The first SINK_POSITIONS positions are always kept. Written
+so, Expected Attention with calibrated statistics is one setting of the weights
+(`fitting.prior_weights`): a sink inside each head's softmax, or ‖v‖ inside it, would
+renormalise every head by what it pays the sinks, and would weigh the group's heads unlike
+Expected Attention's mean of softmaxes (measured: 69% of the same tokens kept, WORKSPACE).
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from triattention_jax.scoring import (
     key_score_terms,
 )
 
-FEATURES = ("trigonometric", "norm", "second_moment", "log_value_norm", "log_age", "sink")
+FEATURES = ("trigonometric", "norm", "second_moment", "log_value_norm", "log_age")
+VALUE_FEATURE = FEATURES.index("log_value_norm")
 SINK_POSITIONS = 4
 
 
@@ -67,32 +74,48 @@ def key_features(
 
     keys, values: (batch, kv_heads, slots, head_dim), keys post-RoPE as cached; key_positions:
     (batch, kv_heads, slots); position: (batch,) t0; stats: the layer's statistics, each
-    (1, heads, head_dim/2); q_band_var: (heads, head_dim/2) the query variance per band.
+    (1, heads, head_dim/2); q_band_var: (heads, head_dim/2) the query variance per band;
+    phasors: `scoring.offset_phasors` of the offsets scored over.
     """
     B, K, S, hd = keys.shape
     H = q_band_var.shape[0]
     trig, norm = key_score_terms(
         keys[None], stats, inv_freq, phasors, position, attention_scaling=attention_scaling
     )  # each (1, B, H, S)
-    second = jnp.einsum("kgf,bksf->bkgs", q_band_var.reshape(K, H // K, hd // 2), band_power(keys)) / (2 * hd)
+    # The rotation averaged over the offsets maps a band's covariance σ²·I to ρ·σ²·I; the magnitude
+    # factor scales the rotation like the keys' own RoPE.
+    surviving = attention_scaling**2 * (phasors[0] ** 2 + phasors[1] ** 2)
+    variance = (q_band_var * surviving).reshape(K, H // K, hd // 2)
+    second = jnp.einsum("kgf,bksf->bkgs", variance, band_power(keys)) / (2 * hd)
     value_norm = jnp.linalg.norm(values.astype(jnp.float32), axis=-1)
     age = jnp.maximum(position[:, None, None] - key_positions, 0).astype(jnp.float32)
-    sink = ((key_positions >= 0) & (key_positions < SINK_POSITIONS)).astype(jnp.float32)
-    per_key = jnp.stack([jnp.log(value_norm + 1e-6), jnp.log1p(age), sink], axis=-1)  # (B, K, S, 3)
-    per_head = jnp.repeat(per_key, H // K, axis=1)  # (B, H, S, 3): heads are KV-head major
+    per_key = jnp.stack([jnp.log(value_norm + 1e-6), jnp.log1p(age)], axis=-1)  # (B, K, S, 2)
+    per_head = jnp.repeat(per_key, H // K, axis=1)  # (B, H, S, 2): heads are KV-head major
     return jnp.concatenate([jnp.stack([trig[0], norm[0], second.reshape(B, H, S)], axis=-1), per_head], axis=-1)
 
 
-def group_log_attention(scores: jax.Array, valid: jax.Array, num_kv_heads: int) -> jax.Array:
-    """log(Σ_group softmax(scores) / group) per KV head: the predicted share of the group's
-    attention each key receives. scores: (batch, heads, slots); valid: (batch, kv_heads, slots).
-    Returns (batch, kv_heads, slots), −inf on invalid slots."""
-    B, H, S = scores.shape
+def sink_keys(key_positions: jax.Array) -> jax.Array:
+    """The keys kept whatever they score (Expected Attention's sinks); positions of any shape."""
+    return (key_positions >= 0) & (key_positions < SINK_POSITIONS)
+
+
+def group_log_output(features: jax.Array, weights: jax.Array, scored: jax.Array, num_kv_heads: int) -> jax.Array:
+    """log of each key's predicted share of its GQA group's output, normalised over the scored
+    keys: log Σ_g softmax(w_g·x without log ‖v‖) · ‖v‖^w_g,value, a softmax over the scored keys.
+
+    features: (batch, heads, slots, features); weights: (heads, features); scored: (batch,
+    kv_heads, slots), the keys the softmaxes run over (valid, not sinks). Returns (batch,
+    kv_heads, slots), finite everywhere (meaningless off `scored`), so gradients stay defined."""
+    B, H, S, _ = features.shape
     group = H // num_kv_heads
-    # A finite mask value keeps every row finite (and its gradient defined) even without a valid key.
-    masked = jnp.where(valid[:, :, None, :], scores.reshape(B, num_kv_heads, group, S), MASK_VALUE)
-    log_group = jax.nn.logsumexp(jax.nn.log_softmax(masked, axis=-1), axis=2) - jnp.log(group)
-    return jnp.where(valid, log_group, -jnp.inf)
+    features, weights = jnp.asarray(features), jnp.asarray(weights)
+    inside = weights.at[:, VALUE_FEATURE].set(0.0)
+    logits = jnp.einsum("bhsf,hf->bhs", features, inside).reshape(B, num_kv_heads, group, S)
+    value_term = (features[..., VALUE_FEATURE] * weights[:, VALUE_FEATURE][None, :, None]).reshape(logits.shape)
+    # A finite mask value keeps every row finite (and its gradient defined) even without a scored key.
+    attention = jax.nn.log_softmax(jnp.where(scored[:, :, None], logits, MASK_VALUE), axis=-1)
+    share = jax.nn.logsumexp(attention + value_term, axis=2)
+    return jax.nn.log_softmax(jnp.where(scored, share, MASK_VALUE), axis=-1)
 
 
 @policy_dataclass
@@ -178,16 +201,17 @@ class TriAttentionFit(EvictionPolicy):
                 self.phasors,
                 self.attention_scaling,
             )
-            scores = jnp.einsum("bhsf,hf->bhs", features, weights)
-            return group_log_attention(scores, layer.pos != EMPTY_POSITION, num_kv_heads)
+            valid = layer.pos != EMPTY_POSITION
+            sinks = sink_keys(layer.pos)
+            share = group_log_output(features, weights, valid & ~sinks, num_kv_heads)
+            return jnp.where(sinks, jnp.inf, jnp.where(valid, share, -jnp.inf))
 
         layers = range(cache.num_layers)
         layer_stats = [jax.tree.map(lambda s, i=i: s[i : i + 1], self.stats) for i in layers]
         scores = jnp.stack(
             layer_by_layer(one_layer, cache.layers(), layer_stats, list(self.q_band_var), list(self.weights))
         )
-        valid = cache.stacked("pos") != EMPTY_POSITION
-        return aggregate(jnp.where(valid, scores, -jnp.inf), valid, self.aggregation)
+        return aggregate(scores, cache.stacked("pos") != EMPTY_POSITION, self.aggregation)
 
 
 register("triattention_fit", TriAttentionFit)
