@@ -45,13 +45,13 @@ from triattention_jax.errors import UserError
 from triattention_jax.eval.fidelity import PREFILL_TOKENS, FullAttentionReference
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.model import Transformer
+from triattention_jax.policies.base import sink_keys
 from triattention_jax.policies.triattention_fit import (
     FEATURES,
     SINK_POSITIONS,
     VALUE_FEATURE,
     group_log_output,
     key_features,
-    sink_keys,
 )
 from triattention_jax.prompts import token_fingerprint
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_phasors
@@ -132,7 +132,7 @@ def _layer_examples(
     mass_after = jnp.concatenate([mass_after, jnp.zeros_like(mass_after[:, :1])], axis=1)  # row T: nothing after
     features, targets, masks = [], [], []
     for t0 in snapshots:
-        scored = (jnp.arange(T) < t0) & ~sink_keys(jnp.arange(T))
+        scored = (jnp.arange(T) < t0) & ~sink_keys(jnp.arange(T), SINK_POSITIONS)
         features.append(
             key_features(
                 keys[None],

@@ -291,6 +291,17 @@ def policy_class(name: str) -> type[KVPolicy]:
     return _REGISTRY[name]
 
 
+def sink_keys(positions: jax.Array, n_sink: int) -> jax.Array:
+    """The filled slots among the first `n_sink` positions: attention sinks, kept whatever they
+    score by the policies that keep sinks. positions of any shape."""
+    return (positions != EMPTY_POSITION) & (positions < n_sink)
+
+
+def with_sinks_kept(scores: jax.Array, positions: jax.Array, n_sink: int) -> jax.Array:
+    """`scores` with the sinks (`sink_keys`) at +inf, so always kept, and empty slots at −inf."""
+    return jnp.where(sink_keys(positions, n_sink), jnp.inf, jnp.where(positions == EMPTY_POSITION, -jnp.inf, scores))
+
+
 def last_prompt_entries(
     values: jax.Array, positions: jax.Array, count: int, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array]:

@@ -31,6 +31,7 @@ from triattention_jax.policies.base import (
     policy_dataclass,
     register,
     slide_window,
+    with_sinks_kept,
 )
 from triattention_jax.rope import apply_rope, rope_cos_sin
 from triattention_jax.scoring import aggregate
@@ -228,8 +229,7 @@ def expected_log_scores(layer: CacheLayer, logits: jax.Array, n_sink: int, use_v
         if layer.v is None:
             raise ValueError("expected attention's value norm needs V: a K-only layer holds none (see check)")
         scores = scores + jnp.log(jnp.linalg.norm(layer.v.astype(jnp.float32), axis=-1))
-    sinks = (layer.pos != EMPTY_POSITION) & (layer.pos < n_sink)
-    return jnp.where(sinks, jnp.inf, jnp.where(layer.pos == EMPTY_POSITION, -jnp.inf, scores))
+    return with_sinks_kept(scores, layer.pos, n_sink)
 
 
 def calibrated_moments(

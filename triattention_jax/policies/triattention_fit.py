@@ -44,6 +44,8 @@ from triattention_jax.policies.base import (
     check_aggregation,
     policy_dataclass,
     register,
+    sink_keys,
+    with_sinks_kept,
 )
 from triattention_jax.policies.triattention import scoring_fields
 from triattention_jax.rope import band_power
@@ -92,11 +94,6 @@ def key_features(
     per_key = jnp.stack([jnp.log(value_norm + 1e-6), jnp.log1p(age)], axis=-1)  # (B, K, S, 2)
     per_head = jnp.repeat(per_key, H // K, axis=1)  # (B, H, S, 2): heads are KV-head major
     return jnp.concatenate([jnp.stack([trig[0], norm[0], second.reshape(B, H, S)], axis=-1), per_head], axis=-1)
-
-
-def sink_keys(key_positions: jax.Array) -> jax.Array:
-    """The keys kept whatever they score (Expected Attention's sinks); positions of any shape."""
-    return (key_positions >= 0) & (key_positions < SINK_POSITIONS)
 
 
 def group_log_output(features: jax.Array, weights: jax.Array, scored: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -201,10 +198,9 @@ class TriAttentionFit(EvictionPolicy):
                 self.phasors,
                 self.attention_scaling,
             )
-            valid = layer.pos != EMPTY_POSITION
-            sinks = sink_keys(layer.pos)
-            share = group_log_output(features, weights, valid & ~sinks, num_kv_heads)
-            return jnp.where(sinks, jnp.inf, jnp.where(valid, share, -jnp.inf))
+            scored = (layer.pos != EMPTY_POSITION) & ~sink_keys(layer.pos, SINK_POSITIONS)
+            share = group_log_output(features, weights, scored, num_kv_heads)
+            return with_sinks_kept(share, layer.pos, SINK_POSITIONS)
 
         layers = range(cache.num_layers)
         layer_stats = [jax.tree.map(lambda s, i=i: s[i : i + 1], self.stats) for i in layers]
