@@ -7,10 +7,7 @@
 #   bash results/fit_form/device.sh wait S        waits up to S seconds for it
 # Every call copies the logs, the fit file and the evaluation so far into $OUT/fit_form.
 set -uo pipefail
-root=/tmp/s
-export PATH=$root/bin:$PATH PYTHONPATH=$root/site:$root/lib TRIATTENTION_MODELS=$root/store \
-    TRIATTENTION_COMPILATION_CACHE=$root/xla XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    JAX_DEFAULT_MATMUL_PRECISION=highest PYTHONUNBUFFERED=1
+source results/study/device_env.sh
 work=$root/fit_form
 mkdir -p $work
 if [[ "${1:-}" == start ]]; then

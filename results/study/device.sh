@@ -14,13 +14,7 @@
 # Every call ends by packing the studies' folders so far into $OUT/study.tgz (the machine may be
 # gone before the next call).
 set -uo pipefail
-root=/tmp/s
-mkdir -p $root/chunks $root/bin $root/lib $root/site
-# A wrapper, not a link: a link to a virtualenv's python3 starts it outside the virtualenv.
-printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > $root/bin/python && chmod +x $root/bin/python
-export PATH=$root/bin:$PATH PYTHONPATH=$root/site:$root/lib TRIATTENTION_MODELS=$root/store \
-    TRIATTENTION_COMPILATION_CACHE=$root/xla XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    JAX_DEFAULT_MATMUL_PRECISION=highest PYTHONUNBUFFERED=1
+source results/study/device_env.sh
 [[ -d $root/lib/gguf ]] || python3 -m pip install -q --no-index --no-deps --target $root/lib .travel/whl/*.whl
 for d in .travel/c*/; do [[ -d "$d" ]] && mv -f "$d"* $root/chunks/ 2>/dev/null; done
 PYTHONPATH=$PWD python3 results/study/travel.py unpack $root/chunks $root/site
