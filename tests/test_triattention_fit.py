@@ -184,7 +184,8 @@ def test_fit_recovers_the_weights_that_made_the_targets():
     kv_masks = np.broadcast_to(masks[:, None], (n, K, t))
     log_q = np.asarray(group_log_output(features, truth, jnp.asarray(kv_masks), K))
     targets = np.where(kv_masks, np.exp(log_q), 0.0)
-    weights, before, after = _fit_layer(features, targets, masks, steps=1500, learning_rate=0.05, l2=0.0)
+    start = np.zeros((H, len(FEATURES)), np.float32)
+    weights, before, after = _fit_layer(features, targets, masks, start, steps=1500, learning_rate=0.05, l2=0.0)
     assert after < before
     np.testing.assert_allclose(weights, truth, rtol=0.1, atol=0.05 * np.abs(truth).max())
 
@@ -291,6 +292,26 @@ def test_fit_scorer_improves_every_layer_and_records_its_texts(transformer, fitt
     assert all(a < b for a, b in zip(result.metadata["cross_entropy_fitted"], result.metadata["cross_entropy_start"]))
     assert result.metadata["fingerprints"] == [token_fingerprint(s) for s in sequences]
     assert result.metadata["features"] == list(FEATURES)
+
+
+def test_a_fit_from_the_prior_starts_at_expected_attentions_weights(transformer, fitted):
+    _, stats, sequences = fitted
+    c = transformer.config
+    result = fit_scorer(
+        transformer,
+        stats,
+        np.ones((c.num_layers, c.num_heads, c.head_dim // 2), np.float32),
+        sequences,
+        start="prior",
+        horizon=32,
+        snapshot_every=32,
+        steps=0,
+        progress=False,
+    )
+    prior = prior_weights(c.num_layers, c.num_heads, c.head_dim, float(transformer.attention_scaling))
+    np.testing.assert_allclose(result.weights, prior, rtol=1e-6)
+    assert result.metadata["start"] == "prior"
+    assert result.metadata["cross_entropy_fitted"] == result.metadata["cross_entropy_start"]
 
 
 def test_fit_file_round_trip_and_checks(transformer, fitted, tmp_path):

@@ -57,6 +57,9 @@ from triattention_jax.prompts import token_fingerprint
 from triattention_jax.scoring import DEFAULT_OFFSETS, FrequencyStats, offset_phasors
 
 TARGETS = ("attention", "output", "kept")
+# Where the optimiser starts: the paper's score (trigonometric + norm, weight 1 each) or
+# Expected Attention's (`prior_weights`), the scorer the choice blends towards.
+STARTS = ("paper", "prior")
 # The fitted weights' share in the chosen scorer, and the token-set sharings tried: one set per
 # KV-head index for all layers (best on SmolLM2) or one per (layer, KV head) (best on Qwen2.5).
 BLENDS = (0.0, 0.5, 1.0)
@@ -204,11 +207,18 @@ def sequence_examples(
 
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate", "l2"))
 def _fit_layer(
-    x: jax.Array, y: jax.Array, mask: jax.Array, *, steps: int, learning_rate: float, l2: float
+    x: jax.Array,
+    y: jax.Array,
+    mask: jax.Array,
+    start: jax.Array,
+    *,
+    steps: int,
+    learning_rate: float,
+    l2: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Weights (heads, features) in raw units, and the mean cross-entropy before (the paper's
-    score: trigonometric + norm) and after fitting. Every layer's examples have the same shapes,
-    so this compiles once for all of them.
+    """Weights (heads, features) in raw units, and the mean cross-entropy at the `start`
+    weights (heads, features; raw units) and after fitting. Every layer's examples have the
+    same shapes, so this compiles once for all of them.
 
     x: (N, heads, T, F) features; y: (N, kv_heads, T) targets; mask: (N, T)."""
     K = y.shape[1]
@@ -229,8 +239,7 @@ def _fit_layer(
     def loss(w: jax.Array) -> jax.Array:
         return cross_entropy(w) + l2 * jnp.sum(w**2)
 
-    # Start from the paper's score: trigonometric + norm, weight 1 each in raw units.
-    start = jnp.zeros(x.shape[1:2] + x.shape[3:]).at[:, :2].set(std[:, :2])
+    start = start * std
     optimizer = optax.adam(learning_rate)
 
     def step(carry, _):
@@ -250,6 +259,7 @@ def fit_scorer(
     sequences: Sequence[Sequence[int]],
     *,
     target: str = "attention",
+    start: str = "paper",
     horizon: int | None = 512,
     budget: int = 512,
     snapshot_every: int = 256,
@@ -262,12 +272,14 @@ def fit_scorer(
     """Fits `triattention_fit`'s weights on `sequences` (token id lists; those too short for one
     snapshot are skipped: see `snapshot_positions`) with the model's TriAttention `stats` and
     the query variance per band `q_band_var` (layers, heads, head_dim/2) of the same
-    calibration (`QueryMoments.band_variance`). horizon None: every later query of a sequence;
+    calibration (`QueryMoments.band_variance`). start: one of STARTS. horizon None: every later query of a sequence;
     budget: the kept set's size for the "kept" target, whose snapshots start past it.
     documents: names of the texts the sequences come from, recorded with the sequences'
     fingerprints so evaluations can prove they are disjoint."""
     if target not in TARGETS:
         raise UserError(f"unknown fit target {target!r}: choose one of {', '.join(TARGETS)}")
+    if start not in STARTS:
+        raise UserError(f"unknown fit start {start!r}: choose one of {', '.join(STARTS)}")
     after = budget if target == "kept" else 0
     sequences = [list(s) for s in sequences if len(snapshot_positions(len(s), horizon, snapshot_every, after))]
     if not sequences:
@@ -305,10 +317,25 @@ def fit_scorer(
                     np.pad(np.asarray(mask), ((0, 0), (0, pad))),
                 )
             )
+    if start == "prior":
+        starts = prior_weights(
+            config.num_layers, config.num_heads, config.head_dim, float(transformer.attention_scaling)
+        )
+    else:
+        starts = np.zeros((config.num_layers, config.num_heads, len(FEATURES)), np.float32)
+        starts[..., [FEATURES.index("trigonometric"), FEATURES.index("norm")]] = 1.0
     weights, before, after = [], [], []
-    for examples in tqdm(per_layer, desc="fitting layers", unit="layer", disable=not progress, file=sys.stderr):
+    for examples, layer_start in tqdm(
+        zip(per_layer, starts),
+        total=len(per_layer),
+        desc="fitting layers",
+        unit="layer",
+        disable=not progress,
+        file=sys.stderr,
+    ):
         w, loss_before, loss_after = _fit_layer(
             *(jnp.asarray(np.concatenate(parts)) for parts in zip(*examples)),
+            jnp.asarray(layer_start),
             steps=steps,
             learning_rate=learning_rate,
             l2=l2,
@@ -320,6 +347,7 @@ def fit_scorer(
         **model_metadata(transformer),
         "features": list(FEATURES),
         "target": target,
+        "start": start,
         "horizon": horizon,
         **({"budget": budget} if target == "kept" else {}),
         "snapshot_every": snapshot_every,

@@ -207,6 +207,7 @@ def run_calibration(
     report_dir: str | None,
     fit: bool = False,
     fit_target: str = "attention",
+    fit_start: str = "paper",
     fit_code_files: int = 4,
     fit_seq_len: int = 4096,
     fit_horizon: int | None = 512,
@@ -293,6 +294,7 @@ def run_calibration(
             moments.band_variance(),
             [tokens for _, tokens in texts],
             target=fit_target,
+            start=fit_start,
             horizon=fit_horizon,
             budget=fit_budget,
             documents=[name for name, _ in texts],
@@ -312,8 +314,8 @@ def run_calibration(
         lines.append(
             f"fitted scorer: {fit_path} (target {fit_target}, horizon {horizon}, "
             f"{fitted.metadata['num_sequences']} sequences, "
-            f"{fitted.metadata['num_tokens']} tokens); cross-entropy per layer, mean: {np.mean(start):.3f} with "
-            f"the paper's two terms, {np.mean(after):.3f} fitted"
+            f"{fitted.metadata['num_tokens']} tokens); cross-entropy per layer, mean: {np.mean(start):.3f} at the "
+            f"start ({fit_start}'s weights), {np.mean(after):.3f} fitted"
         )
         if fit_choose:
             chosen = fitted.metadata["selection"]

@@ -43,6 +43,13 @@ flags.DEFINE_enum(
     "its value norm (its share of the attention output), or whether it is among the --fit_budget keys "
     "they pay the most (the set an oracle would keep).",
 )
+flags.DEFINE_enum(
+    "fit_start",
+    "paper",
+    ["paper", "prior"],
+    "Where the fit's optimiser starts: the paper's score (trigonometric + norm) or Expected Attention's score "
+    "from the statistics (the prior the choice blends towards).",
+)
 flags.DEFINE_integer(
     "fit_budget",
     512,
@@ -90,6 +97,7 @@ def main(argv: list[str]) -> None:
         report_dir=FLAGS.report_dir,
         fit=FLAGS.fit,
         fit_target=FLAGS.fit_target,
+        fit_start=FLAGS.fit_start,
         fit_code_files=FLAGS.fit_code_files,
         fit_seq_len=FLAGS.fit_seq_len,
         fit_horizon=FLAGS.fit_horizon or None,
