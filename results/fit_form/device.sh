@@ -2,8 +2,8 @@
 # The fit in its Expected-Attention-compatible form (session 21) on the device machine, after
 # `bash results/study/device.sh` has rebuilt the model's parts from the chunks:
 #   bash results/fit_form/device.sh start MODEL   in the background: calibrate.py --fit (the choice
-#                                                 included; FIT_TARGET, default attention; FIT_START,
-#                                                 default paper) into a model store of its own (so
+#                                                 included; FIT_TARGET, default output; FIT_START,
+#                                                 default prior) into a model store of its own (so
 #                                                 variants can run side by side),
 #                                                 then fidelity of METHODS (default the fit against
 #                                                 its rivals) at BUDGETS (default 512) on
@@ -16,14 +16,14 @@ work=$root/fit_form
 mkdir -p $work
 if [[ "${1:-}" == start ]]; then
     model=$2
-    variant=${FIT_TARGET:-attention}_${FIT_START:-paper}
+    variant=${FIT_TARGET:-output}_${FIT_START:-prior}
     methods=${METHODS:-"triattention_fit,triattention,streaming,expected_attention_calibrated:max_offset=65536;aggregation=per_layer_per_head"}
     # Each variant converts the model into its own store: no statistics or fit shared.
     store=$root/store_$variant
     cat > $work/$model.$variant.sh <<JOB
 set -e
 export TRIATTENTION_MODELS=$store
-python calibrate.py --model $model --fit --fit_target ${FIT_TARGET:-attention} --fit_start ${FIT_START:-paper}
+python calibrate.py --model $model --fit --fit_target ${FIT_TARGET:-output} --fit_start ${FIT_START:-prior}
 python -m triattention_jax.cli.evaluate --model $model --task fidelity --budgets ${BUDGETS:-512} \
     --num_samples ${NUM_SAMPLES:-9} --methods "$methods" --out $work/$model.$variant
 echo done

@@ -72,5 +72,5 @@ if [[ "${1:-}" == wait ]]; then
     while ((SECONDS < end)) && pgrep -f 'run_study.sh|cli.evaluate' > /dev/null; do sleep 10; done
 fi
 status
-tar czf "$OUT/study.tgz" -C $root --exclude=./chunks --exclude=./site --exclude=./store --exclude=./xla \
+tar czf "$OUT/study.tgz" -C $root --exclude=./chunks --exclude=./site --exclude='./store*' --exclude=./xla \
         --exclude='./repo_*' --exclude=./bin --exclude=./lib . && ls -la "$OUT"

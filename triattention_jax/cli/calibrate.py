@@ -37,7 +37,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_enum(
     "fit_target",
-    "attention",
+    "output",
     ["attention", "output", "kept"],
     "What the fitted score predicts for each key: the attention future queries pay it, that times "
     "its value norm (its share of the attention output), or whether it is among the --fit_budget keys "
@@ -45,7 +45,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "fit_start",
-    "paper",
+    "prior",
     ["paper", "prior"],
     "Where the fit's optimiser starts: the paper's score (trigonometric + norm) or Expected Attention's score "
     "from the statistics (the prior the choice blends towards).",
