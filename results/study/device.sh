@@ -9,7 +9,7 @@
 #   bash results/study/device.sh eval MODEL FOLDER ARGS...   the same, then starts one `evaluate`
 #                                         in the background into $root/MODEL/FOLDER (a study's
 #                                         cells split over several processes; FIT in ARGS stands
-#                                         for the fitted scorer's file)
+#                                         for the fitted scorer's file, named by FIT_NAME)
 #   bash results/study/device.sh wait S   the same, then waits up to S seconds for the studies
 # Every call ends by packing the studies' folders so far into $OUT/study.tgz (the machine may be
 # gone before the next call).
@@ -28,8 +28,11 @@ prepare() {
         if [[ -f results/study/$s/stats.safetensors ]]; then
             cp -r results/study/$s/fidelity_* results/study/$s/needle results/study/$s/code $root/$s/ 2> /dev/null
             cp results/study/$s/stats.safetensors $root/$s/fits/stats.safetensors
-            cp results/study/$s/stats.safetensors $root/$s/fits/horizon512.safetensors
-            cp results/study/$s/horizon512.fit.safetensors $root/$s/fits/ 2> /dev/null
+            local name=${FIT_NAME:-output_prior}
+            if [[ -f results/study/$s/$name.fit.safetensors ]]; then
+                cp results/study/$s/stats.safetensors $root/$s/fits/$name.safetensors
+                cp results/study/$s/$name.fit.safetensors $root/$s/fits/
+            fi
         fi
     fi
     # `eval` reads the statistics from the model's folder, as run_study.sh leaves them.
@@ -52,7 +55,7 @@ if [[ "${1:-}" == eval ]]; then
     s=$2 folder=$3
     shift 3
     prepare $s
-    args=("${@//FIT/$root/$s/fits/horizon512.fit.safetensors}")
+    args=("${@//FIT/$root/$s/fits/${FIT_NAME:-output_prior}.fit.safetensors}")
     (cd $root/repo_$s && setsid -f python -m triattention_jax.cli.evaluate --model "${model[$s]}" \
         --out $root/$s/$folder "${args[@]}" >> $root/$s/$folder.log 2>&1 < /dev/null)
     echo "$s: $folder started"

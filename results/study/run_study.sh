@@ -9,6 +9,9 @@
 #   BUDGETS, SAMPLES, TASKS (e.g. TASKS=fidelity)  narrow it
 #   BUDGET_GROUPS (e.g. "512,128 256,1024")        one fidelity process per group (a GPU)
 #   FIT_HORIZON (default 512; 0: every later query) the fit's target; FIT=0 skips the fit
+#   FIT_NAME (default output_prior)                 names the fit's files (calibrate.py --fit's
+#                                                   defaults: the output target, from the prior)
+#   METHODS=none                                    only the fit's cells (the baselines measured)
 #   CODE_BUDGETS, CODE_SAMPLES                      the code task's size
 # Tasks run side by side; set XLA_PYTHON_CLIENT_PREALLOCATE=false on a GPU so they share it.
 set -euo pipefail
@@ -29,7 +32,7 @@ log() { echo "[$(date +%T)] $*" >&2; }
 # Every method reads the statistics in the model's folder; the fit calibrates again (the same
 # texts, compared below) while the baselines already run.
 store="${TRIATTENTION_MODELS:-models}/$model"
-methods="triattention,expected_attention,h2o,snapkv,rkv,streaming,random"
+methods=${METHODS:-triattention,expected_attention,h2o,snapkv,rkv,streaming,random}
 # A resumed study's OUT/fits/stats.safetensors are the statistics its cells were measured with.
 if [[ -f "$out/fits/stats.safetensors" && ! -f "$store/triattention_stats.safetensors" ]]; then
     python -c "import sys, triattention_jax as t; t.load_model(sys.argv[1], dtype='float32')" "$model"
@@ -40,7 +43,7 @@ elif [[ ! -f "$store/triattention_stats.safetensors" ]]; then
 fi
 cp "$store/triattention_stats.safetensors" "$out/fits/stats.safetensors"
 horizon=${FIT_HORIZON:-512}
-fit="$out/fits/horizon$horizon.safetensors" fitting=
+fit="$out/fits/${FIT_NAME:-output_prior}.safetensors" fitting=
 if [[ "${FIT:-1}" == 0 ]]; then
     fit=
 elif [[ ! -f "${fit%.safetensors}.fit.safetensors" ]]; then
@@ -53,7 +56,8 @@ fi
 task() {
     local name=$1
     shift
-    python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" --out "$out/$name" "$@"
+    [[ "$methods" == none ]] || python -m triattention_jax.cli.evaluate --model "$model" --methods "$methods" \
+        --out "$out/$name" "$@"
     while [[ -n "$fitting" ]] && kill -0 "$fitting" 2> /dev/null; do sleep 5; done
     if [[ -n "$fit" && -f "${fit%.safetensors}.fit.safetensors" ]]; then
         python -m triattention_jax.cli.evaluate --model "$model" --out "$out/$name" "$@" \
