@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from triattention_jax.eval.fidelity import PREFILL_TOKENS
 from triattention_jax.eval.runner import evaluate
 from triattention_jax.eval.store import run_settings
 from triattention_jax.eval.tasks.dfs import (
@@ -77,13 +78,17 @@ def test_needle_metrics():
     stream = NeedleStream(np.array([5, 1, 2, 3, 4], np.int32), fact=(1, 2), question_start=2, answer=(2, 5))
     # Row t's greedy token predicts token t + 1: right on the key's first two tokens, wrong on the third.
     greedy = np.array([9, 2, 3, 0, 9])
-    assert needle_metrics(greedy, stream) == {
+    # Cached positions (layers, kv_heads, slots): the fact (position 1) is held by three of the
+    # four token sets; -1 marks an empty slot.
+    positions = np.array([[[0, 1, -1], [1, 3, 4]], [[0, 3, 4], [4, 1, 2]]])
+    assert needle_metrics(greedy, stream, positions) == {
         "answer_accuracy": pytest.approx(2 / 3),
         "exact_match": 0.0,
+        "fact_kept": 0.75,
         "length": 5,
     }
     greedy[3] = 4
-    assert needle_metrics(greedy, stream)["exact_match"] == 1.0
+    assert needle_metrics(greedy, stream, positions)["exact_match"] == 1.0
 
 
 def test_dfs_state_by_hand():
@@ -168,8 +173,25 @@ def test_needle_run(model, tmp_path):
     assert cells["needle/full/16/1"]["exact_match"] == 1.0
     assert all(cells[f"needle/streaming/16/{s}"]["exact_match"] == 0.0 for s in (0, 1))
     assert all(cells[f"needle/streaming/16/{s}"]["answer_accuracy"] < 0.5 for s in (0, 1))
+    # Whether the fact was still cached when the answer was read: always under full attention.
+    # StreamingLLM's prefill compaction keeps the 4 sinks and the prefill's last 12 tokens, and
+    # the one round that follows evicts nothing: it holds the fact's tokens among those 12.
+    assert cells["needle/full/16/1"]["fact_kept"] == 1.0
+    for s in (0, 1):
+        length = 4 * 16 + 128
+        fact = needle_stream(
+            model.tokenizer,
+            needle_key(s),
+            text_tokens(model.tokenizer, source_text("pydoc_prose", s), length, add_special_tokens=False),
+            length,
+        ).fact
+        window = range(PREFILL_TOKENS - (16 - 4), PREFILL_TOKENS)
+        held = len(set(range(*fact)) & set(window)) / (fact[1] - fact[0])
+        assert cells[f"needle/streaming/16/{s}"]["fact_kept"] == pytest.approx(held)
     table = (out / "needle.md").read_text()
-    assert "| full | 16 | 0.7500 ± 0.2500 | 0.5000 ± 0.5000 | 2 |" in table and "| streaming | 16 |" in table
+    # The earlier cell has no fact_kept: full's mean is sample 1's alone.
+    assert "| full | 16 | 0.7500 ± 0.2500 | 0.5000 ± 0.5000 | 1.0000 ± 0.0000 | 2 |" in table
+    assert "| streaming | 16 |" in table
     assert (out / "needle_exact_match.png").exists()
 
 

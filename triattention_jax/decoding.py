@@ -14,7 +14,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -419,6 +419,16 @@ def _token_prompts(
     return encode_prompts(tokenizer, prompts, chat=has_chat_template(tokenizer) if chat is None else chat)
 
 
+class TeacherForcedPiece(NamedTuple):
+    """One piece of `teacher_forced_pieces`: row begin + i of logprobs (batch, width, vocab)
+    predicts token begin + i + 1; cache is the cache those rows read (after the round's
+    eviction, with the round's tokens), left on the device."""
+
+    begin: int
+    logprobs: jax.Array
+    cache: KVCache
+
+
 def teacher_forced_pieces(
     model: Transformer | LoadedModel,
     tokens: np.ndarray,
@@ -428,11 +438,11 @@ def teacher_forced_pieces(
     divide_length: int = DEFAULT_DIVIDE_LENGTH,
     block: bool = True,
     mesh: Mesh | None = None,
-) -> Iterator[tuple[int, jax.Array]]:
-    """The log-probabilities `teacher_force` returns, piece by piece and left on the device:
-    (begin, float32 (batch, width, vocab)) with row begin + i predicting token begin + i + 1;
-    the prefill's piece first, then one per round (`round_steps`), together covering every
-    position of `tokens`. Everything is checked before the first piece is computed.
+) -> Iterator[TeacherForcedPiece]:
+    """The log-probabilities `teacher_force` returns, piece by piece and left on the device
+    (float32), with the cache they were computed with: the prefill's piece first, then one per
+    round (`round_steps`), together covering every position of `tokens`. Everything is checked
+    before the first piece is computed.
     """
     transformer, _ = _transformer_and_tokenizer(model)
     config = transformer.config
@@ -465,7 +475,7 @@ def _pieces(transformer, tokens, prefill_length, policy, divide_length, block, m
     logits, cache = prefill(
         graphdef, state, policy, padded, prompt_lengths, num_slots=num_slots, all_logits=True, mesh=mesh
     )
-    yield 0, jax.nn.log_softmax(logits[:, :prefill_length], axis=-1)
+    yield TeacherForcedPiece(0, jax.nn.log_softmax(logits[:, :prefill_length], axis=-1), cache)
     begin = prefill_length
     for length in steps:
         chunk = np.zeros((batch, length), np.int32)
@@ -485,7 +495,7 @@ def _pieces(transformer, tokens, prefill_length, policy, divide_length, block, m
             block=block,
             mesh=mesh,
         )
-        yield begin, logprobs[:, :width]
+        yield TeacherForcedPiece(begin, logprobs[:, :width], cache)
         begin += length
 
 
@@ -517,7 +527,7 @@ def teacher_force(
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
     host = []
-    for begin, logprobs in pieces:
+    for begin, logprobs, _ in pieces:
         if targets_only:
             picked = jnp.asarray(targets[:, begin : begin + logprobs.shape[1]])
             logprobs = jnp.take_along_axis(logprobs, picked[..., None], axis=-1)[..., 0]

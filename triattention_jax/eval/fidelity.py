@@ -69,7 +69,7 @@ class FullAttentionReference:
         # Written piece by piece into one donated buffer: concatenating the pieces would hold
         # them twice (44 GB for 9 Qwen texts).
         reference = None
-        for begin, logprobs in teacher_forced_pieces(transformer, tokens, prefill_length=PREFILL_TOKENS):
+        for begin, logprobs, _ in teacher_forced_pieces(transformer, tokens, prefill_length=PREFILL_TOKENS):
             if reference is None:
                 reference = jnp.zeros((*tokens.shape, logprobs.shape[-1]), logprobs.dtype)
             reference = _write_piece(reference, logprobs, begin)
@@ -88,7 +88,7 @@ class FullAttentionReference:
         per_position = np.concatenate(
             [
                 np.asarray(_compare_piece(self.logprobs, self.next_tokens, rows, begin, logprobs))
-                for begin, logprobs in pieces
+                for begin, logprobs, _ in pieces
             ],
             axis=1,
         )

@@ -13,7 +13,7 @@ from triattention_jax.files import pyplot
 TASK_METRICS = {
     "fidelity": ("kl", "top1_agreement", "delta_nll"),
     "divergence": ("tokens_to_divergence", "agreement"),
-    "needle": ("answer_accuracy", "exact_match"),
+    "needle": ("answer_accuracy", "exact_match", "fact_kept"),
     "dfs": ("stack_exact", "current_exact", "visited_exact"),
     "code": ("exact_match", "edit_similarity"),
 }
@@ -41,16 +41,14 @@ def _cells_by_group(store: ResultStore, task: str) -> dict[tuple[str, int], dict
 
 
 def summarize(store: ResultStore, task: str) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
-    """(method, budget) -> metric -> (mean, std over samples, samples)."""
+    """(method, budget) -> metric -> (mean, std over samples, samples); NaN for a metric that
+    none of the group's cells has (cells measured before the metric existed)."""
+
+    def stats(values: list[float]) -> tuple[float, float, int]:
+        return (float(np.mean(values)), float(np.std(values)), len(values)) if values else (np.nan, np.nan, 0)
+
     return {
-        group: {
-            m: (
-                float(np.mean([c[m] for c in cells.values()])),
-                float(np.std([c[m] for c in cells.values()])),
-                len(cells),
-            )
-            for m in TASK_METRICS[task]
-        }
+        group: {m: stats([c[m] for c in cells.values() if m in c]) for m in TASK_METRICS[task]}
         for group, cells in _cells_by_group(store, task).items()
     }
 
@@ -87,7 +85,7 @@ def write_outputs(store: ResultStore, task: str, folder: Path, reference: str | 
         "| --- | ---: |" + " ---: |" * (len(metrics) + 1),
     ]
     for (method, budget), values in summary.items():
-        cells = " | ".join(f"{values[m][0]:.4f} ± {values[m][1]:.4f}" for m in metrics)
+        cells = " | ".join(f"{values[m][0]:.4f} ± {values[m][1]:.4f}" if values[m][2] else "—" for m in metrics)
         lines.append(f"| {method} | {budget} | {cells} | {values[metrics[0]][2]} |")
     paired = paired_comparison(store, task, reference) if reference else []
     if paired:

@@ -207,10 +207,14 @@ def run_needle(
             prefill_length=PREFILL_TOKENS,
             policy=policies(method, budget),
         )
-        greedy = np.concatenate([np.asarray(jnp.argmax(logprobs, axis=-1)) for _, logprobs in pieces], axis=1)
+        greedy = []
+        for piece in pieces:
+            greedy.append(np.asarray(jnp.argmax(piece.logprobs, axis=-1)))
+        # The last piece's cache is the one the answer was read from: (batch, layers, kv_heads, slots).
+        positions = np.stack([np.asarray(p) for p in piece.cache.pos], axis=1)
         return [
-            needle_metrics(row, stream) | {"input": fingerprint}
-            for row, stream, fingerprint in zip(greedy, streams, fingerprints)
+            needle_metrics(row, stream, held) | {"input": fingerprint}
+            for row, stream, held, fingerprint in zip(np.concatenate(greedy, axis=1), streams, positions, fingerprints)
         ]
 
     _run_groups(store, "needle", _pending_groups(store, "needle", methods, budgets, samples), run_group, progress)

@@ -78,9 +78,18 @@ def needle_stream(tokenizer: Any, key: str, filler: Sequence[int], length: int) 
     )
 
 
-def needle_metrics(greedy: np.ndarray, stream: NeedleStream) -> dict[str, float]:
-    """greedy (length,): the most likely token after each position (predicting token t + 1):
-    accuracy on the key's tokens."""
+def needle_metrics(greedy: np.ndarray, stream: NeedleStream, positions: np.ndarray) -> dict[str, float]:
+    """greedy (length,): the most likely token after each position (predicting token t + 1);
+    positions (layers, kv_heads, slots): the positions cached when the answer was read.
+    Accuracy on the key's tokens, and fact_kept: the share of the fact's tokens still cached,
+    averaged over the (layer, KV head) token sets (whether eviction or the reading failed)."""
     start, end = stream.answer
     correct = greedy[start - 1 : end - 1] == stream.tokens[start:end]
-    return {"answer_accuracy": float(correct.mean()), "exact_match": float(correct.all()), "length": len(stream.tokens)}
+    fact_start, fact_end = stream.fact
+    held = np.sum((positions >= fact_start) & (positions < fact_end), axis=-1)
+    return {
+        "answer_accuracy": float(correct.mean()),
+        "exact_match": float(correct.all()),
+        "fact_kept": float(held.mean() / (fact_end - fact_start)),
+        "length": len(stream.tokens),
+    }
