@@ -32,6 +32,7 @@ from triattention_jax.fitting import (
     snapshot_positions,
 )
 from triattention_jax.methods import PolicySettings, build_policy
+from triattention_jax.pipeline import run_calibration
 from triattention_jax.policies import ExpectedAttentionCalibrated, FullAttention, TriAttentionFit
 from triattention_jax.policies.base import RoundContext
 from triattention_jax.policies.triattention_fit import FEATURES, SINK_POSITIONS, group_log_output, key_features
@@ -312,6 +313,13 @@ def test_a_fit_from_the_prior_starts_at_expected_attentions_weights(transformer,
     np.testing.assert_allclose(result.weights, prior, rtol=1e-6)
     assert result.metadata["start"] == "prior"
     assert result.metadata["cross_entropy_fitted"] == result.metadata["cross_entropy_start"]
+
+
+@pytest.mark.parametrize("option, value", [("fit_target", "loss"), ("fit_start", "zero")])
+def test_calibration_refuses_an_unknown_fit_option_before_loading_the_model(option, value):
+    settings = dict(calib_files=[], num_tokens=8, seq_len=8, batch_size=1, dtype="float32", out=None)
+    with pytest.raises(UserError, match=f"unknown --{option} '{value}'"):
+        run_calibration(model="no-such-model", report=False, report_dir=None, fit=True, **settings, **{option: value})
 
 
 def test_fit_file_round_trip_and_checks(transformer, fitted, tmp_path):

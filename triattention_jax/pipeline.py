@@ -22,7 +22,7 @@ from triattention_jax.decoding import free_device_memory, generate, prompt_bucke
 from triattention_jax.errors import UserError
 from triattention_jax.eval.texts import fit_documents
 from triattention_jax.files import check_writable, write_json_atomic
-from triattention_jax.fitting import TARGETS, choose_scorer, fit_scorer, selection_length
+from triattention_jax.fitting import STARTS, TARGETS, choose_scorer, fit_scorer, selection_length
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.policies import EvictionPolicy, FullAttention
 from triattention_jax.prompts import encode_prompts, has_chat_template, read_prompt_file
@@ -220,11 +220,12 @@ def run_calibration(
     The fit reads sequences of `fit_seq_len` tokens, long enough to see the distances decoding
     meets: `calib_files` cut that long, or else the calibration's own generated sequences and
     `fit_code_files` standard-library source files (`eval.texts.fit_documents`: never
-    evaluation texts); fit_horizon: the future queries the target counts (None: all to the end of
-    each sequence); fit_budget: the budget whose kept set the "kept" target is, and at which
-    `fitting.choose_scorer` (unless not `fit_choose`) chooses the blend with Expected
-    Attention's prior and the aggregation by decoding texts of `fit_seq_len` tokens the weights
-    were not fitted on: the next `fit_code_files` source files, or the last quarter of the
+    evaluation texts); fit_target, fit_start: `fitting.fit_scorer`'s; fit_horizon: the future
+    queries the target counts (None: all to the end of each sequence); fit_budget: the budget
+    whose kept set the "kept" target is, and at which `fitting.choose_scorer` (unless not
+    `fit_choose`) chooses the blend with Expected Attention's prior and the aggregation by
+    decoding texts of `fit_seq_len` tokens the weights were not fitted on: the next
+    `fit_code_files` source files, or the last quarter of the
     `calib_files` sequences."""
     fit_path = None
     if out:
@@ -233,6 +234,8 @@ def run_calibration(
     if fit:
         if fit_target not in TARGETS:
             raise UserError(f"unknown --fit_target {fit_target!r}: choose one of {', '.join(TARGETS)}")
+        if fit_start not in STARTS:
+            raise UserError(f"unknown --fit_start {fit_start!r}: choose one of {', '.join(STARTS)}")
         if fit_choose and fit_seq_len < selection_length(fit_budget):
             raise UserError(
                 f"--fit_seq_len {fit_seq_len} is too short to choose the fitted scorer at --fit_budget {fit_budget} "
