@@ -189,8 +189,8 @@ def test_needle_run(model, tmp_path):
         held = len(set(range(*fact)) & set(window)) / (fact[1] - fact[0])
         assert cells[f"needle/streaming/16/{s}"]["fact_kept"] == pytest.approx(held)
     table = (out / "needle.md").read_text()
-    # The earlier cell has no fact_kept: full's mean is sample 1's alone.
-    assert "| full | 16 | 0.7500 ± 0.2500 | 0.5000 ± 0.5000 | 1.0000 ± 0.0000 | 2 |" in table
+    # The earlier cell has no fact_kept: full's mean is sample 1's alone, marked (1).
+    assert "| full | 16 | 0.7500 ± 0.2500 | 0.5000 ± 0.5000 | 1.0000 ± 0.0000 (1) | 2 |" in table
     assert "| streaming | 16 |" in table
     assert (out / "needle_exact_match.png").exists()
 

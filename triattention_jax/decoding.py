@@ -421,8 +421,10 @@ def _token_prompts(
 
 class TeacherForcedPiece(NamedTuple):
     """One piece of `teacher_forced_pieces`: row begin + i of logprobs (batch, width, vocab)
-    predicts token begin + i + 1; cache is the cache those rows read (after the round's
-    eviction, with the round's tokens), left on the device."""
+    predicts token begin + i + 1; cache is the cache after the piece, on the device: for a
+    round's piece the one its rows read (after the round's eviction, with its tokens), for the
+    prefill's piece the cache after the policy's prefill compaction. The next round donates it,
+    so read it before taking the next piece."""
 
     begin: int
     logprobs: jax.Array

@@ -44,6 +44,6 @@ for fit in $root/store*/*/triattention_fit.safetensors; do
     [[ -f $fit ]] && cp $fit $OUT/fit_form/$(basename $(dirname $(dirname $fit))).$(basename $(dirname $fit)).fit.safetensors
 done
 for heldout in $work/*/; do
-    cp -r $heldout $OUT/fit_form/
+    [[ -d $heldout ]] && cp -r $heldout $OUT/fit_form/
 done
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader

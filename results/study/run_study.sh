@@ -9,8 +9,8 @@
 #   BUDGETS, SAMPLES, TASKS (e.g. TASKS=fidelity)  narrow it
 #   BUDGET_GROUPS (e.g. "512,128 256,1024")        one fidelity process per group (a GPU)
 #   FIT_HORIZON (default 512; 0: every later query) the fit's target; FIT=0 skips the fit
-#   FIT_NAME (default output_prior)                 names the fit's files (calibrate.py --fit's
-#                                                   defaults: the output target, from the prior)
+#   FIT_NAME (default output_prior, with _horizonH  names the fit's files (calibrate.py --fit's
+#   for another FIT_HORIZON)                        defaults: the output target, from the prior)
 #   METHODS=none                                    only the fit's cells (the baselines measured)
 #   CODE_BUDGETS, CODE_SAMPLES                      the code task's size
 # Tasks run side by side; set XLA_PYTHON_CLIENT_PREALLOCATE=false on a GPU so they share it.
@@ -43,7 +43,9 @@ elif [[ ! -f "$store/triattention_stats.safetensors" ]]; then
 fi
 cp "$store/triattention_stats.safetensors" "$out/fits/stats.safetensors"
 horizon=${FIT_HORIZON:-512}
-fit="$out/fits/${FIT_NAME:-output_prior}.safetensors" fitting=
+default_name=output_prior
+[[ $horizon == 512 ]] || default_name=output_prior_horizon$horizon
+fit="$out/fits/${FIT_NAME:-$default_name}.safetensors" fitting=
 if [[ "${FIT:-1}" == 0 ]]; then
     fit=
 elif [[ ! -f "${fit%.safetensors}.fit.safetensors" ]]; then

@@ -35,9 +35,14 @@ ORDER = [FIT, FIT_NEXT, FIT_REST, "triattention", "expected_attention", "h2o", "
 
 
 def label(method: str) -> str:
-    if method.startswith(FIT):
-        return next((name for file, name in FIRST_FORM_FILES.items() if file in method), FIT)
-    return method
+    if not method.startswith(FIT):
+        return method
+    first_form = next((name for file, name in FIRST_FORM_FILES.items() if file in method), None)
+    if first_form:
+        return first_form
+    # Any other fit file than the current default's is a variant with a row of its own.
+    stem = Path(method.partition("fitted_scorer=")[2]).name.removesuffix(".fit.safetensors")
+    return FIT if stem in ("", "output_prior") else f"{FIT} ({stem})"
 
 
 def cells(folder: Path, task: str) -> dict[tuple[str, int], dict[int, dict]]:

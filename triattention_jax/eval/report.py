@@ -73,6 +73,14 @@ def paired_comparison(store: ResultStore, task: str, reference: str) -> list[tup
     return rows
 
 
+def _table_cell(mean: float, std: float, n: int, samples: int) -> str:
+    """mean ± std, "(n)" after it where only n of the group's samples have the metric (cells
+    from before it existed), "—" where none has."""
+    if not n:
+        return "—"
+    return f"{mean:.4f} ± {std:.4f}" + (f" ({n})" if n != samples else "")
+
+
 def write_outputs(store: ResultStore, task: str, folder: Path, reference: str | None = None) -> list[Path]:
     """A markdown table (and, given a reference method, its paired comparison with the others)
     and one PNG per metric (metric against budget, a line per method)."""
@@ -85,8 +93,9 @@ def write_outputs(store: ResultStore, task: str, folder: Path, reference: str | 
         "| --- | ---: |" + " ---: |" * (len(metrics) + 1),
     ]
     for (method, budget), values in summary.items():
-        cells = " | ".join(f"{values[m][0]:.4f} ± {values[m][1]:.4f}" if values[m][2] else "—" for m in metrics)
-        lines.append(f"| {method} | {budget} | {cells} | {values[metrics[0]][2]} |")
+        samples = values[metrics[0]][2]
+        cells = " | ".join(_table_cell(*values[m], samples) for m in metrics)
+        lines.append(f"| {method} | {budget} | {cells} | {samples} |")
     paired = paired_comparison(store, task, reference) if reference else []
     if paired:
         metric = PAIRED_METRIC[task][0]

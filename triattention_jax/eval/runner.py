@@ -6,7 +6,8 @@ Tasks (each cell is one (task, method, budget, sample)):
 - divergence: free-running greedy generation; tokens until the first divergence from full
   attention, and the share of positions that agree.
 - needle: a pass key near the start of a teacher-forced stream, at least four budgets of
-  filler, then a question; greedy accuracy on the key's tokens and exact match.
+  filler, then a question; greedy accuracy on the key's tokens, exact match, and the share of
+  the fact's tokens still cached when the answer is read.
 - dfs: the paper's recursive state query; the greedy answer's DFS stack (also current node
   and visited set) after k steps on a random graph, exact match against the true state.
 - code: long-context code completion; about seq_len tokens of a held-out standard-library
@@ -207,11 +208,15 @@ def run_needle(
             prefill_length=PREFILL_TOKENS,
             policy=policies(method, budget),
         )
-        greedy = []
+        # Each stream's cached positions (layers, kv_heads, slots) when its answer's first token
+        # was predicted, read before the next round donates that cache.
+        first_rows = [stream.answer[0] - 1 for stream in streams]
+        greedy, positions = [], [None] * len(streams)
         for piece in pieces:
             greedy.append(np.asarray(jnp.argmax(piece.logprobs, axis=-1)))
-        # The last piece's cache is the one the answer was read from: (batch, layers, kv_heads, slots).
-        positions = np.stack([np.asarray(p) for p in piece.cache.pos], axis=1)
+            for i, row in enumerate(first_rows):
+                if piece.begin <= row < piece.begin + piece.logprobs.shape[1]:
+                    positions[i] = np.stack([np.asarray(p[i]) for p in piece.cache.pos])
         return [
             needle_metrics(row, stream, held) | {"input": fingerprint}
             for row, stream, held, fingerprint in zip(np.concatenate(greedy, axis=1), streams, positions, fingerprints)

@@ -80,7 +80,8 @@ def needle_stream(tokenizer: Any, key: str, filler: Sequence[int], length: int) 
 
 def needle_metrics(greedy: np.ndarray, stream: NeedleStream, positions: np.ndarray) -> dict[str, float]:
     """greedy (length,): the most likely token after each position (predicting token t + 1);
-    positions (layers, kv_heads, slots): the positions cached when the answer was read.
+    positions (layers, kv_heads, slots): the positions cached when the answer's first token
+    was predicted.
     Accuracy on the key's tokens, and fact_kept: the share of the fact's tokens still cached,
     averaged over the (layer, KV head) token sets (whether eviction or the reading failed)."""
     start, end = stream.answer
