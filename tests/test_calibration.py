@@ -142,13 +142,15 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
         "64",
         "--fit_budget",
         "32",
+        # The choice compiles three programs of the real model (about 80 s on a cold cache, the
+        # suite's margin); test_triattention_fit covers it on a small model.
+        "--nofit_choose",
     )
     assert result.returncode == 0, result.stderr
     assert stats.exists()
-    # The fit cuts the calibration file's 1,536 tokens into sequences of 384, and the last of the
-    # four chooses the blend and the aggregation.
-    assert "fitted scorer:" in result.stdout and "3 sequences" in result.stdout
-    assert "chosen at budget 32 on 1 held-out documents" in result.stdout
+    # The fit cuts the calibration file's 1,536 tokens into sequences of 384.
+    assert "fitted scorer:" in result.stdout and "4 sequences" in result.stdout
+    assert "chosen at budget" not in result.stdout
     numbers = json.loads((report / "report.json").read_text())
     assert numbers["num_tokens"] == 1536 and numbers["heads"] == 30 * 9
     assert 0 <= numbers["fraction_R_above_0.95"] <= numbers["fraction_R_above_0.90"] <= 1
