@@ -26,7 +26,8 @@ prepare() {
         mkdir -p $root/repo_$s $root/$s/fits && tar --exclude=./.travel -cf - . | tar -xf - -C $root/repo_$s
         # What earlier runs measured on this Python's texts resumes: cells and statistics.
         if [[ -f results/study/$s/stats.safetensors ]]; then
-            cp -r results/study/$s/fidelity_* results/study/$s/needle results/study/$s/code $root/$s/ 2> /dev/null
+            # Every task folder: a fresh folder for the same --seed would compute its cells again.
+            for d in results/study/$s/*/; do cp -r "$d" $root/$s/; done
             cp results/study/$s/stats.safetensors $root/$s/fits/stats.safetensors
             local name=${FIT_NAME:-output_prior}
             if [[ -f results/study/$s/$name.fit.safetensors ]]; then
