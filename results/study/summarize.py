@@ -108,6 +108,7 @@ def code_target(table: dict) -> list[str]:
 
 def summarize(root: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,6 +116,8 @@ def summarize(root: Path) -> None:
     lines = ["# Issue 18 study: KV-cache methods on three real models", ""]
     present = [s for s in MODELS if (root / s).is_dir()]
     fig, axes = plt.subplots(1, len(present), figsize=(5.5 * len(present), 4.2), squeeze=False)
+    # One colour per method across the panels, one legend for the figure.
+    colours, lines_by_method = {}, {}
     for ax, short in zip(axes[0], present):
         folder, name = root / short, MODELS[short]
         fidelity = cells(folder, "fidelity")
@@ -145,9 +148,14 @@ def summarize(root: Path) -> None:
             for m in methods_in(fidelity):
                 budgets = sorted(b for mm, b in fidelity if mm == m)
                 means = [np.mean([c["kl"] for c in fidelity[(m, b)].values()]) for b in budgets]
-                ax.plot(budgets, means, marker="o", label=m, linestyle="--" if m in (FIT_NEXT, FIT_REST) else "-")
+                index = colours.setdefault(m, len(colours))
+                dashed = index >= 10 or m in (FIT_NEXT, FIT_REST)  # past the ten colours, or history
+                lines_by_method[m], = ax.plot(budgets, means, marker="o", label=m, color=f"C{index % 10}",
+                                              linestyle="--" if dashed else "-")
+            every_budget = sorted({b for _, b in fidelity})
             ax.set(xscale="log", yscale="log", xlabel="KV budget (of 4,096 tokens)", ylabel="mean KL", title=name)
-            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.set_xticks(every_budget, [str(b) for b in every_budget])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for task, metrics in (("needle", ("exact_match",)), ("code", ("exact_match", "edit_similarity"))):
             table = cells(folder, task)
             if not table:
@@ -160,8 +168,8 @@ def summarize(root: Path) -> None:
                 lines += metric_table(table, metric, 3) + [""]
             if task == "code" and ("full", 512) in table:
                 lines += code_target(table) + [""]
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend(lines_by_method.values(), lines_by_method.keys(), loc="center right", fontsize=8)
     fig.savefig(root / "fidelity_kl.png", dpi=110)
     (root / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
