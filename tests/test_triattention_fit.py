@@ -33,7 +33,7 @@ from triattention_jax.fitting import (
 )
 from triattention_jax.methods import PolicySettings, build_policy
 from triattention_jax.pipeline import run_calibration
-from triattention_jax.policies import ExpectedAttentionCalibrated, FullAttention, TriAttentionFit
+from triattention_jax.policies import RKV, ExpectedAttentionCalibrated, FullAttention, TriAttentionFit
 from triattention_jax.policies.base import RoundContext
 from triattention_jax.policies.triattention_fit import FEATURES, SINK_POSITIONS, group_log_output, key_features
 from triattention_jax.prompts import token_fingerprint
@@ -359,6 +359,47 @@ def test_decoding_with_the_fitted_scorer(transformer, fitted):
     assert all(len(t) == 80 for t in small.token_ids)
     with pytest.raises(UserError, match="shape"):
         TriAttentionFit.create(transformer, stats, result.q_band_var, result.weights[:, :, :2], budget=24)
+
+
+def test_redundancy_weight_mixes_the_fitted_share_with_rkvs_redundancy(transformer, fitted):
+    """λ > 0 ranks by (1 − λ) × the predicted share − λ × R-KV's redundancy (whose float64
+    reference is in test_baselines), the sinks still kept and empty slots still last."""
+    result, stats, _ = fitted
+    c = transformer.config
+    rng = np.random.default_rng(7)
+    L, Bc, Kc, Sc = c.num_layers, 2, c.num_kv_heads, 40
+    keys = rng.normal(size=(L, Bc, Kc, Sc, c.head_dim)).astype(np.float32)
+    keys[:, :, :, 20] = keys[:, :, :, 12] * 1.02  # a near-copy, so the redundancy is not flat
+    positions = np.broadcast_to(np.arange(Sc)[None, None, None], (L, Bc, Kc, Sc)).copy()
+    positions[:, 1, :, -3:] = -1
+    cache = KVCache.from_stacked(
+        k=jnp.asarray(keys),
+        v=jnp.asarray(rng.normal(size=keys.shape).astype(np.float32)),
+        pos=jnp.asarray(positions, jnp.int32),
+        cursor=Sc,
+    )
+    context = RoundContext(prompt_lengths=jnp.zeros(Bc, jnp.int32), position=jnp.asarray([Sc, Sc - 3]))
+
+    def scores(weight: float) -> np.ndarray:
+        policy = TriAttentionFit.create(
+            transformer,
+            stats,
+            result.q_band_var,
+            result.weights,
+            budget=24,
+            aggregation="per_layer_per_head",
+            redundancy_weight=weight,
+        )
+        return np.asarray(policy.scores(cache, context))
+
+    alone, mixed = scores(0.0), scores(0.7)
+    redundancy = np.asarray(RKV().redundancy(cache))
+    scored = (positions >= SINK_POSITIONS) & (positions >= 0)
+    expected = 0.3 * np.exp(alone) - 0.7 * redundancy
+    np.testing.assert_allclose(mixed[scored], expected[scored], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(mixed[~scored], alone[~scored])  # +inf sinks, −inf empty slots
+    with pytest.raises(UserError, match="redundancy_weight"):
+        scores(1.5)
 
 
 def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transformer, fitted):

@@ -32,7 +32,8 @@ class PolicySettings:
     """What the command line says about a policy; each policy takes what applies to it.
     protect_prompt, window and aggregation left as None take the method's own defaults;
     fitted_scorer: triattention_fit's weights (a file; default: the model's); slack_trigger: the
-    official implementation's compaction phase (`EvictionPolicy`)."""
+    official implementation's compaction phase (`EvictionPolicy`); redundancy_weight:
+    triattention_fit's mix with R-KV's redundancy among the cached keys (`TriAttentionFit`)."""
 
     budget: int = 2048
     protect_prompt: bool | None = None
@@ -45,6 +46,7 @@ class PolicySettings:
     slack_trigger: bool = False
     fitted_scorer: str | None = None
     prior_count: int = 0
+    redundancy_weight: float = 0.0
 
 
 def _offsets_up_to(largest: int) -> tuple[int, ...]:
@@ -69,6 +71,7 @@ VARIANT_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "slack_trigger": ("slack_trigger", _boolean),
     "fitted_scorer": ("fitted_scorer", str),
     "prior_count": ("prior_count", int),
+    "redundancy_weight": ("redundancy_weight", float),
 }
 
 
@@ -165,7 +168,15 @@ def build_policy(
             fit = fit_for_model(model, FEATURES, settings.fitted_scorer)
         # A fit chosen by `fitting.choose_scorer` records the aggregation it was chosen with.
         options.setdefault("aggregation", fit.metadata.get("aggregation", "per_head"))
-        return TriAttentionFit.create(transformer, stats, fit.q_band_var, fit.weights, offsets=offsets, **options)
+        return TriAttentionFit.create(
+            transformer,
+            stats,
+            fit.q_band_var,
+            fit.weights,
+            offsets=offsets,
+            redundancy_weight=settings.redundancy_weight,
+            **options,
+        )
     return TriAttention.create(
         transformer,
         stats,

@@ -297,6 +297,30 @@ def sink_keys(positions: jax.Array, n_sink: int) -> jax.Array:
     return (positions != EMPTY_POSITION) & (positions < n_sink)
 
 
+def key_redundancy(keys: jax.Array, positions: jax.Array, similarity_threshold: float) -> jax.Array:
+    """R-KV's redundancy of one layer's cached keys: per key, a softmax over the valid keys of
+    its mean cosine similarity to the others, where for each key the most recent other key
+    highly similar to it (cosine above `similarity_threshold`) does not count, so the newest
+    copy of a repeated key is the one kept. Query-free.
+
+    keys: (batch, kv_heads, slots, head_dim), as cached (post-RoPE); positions: (batch,
+    kv_heads, slots). Returns (batch, kv_heads, slots), 0 on empty slots."""
+    ok = positions != EMPTY_POSITION
+    keys = keys.astype(jnp.float32)
+    unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-6)
+    similarity = jnp.einsum("bksd,bktd->bkst", unit, unit)
+    pair = ok[..., :, None] & ok[..., None, :] & ~jnp.eye(keys.shape[2], dtype=bool)
+    similarity = jnp.where(pair, similarity, 0.0)
+    similar = similarity > similarity_threshold
+    newest = jnp.argmax(jnp.where(similar, positions[..., None, :], -1), axis=-1)  # per row: newest similar key
+    has_similar = jnp.any(similar, axis=-1)
+    protect = (jnp.arange(keys.shape[2]) == newest[..., None]) & has_similar[..., None]
+    similarity = jnp.where(protect, 0.0, similarity)
+    rows = jnp.maximum(jnp.sum(ok, axis=-1, keepdims=True), 1)
+    column_mean = jnp.sum(similarity, axis=-2) / rows
+    return jax.nn.softmax(jnp.where(ok, column_mean, -jnp.inf), axis=-1)
+
+
 def with_sinks_kept(scores: jax.Array, positions: jax.Array, n_sink: int) -> jax.Array:
     """`scores` with the sinks (`sink_keys`) at +inf, so always kept, and empty slots at −inf."""
     return jnp.where(sink_keys(positions, n_sink), jnp.inf, jnp.where(positions == EMPTY_POSITION, -jnp.inf, scores))

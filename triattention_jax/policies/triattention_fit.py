@@ -42,6 +42,7 @@ from triattention_jax.policies.base import (
     RoundContext,
     array_field,
     check_aggregation,
+    key_redundancy,
     policy_dataclass,
     register,
     sink_keys,
@@ -122,7 +123,10 @@ class TriAttentionFit(EvictionPolicy):
     weights: (layers, heads, len(FEATURES)) from `fitting.fit_scorer` (and `fitting.choose_scorer`,
     which also records the aggregation that `methods.build_policy` then uses by default);
     aggregation as TriAttention's, per_head when a fit names none: one token set per KV-head
-    index shared by all layers.
+    index shared by all layers. redundancy_weight λ > 0 ranks a layer's keys by (1 − λ) × their
+    predicted share minus λ × R-KV's redundancy among the cached keys (`key_redundancy`), both
+    distributions over the keys, as R-KV mixes its importance: a key whose near-copies are cached
+    goes first, whatever its share.
     """
 
     stats: FrequencyStats = array_field()
@@ -136,6 +140,8 @@ class TriAttentionFit(EvictionPolicy):
     aggregation: str = "per_head"
     offsets: tuple[int, ...] = DEFAULT_OFFSETS
     attention_scaling: float = 1.0
+    redundancy_weight: float = 0.0
+    similarity_threshold: float = 0.5
 
     @classmethod
     def create(
@@ -161,6 +167,11 @@ class TriAttentionFit(EvictionPolicy):
                     f"fitted scorer's {name} have shape {got}, the model needs {want}: run calibrate.py --fit"
                 )
         check_aggregation(options.get("aggregation", "per_head"))
+        if not 0 <= options.get("redundancy_weight", 0.0) <= 1:
+            raise UserError(
+                f"redundancy_weight={options['redundancy_weight']}: it mixes two shares, so it lies in [0, 1] "
+                "(0: the fitted score alone)"
+            )
         return cls(
             **scoring_fields(transformer, stats, offsets),
             q_band_var=jnp.asarray(q_band_var, jnp.float32),
@@ -200,6 +211,9 @@ class TriAttentionFit(EvictionPolicy):
             )
             scored = (layer.pos != EMPTY_POSITION) & ~sink_keys(layer.pos, SINK_POSITIONS)
             share = group_log_output(features, weights, scored, num_kv_heads)
+            if self.redundancy_weight:
+                redundancy = key_redundancy(layer.rope_keys, layer.pos, self.similarity_threshold)
+                share = (1 - self.redundancy_weight) * jnp.exp(share) - self.redundancy_weight * redundancy
             return with_sinks_kept(share, layer.pos, SINK_POSITIONS)
 
         layers = range(cache.num_layers)
