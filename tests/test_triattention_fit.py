@@ -394,7 +394,7 @@ def test_redundancy_weight_mixes_the_fitted_share_with_rkvs_redundancy(transform
 
     alone, mixed = scores(0.0), scores(0.7)
     redundancy = np.asarray(RKV().redundancy(cache))
-    scored = (positions >= SINK_POSITIONS) & (positions >= 0)
+    scored = positions >= SINK_POSITIONS  # neither sinks nor empty slots (−1)
     expected = 0.3 * np.exp(alone) - 0.7 * redundancy
     np.testing.assert_allclose(mixed[scored], expected[scored], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(mixed[~scored], alone[~scored])  # +inf sinks, −inf empty slots

@@ -297,6 +297,10 @@ def sink_keys(positions: jax.Array, n_sink: int) -> jax.Array:
     return (positions != EMPTY_POSITION) & (positions < n_sink)
 
 
+# R-KV's cosine above which two cached keys count as copies of each other (SPEC 6).
+SIMILARITY_THRESHOLD = 0.5
+
+
 def key_redundancy(keys: jax.Array, positions: jax.Array, similarity_threshold: float) -> jax.Array:
     """R-KV's redundancy of one layer's cached keys: per key, a softmax over the valid keys of
     its mean cosine similarity to the others, where for each key the most recent other key

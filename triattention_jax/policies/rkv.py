@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 
 from triattention_jax.cache import KVCache
-from triattention_jax.policies.base import RoundContext, key_redundancy, policy_dataclass, register
+from triattention_jax.policies.base import (
+    SIMILARITY_THRESHOLD,
+    RoundContext,
+    key_redundancy,
+    policy_dataclass,
+    register,
+)
 from triattention_jax.policies.snapkv import SnapKV
 
 
@@ -16,7 +22,7 @@ class RKV(SnapKV):
     protect_prompt: bool = False
     window: int = 8
     pool_kernel: int = 7
-    similarity_threshold: float = 0.5
+    similarity_threshold: float = SIMILARITY_THRESHOLD
     importance_weight: float = 0.1
 
     def redundancy(self, cache: KVCache) -> jax.Array:

@@ -38,6 +38,7 @@ from triattention_jax.cache import EMPTY_POSITION, CacheLayer, KVCache, layer_by
 from triattention_jax.errors import UserError
 from triattention_jax.model import MASK_VALUE
 from triattention_jax.policies.base import (
+    SIMILARITY_THRESHOLD,
     EvictionPolicy,
     RoundContext,
     array_field,
@@ -141,7 +142,7 @@ class TriAttentionFit(EvictionPolicy):
     offsets: tuple[int, ...] = DEFAULT_OFFSETS
     attention_scaling: float = 1.0
     redundancy_weight: float = 0.0
-    similarity_threshold: float = 0.5
+    similarity_threshold: float = SIMILARITY_THRESHOLD
 
     @classmethod
     def create(
