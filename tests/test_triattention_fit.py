@@ -3,6 +3,8 @@ recovering known weights, statistics of the fit on disk, and decoding with it.""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from triattention_jax.eval.store import ResultStore
 from triattention_jax.eval.texts import FIT_FIRST_SOURCE, SOURCES, document_name, stdlib_sources
 from triattention_jax.fitting import (
     BLENDS,
+    REDUNDANCY_WEIGHTS,
     SELECTION_AGGREGATIONS,
     _fit_layer,
     _layer_examples,
@@ -408,13 +411,21 @@ def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transf
     budget, length = 32, selection_length(32)
     rng = np.random.default_rng(6)
     documents = [(f"d{n}", rng.integers(3, c.vocab_size, size=n).tolist()) for n in (length + 20, length, length + 5)]
-    chosen = choose_scorer(transformer, stats, result, documents, budget=budget, batch_size=2, progress=False)
+    mixes = (0.0, 0.7)  # of REDUNDANCY_WEIGHTS, two keep the test short
+    assert set(mixes) <= set(REDUNDANCY_WEIGHTS)
+    chosen = choose_scorer(
+        transformer, stats, result, documents, budget=budget, redundancy_weights=mixes, batch_size=2, progress=False
+    )
     selection = chosen.metadata["selection"]
-    names = {f"blend={b:g};aggregation={a}" for b in BLENDS for a in SELECTION_AGGREGATIONS}
+    grid = itertools.product(BLENDS, SELECTION_AGGREGATIONS, mixes)
+    names = {f"blend={b:g};aggregation={a};redundancy_weight={r:g}" for b, a, r in grid}
     assert set(selection["mean_kl"]) == names
     assert len(set(np.round(list(selection["mean_kl"].values()), 7))) > 1  # the candidates do differ
     best = min(selection["mean_kl"], key=selection["mean_kl"].get)
-    assert best == f"blend={chosen.metadata['blend']:g};aggregation={chosen.metadata['aggregation']}"
+    meta = chosen.metadata
+    assert best == (
+        f"blend={meta['blend']:g};aggregation={meta['aggregation']};redundancy_weight={meta['redundancy_weight']:g}"
+    )
     prior = prior_weights(c.num_layers, c.num_heads, c.head_dim)
     blend = chosen.metadata["blend"]
     np.testing.assert_allclose(chosen.weights, (1 - blend) * prior + blend * result.weights, rtol=1e-6, atol=1e-6)
@@ -427,14 +438,21 @@ def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transf
         transformer, stats, result.q_band_var, prior, budget=budget, protect_prompt=False, aggregation="per_head"
     )
     kl = np.mean([cell["kl"] for cell in FullAttentionReference.of(transformer, tokens).fidelity(policy)])
-    assert selection["mean_kl"]["blend=0;aggregation=per_head"] == pytest.approx(kl, rel=1e-4)
-    # The chosen aggregation is the method's default; an explicit one still wins.
+    assert selection["mean_kl"]["blend=0;aggregation=per_head;redundancy_weight=0"] == pytest.approx(kl, rel=1e-4)
+    mixed = dataclasses.replace(policy, redundancy_weight=0.7)
+    kl = np.mean([cell["kl"] for cell in FullAttentionReference.of(transformer, tokens).fidelity(mixed)])
+    assert selection["mean_kl"]["blend=0;aggregation=per_head;redundancy_weight=0.7"] == pytest.approx(kl, rel=1e-4)
+    # The chosen aggregation and redundancy weight are the method's defaults; explicit ones still win.
     default = build_policy(transformer, "triattention_fit", PolicySettings(budget=budget), stats=stats, fit=chosen)
-    assert default.aggregation == chosen.metadata["aggregation"]
+    assert (default.aggregation, default.redundancy_weight) == (meta["aggregation"], meta["redundancy_weight"])
     explicit = build_policy(
-        transformer, "triattention_fit", PolicySettings(budget=budget, aggregation="per_layer"), stats=stats, fit=chosen
+        transformer,
+        "triattention_fit",
+        PolicySettings(budget=budget, aggregation="per_layer", redundancy_weight=0.3),
+        stats=stats,
+        fit=chosen,
     )
-    assert explicit.aggregation == "per_layer"
+    assert (explicit.aggregation, explicit.redundancy_weight) == ("per_layer", 0.3)
     with pytest.raises(UserError, match="at least 224 tokens, the shortest has 200"):
         choose_scorer(transformer, stats, result, [("short", documents[0][1][:200])], budget=budget, progress=False)
     with pytest.raises(UserError, match="fitted on 1 of the documents"):

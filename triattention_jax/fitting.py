@@ -25,14 +25,15 @@ evicted better than the fitted weights on every model), and how a model's layers
 token sets differs between models. So `choose_scorer` then decodes documents the weights
 were not fitted on (and no evaluation reads), teacher-forced at a budget, with blends
 (1 - a) * prior + a * fitted of the fitted weights and that prior (`prior_weights`), under
-each aggregation, and keeps the blend and aggregation with the lowest mean KL to full
-attention.
+each aggregation and mix with R-KV's redundancy, and keeps the setting with the lowest mean KL
+to full attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -67,6 +68,9 @@ STARTS = ("paper", "prior")
 # KV-head index for all layers (best on SmolLM2) or one per (layer, KV head) (best on Qwen2.5).
 BLENDS = (0.0, 0.5, 1.0)
 SELECTION_AGGREGATIONS = ("per_head", "per_layer_per_head")
+# The mixes with R-KV's redundancy among the cached keys tried (`TriAttentionFit`): it lowers
+# the KL on Qwen2.5-Coder-0.5B and raises it on SmolLM2 (WORKSPACE, session 24).
+REDUNDANCY_WEIGHTS = (0.0, 0.5, 0.7, 0.9)
 
 
 TRACE_LENGTH_STEP = 512
@@ -384,8 +388,8 @@ def prior_weights(num_layers: int, num_heads: int, head_dim: int, attention_scal
     return weights
 
 
-def _candidate_name(blend: float, aggregation: str) -> str:
-    return f"blend={blend:g};aggregation={aggregation}"
+def _candidate_name(blend: float, aggregation: str, redundancy_weight: float) -> str:
+    return f"blend={blend:g};aggregation={aggregation};redundancy_weight={redundancy_weight:g}"
 
 
 def choose_scorer(
@@ -397,14 +401,16 @@ def choose_scorer(
     budget: int,
     blends: Sequence[float] = BLENDS,
     aggregations: Sequence[str] = SELECTION_AGGREGATIONS,
+    redundancy_weights: Sequence[float] = REDUNDANCY_WEIGHTS,
     batch_size: int = 2,
     progress: bool = True,
 ) -> FitResult:
-    """`fitted` with the weights (1 - a) * prior + a * fitted (`prior_weights`) and the
-    aggregation whose teacher-forced decoding of `documents` ((name, token ids), cut to the
-    shortest; texts `fitted` was not fitted on, else the choice favours the fit) at `budget` has
-    the lowest mean KL to full attention, over a in `blends` and `aggregations`; every
-    candidate's KL per document and the documents' names and fingerprints go into the metadata.
+    """`fitted` with the weights (1 - a) * prior + a * fitted (`prior_weights`), the aggregation
+    and the redundancy weight (`TriAttentionFit.redundancy_weight`) whose teacher-forced decoding
+    of `documents` ((name, token ids), cut to the shortest; texts `fitted` was not fitted on, else
+    the choice favours the fit) at `budget` has the lowest mean KL to full attention, over a in
+    `blends`, `aggregations` and `redundancy_weights`; every candidate's KL per document and the
+    documents' names and fingerprints go into the metadata.
     batch_size: documents decoded at once (each holds its full-attention log-probs on the device)."""
     if not documents:
         raise UserError("no documents to choose the fitted scorer on: give some (--fit_code_files), or skip the choice")
@@ -423,14 +429,17 @@ def choose_scorer(
     tokens = np.asarray([list(t)[:length] for _, t in documents], np.int32)
     prior = prior_weights(config.num_layers, config.num_heads, config.head_dim, float(transformer.attention_scaling))
     candidates = {
-        _candidate_name(blend, aggregation): (blend, aggregation) for blend in blends for aggregation in aggregations
+        _candidate_name(*candidate): candidate
+        for candidate in itertools.product(blends, aggregations, redundancy_weights)
     }
 
     def blended(blend: float) -> np.ndarray:
         return (1.0 - blend) * prior + blend * np.asarray(fitted.weights, np.float32)
 
-    def policy(blend: float, aggregation: str):
-        settings = PolicySettings(budget=budget, protect_prompt=False, aggregation=aggregation)
+    def policy(blend: float, aggregation: str, redundancy_weight: float):
+        settings = PolicySettings(
+            budget=budget, protect_prompt=False, aggregation=aggregation, redundancy_weight=redundancy_weight
+        )
         fit = dataclasses.replace(fitted, weights=blended(blend))
         return build_policy(transformer, "triattention_fit", settings, stats=stats, fit=fit)
 
@@ -440,17 +449,18 @@ def choose_scorer(
     ) as bar:
         for first in range(0, len(tokens), batch_size):
             reference = FullAttentionReference.of(transformer, tokens[first : first + batch_size])
-            for name, (blend, aggregation) in candidates.items():
-                kl[name] += [cell["kl"] for cell in reference.fidelity(policy(blend, aggregation))]
+            for name, candidate in candidates.items():
+                kl[name] += [cell["kl"] for cell in reference.fidelity(policy(*candidate))]
                 bar.update(len(reference.tokens))
             del reference  # its log-probs fill the device before the next batch's
     mean_kl = {name: float(np.mean(values)) for name, values in kl.items()}
     best = min(mean_kl, key=mean_kl.get)
-    blend, aggregation = candidates[best]
+    blend, aggregation, redundancy_weight = candidates[best]
     metadata = {
         **fitted.metadata,
         "aggregation": aggregation,
         "blend": blend,
+        "redundancy_weight": redundancy_weight,
         "selection": {
             "budget": budget,
             "seq_len": length,

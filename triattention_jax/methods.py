@@ -33,7 +33,8 @@ class PolicySettings:
     protect_prompt, window and aggregation left as None take the method's own defaults;
     fitted_scorer: triattention_fit's weights (a file; default: the model's); slack_trigger: the
     official implementation's compaction phase (`EvictionPolicy`); redundancy_weight:
-    triattention_fit's mix with R-KV's redundancy among the cached keys (`TriAttentionFit`)."""
+    triattention_fit's mix with R-KV's redundancy among the cached keys (`TriAttentionFit`),
+    None: the one its fit was chosen with, else 0."""
 
     budget: int = 2048
     protect_prompt: bool | None = None
@@ -46,7 +47,7 @@ class PolicySettings:
     slack_trigger: bool = False
     fitted_scorer: str | None = None
     prior_count: int = 0
-    redundancy_weight: float = 0.0
+    redundancy_weight: float | None = None
 
 
 def _offsets_up_to(largest: int) -> tuple[int, ...]:
@@ -166,15 +167,19 @@ def build_policy(
             fit = load_fit(settings.fitted_scorer, transformer, FEATURES)
         elif fit is None:
             fit = fit_for_model(model, FEATURES, settings.fitted_scorer)
-        # A fit chosen by `fitting.choose_scorer` records the aggregation it was chosen with.
+        # A fit chosen by `fitting.choose_scorer` records the aggregation and redundancy weight it
+        # was chosen with.
         options.setdefault("aggregation", fit.metadata.get("aggregation", "per_head"))
+        redundancy_weight = settings.redundancy_weight
+        if redundancy_weight is None:
+            redundancy_weight = fit.metadata.get("redundancy_weight", 0.0)
         return TriAttentionFit.create(
             transformer,
             stats,
             fit.q_band_var,
             fit.weights,
             offsets=offsets,
-            redundancy_weight=settings.redundancy_weight,
+            redundancy_weight=redundancy_weight,
             **options,
         )
     return TriAttention.create(

@@ -223,7 +223,8 @@ def run_calibration(
     evaluation texts); fit_target, fit_start: `fitting.fit_scorer`'s; fit_horizon: the future
     queries the target counts (None: all to the end of each sequence); fit_budget: the budget
     whose kept set the "kept" target is, and at which `fitting.choose_scorer` (unless not
-    `fit_choose`) chooses the blend with Expected Attention's prior and the aggregation by
+    `fit_choose`) chooses the blend with Expected Attention's prior, the aggregation and the
+    redundancy weight by
     decoding texts of `fit_seq_len` tokens the weights were not fitted on: the next
     `fit_code_files` source files, or the last quarter of the
     `calib_files` sequences."""

@@ -60,8 +60,8 @@ flags.DEFINE_bool(
     "fit_choose",
     True,
     "Choose how much of the fitted weights to blend with Expected Attention's score from the statistics, and "
-    "how layers share token sets, by decoding documents the fit did not read at --fit_budget (lowest KL to full "
-    "attention).",
+    "how layers share token sets and how much R-KV's redundancy to mix in, by decoding documents the fit did not "
+    "read at --fit_budget (lowest KL to full attention).",
 )
 flags.DEFINE_integer(
     "fit_code_files", 4, "Standard-library source files added to the fitting texts (none with --calib_file)."

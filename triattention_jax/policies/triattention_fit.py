@@ -127,7 +127,7 @@ class TriAttentionFit(EvictionPolicy):
     index shared by all layers. redundancy_weight λ > 0 ranks a layer's keys by (1 − λ) × their
     predicted share minus λ × R-KV's redundancy among the cached keys (`key_redundancy`), both
     distributions over the keys, as R-KV mixes its importance: a key whose near-copies are cached
-    goes first, whatever its share.
+    goes first, whatever its share (`methods.build_policy` takes the λ the fit was chosen with).
     """
 
     stats: FrequencyStats = array_field()
