@@ -2,7 +2,10 @@
 existing fit file: decode the fitting documents at a budget with blends of the fitted weights
 and Expected Attention's prior, under each aggregation, and keep the lowest mean KL.
 
-    TRIATTENTION_MODELS=/tmp/store python results/fit_choice/choose.py MODEL FIT_FILE OUT [BUDGET]
+    TRIATTENTION_MODELS=/tmp/store python results/fit_choice/choose.py MODEL FIT_FILE OUT [BUDGET] [mix_only]
+
+With `mix_only`, FIT_FILE is a chosen fit whose weights and aggregation stay as they are, and
+only the mix with R-KV's redundancy is chosen (the choice gained it in session 24).
 
 The documents are the four that `calibrate.py --fit` chooses on: the standard-library files
 after the four fitting ones (`eval.texts.fit_documents(..., skip=4)`, 4,096 tokens each), never
@@ -11,6 +14,7 @@ fitting or evaluation texts. The statistics are the model's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,7 +27,7 @@ from triattention_jax.fitting import choose_scorer
 from triattention_jax.policies.triattention_fit import FEATURES
 
 
-def main(model: str, fit_file: str, out: str, budget: str = "512") -> None:
+def main(model: str, fit_file: str, out: str, budget: str = "512", mode: str = "") -> None:
     loaded = load_model(model, dtype="float32")
     fitted = load_fit(fit_file, loaded.transformer, FEATURES)
     documents = fit_documents(loaded.tokenizer, 4, 4096, skip=4)
@@ -34,10 +38,13 @@ def main(model: str, fit_file: str, out: str, budget: str = "512") -> None:
         fitted,
         documents,
         budget=int(budget),
+        **({"blends": (1.0,), "aggregations": (fitted.metadata["aggregation"],)} if mode == "mix_only" else {}),
     )
+    if mode == "mix_only":  # blend 1 of the chosen weights is the file's own blend
+        chosen = dataclasses.replace(chosen, metadata={**chosen.metadata, "blend": fitted.metadata["blend"]})
     save_fit(out, chosen)
     print([name for name, _ in documents])
-    print(json.dumps({k: chosen.metadata[k] for k in ("blend", "aggregation", "selection")}, indent=1))
+    print(json.dumps({k: chosen.metadata[k] for k in ("blend", "aggregation", "redundancy_weight", "selection")}, indent=1))
     print(f"{time.perf_counter() - start:.0f} s")
 
 
