@@ -326,7 +326,7 @@ def run_calibration(
             lines.append(
                 f"chosen at budget {fit_budget} on {len(chosen['fingerprints'])} held-out documents: blend "
                 f"{fitted.metadata['blend']:g} of the fitted weights with Expected Attention's, aggregation "
-                f"{fitted.metadata['aggregation']}; mean KL "
-                + ", ".join(f"{name} {kl:.4f}" for name, kl in chosen["mean_kl"].items())
+                f"{fitted.metadata['aggregation']}, R-KV redundancy weight {fitted.metadata['redundancy_weight']:g}; "
+                "mean KL " + ", ".join(f"{name} {kl:.4f}" for name, kl in chosen["mean_kl"].items())
             )
     return lines
