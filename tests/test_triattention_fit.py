@@ -19,7 +19,7 @@ from triattention_jax.config import RopeConfig
 from triattention_jax.decoding import generate
 from triattention_jax.errors import UserError
 from triattention_jax.eval.fidelity import FullAttentionReference
-from triattention_jax.eval.runner import _check_disjoint_from_fit
+from triattention_jax.eval.runner import _check_disjoint_from_fit, fit_document_names
 from triattention_jax.eval.store import ResultStore
 from triattention_jax.eval.texts import FIT_FIRST_SOURCE, SOURCES, document_name, stdlib_sources
 from triattention_jax.fitting import (
@@ -405,7 +405,8 @@ def test_redundancy_weight_mixes_the_fitted_share_with_rkvs_redundancy(transform
         scores(1.5)
 
 
-def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transformer, fitted):
+def test_choose_scorer_keeps_the_setting_with_the_lowest_kl(transformer, fitted):
+    """Blends under each aggregation without the mix, then the best of those with each mix."""
     result, stats, fit_texts = fitted
     c = transformer.config
     budget, length = 32, selection_length(32)
@@ -416,43 +417,57 @@ def test_choose_scorer_keeps_the_blend_and_aggregation_with_the_lowest_kl(transf
     chosen = choose_scorer(
         transformer, stats, result, documents, budget=budget, redundancy_weights=mixes, batch_size=2, progress=False
     )
-    selection = chosen.metadata["selection"]
-    grid = itertools.product(BLENDS, SELECTION_AGGREGATIONS, mixes)
-    names = {f"blend={b:g};aggregation={a};redundancy_weight={r:g}" for b, a, r in grid}
-    assert set(selection["mean_kl"]) == names
-    assert len(set(np.round(list(selection["mean_kl"].values()), 7))) > 1  # the candidates do differ
-    best = min(selection["mean_kl"], key=selection["mean_kl"].get)
-    meta = chosen.metadata
-    assert best == (
-        f"blend={meta['blend']:g};aggregation={meta['aggregation']};redundancy_weight={meta['redundancy_weight']:g}"
-    )
+    meta, selection = chosen.metadata, chosen.metadata["selection"]
+    mean_kl = selection["mean_kl"]
+
+    def name(blend: float, aggregation: str, mix: float) -> str:
+        return f"blend={blend:g};aggregation={aggregation};redundancy_weight={mix:g}"
+
+    unmixed = {name(b, a, 0): (b, a) for b, a in itertools.product(BLENDS, SELECTION_AGGREGATIONS)}
+    first = min(unmixed, key=mean_kl.get)
+    blend, aggregation = unmixed[first]
+    assert set(mean_kl) == {*unmixed, name(blend, aggregation, 0.7)}
+    assert len(set(np.round(list(mean_kl.values()), 7))) > 1  # the candidates do differ
+    assert name(meta["blend"], meta["aggregation"], meta["redundancy_weight"]) == min(mean_kl, key=mean_kl.get)
     prior = prior_weights(c.num_layers, c.num_heads, c.head_dim)
-    blend = chosen.metadata["blend"]
-    np.testing.assert_allclose(chosen.weights, (1 - blend) * prior + blend * result.weights, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        chosen.weights, (1 - meta["blend"]) * prior + meta["blend"] * result.weights, rtol=1e-6, atol=1e-6
+    )
     # Every document is cut to the shortest, and one batch of three gives the same KL as two batches.
     tokens = np.asarray([d[:length] for _, d in documents])
     assert selection["fingerprints"] == [token_fingerprint(row) for row in tokens]
     assert selection["documents"] == ["d244", "d224", "d229"]
-    assert selection["mean_kl"] == {name: pytest.approx(np.mean(kl)) for name, kl in selection["kl"].items()}
+    assert mean_kl == {n: pytest.approx(np.mean(kl)) for n, kl in selection["kl"].items()}
+    reference = FullAttentionReference.of(transformer, tokens)
     policy = TriAttentionFit.create(
         transformer, stats, result.q_band_var, prior, budget=budget, protect_prompt=False, aggregation="per_head"
     )
-    kl = np.mean([cell["kl"] for cell in FullAttentionReference.of(transformer, tokens).fidelity(policy)])
-    assert selection["mean_kl"]["blend=0;aggregation=per_head;redundancy_weight=0"] == pytest.approx(kl, rel=1e-4)
-    mixed = dataclasses.replace(policy, redundancy_weight=0.7)
-    kl = np.mean([cell["kl"] for cell in FullAttentionReference.of(transformer, tokens).fidelity(mixed)])
-    assert selection["mean_kl"]["blend=0;aggregation=per_head;redundancy_weight=0.7"] == pytest.approx(kl, rel=1e-4)
-    # The chosen aggregation and redundancy weight are the method's defaults; explicit ones still win.
-    default = build_policy(transformer, "triattention_fit", PolicySettings(budget=budget), stats=stats, fit=chosen)
-    assert (default.aggregation, default.redundancy_weight) == (meta["aggregation"], meta["redundancy_weight"])
+    kl = np.mean([cell["kl"] for cell in reference.fidelity(policy)])
+    assert mean_kl[name(0, "per_head", 0)] == pytest.approx(kl, rel=1e-4)
+    weights = (1 - blend) * prior + blend * result.weights
+    mixed = dataclasses.replace(policy, weights=jnp.asarray(weights), aggregation=aggregation, redundancy_weight=0.7)
+    kl = np.mean([cell["kl"] for cell in reference.fidelity(mixed)])
+    assert mean_kl[name(blend, aggregation, 0.7)] == pytest.approx(kl, rel=1e-4)
+    assert mean_kl[name(blend, aggregation, 0.7)] != pytest.approx(mean_kl[first], rel=1e-4)
+    # A fit's recorded aggregation and redundancy weight are the method's defaults; explicit ones
+    # (0 included) still win.
+    recorded = dataclasses.replace(chosen, metadata={**meta, "aggregation": "per_layer", "redundancy_weight": 0.7})
+    default = build_policy(transformer, "triattention_fit", PolicySettings(budget=budget), stats=stats, fit=recorded)
+    assert (default.aggregation, default.redundancy_weight) == ("per_layer", 0.7)
     explicit = build_policy(
         transformer,
         "triattention_fit",
-        PolicySettings(budget=budget, aggregation="per_layer", redundancy_weight=0.3),
+        PolicySettings(budget=budget, aggregation="per_head", redundancy_weight=0.0),
         stats=stats,
-        fit=chosen,
+        fit=recorded,
     )
-    assert (explicit.aggregation, explicit.redundancy_weight) == ("per_layer", 0.3)
+    assert (explicit.aggregation, explicit.redundancy_weight) == ("per_head", 0.0)
+    # Choosing again keeps the first choice's record, and evaluation stays off its documents too.
+    again = choose_scorer(
+        transformer, stats, chosen, documents[:2], budget=budget, blends=(1.0,), redundancy_weights=(), progress=False
+    )
+    assert again.metadata["earlier_selections"] == [selection]
+    assert set(fit_document_names(again)) == {*result.metadata["documents"], "d244", "d224", "d229"}
     with pytest.raises(UserError, match="at least 224 tokens, the shortest has 200"):
         choose_scorer(transformer, stats, result, [("short", documents[0][1][:200])], budget=budget, progress=False)
     with pytest.raises(UserError, match="fitted on 1 of the documents"):

@@ -68,8 +68,8 @@ STARTS = ("paper", "prior")
 # KV-head index for all layers (best on SmolLM2) or one per (layer, KV head) (best on Qwen2.5).
 BLENDS = (0.0, 0.5, 1.0)
 SELECTION_AGGREGATIONS = ("per_head", "per_layer_per_head")
-# The mixes with R-KV's redundancy among the cached keys tried (`TriAttentionFit`): it lowers
-# the KL on Qwen2.5-Coder-0.5B and raises it on SmolLM2 (WORKSPACE, session 24).
+# The mixes with R-KV's redundancy among the cached keys tried (`TriAttentionFit`): 0.7 lowers
+# the KL on the Qwen2.5-Coder models, on SmolLM2 no mix does beyond noise (WORKSPACE, session 24).
 REDUNDANCY_WEIGHTS = (0.0, 0.5, 0.7, 0.9)
 
 
@@ -408,9 +408,11 @@ def choose_scorer(
     """`fitted` with the weights (1 - a) * prior + a * fitted (`prior_weights`), the aggregation
     and the redundancy weight (`TriAttentionFit.redundancy_weight`) whose teacher-forced decoding
     of `documents` ((name, token ids), cut to the shortest; texts `fitted` was not fitted on, else
-    the choice favours the fit) at `budget` has the lowest mean KL to full attention, over a in
-    `blends`, `aggregations` and `redundancy_weights`; every candidate's KL per document and the
-    documents' names and fingerprints go into the metadata.
+    the choice favours the fit) at `budget` has the lowest mean KL to full attention: a in
+    `blends` under each of `aggregations` without the mix, then the best of those with each
+    nonzero weight of `redundancy_weights`. Every candidate's KL per document and the
+    documents' names and fingerprints go into the metadata; a fit chosen before keeps that
+    choice's record under "earlier_selections".
     batch_size: documents decoded at once (each holds its full-attention log-probs on the device)."""
     if not documents:
         raise UserError("no documents to choose the fitted scorer on: give some (--fit_code_files), or skip the choice")
@@ -428,10 +430,6 @@ def choose_scorer(
     config = transformer.config
     tokens = np.asarray([list(t)[:length] for _, t in documents], np.int32)
     prior = prior_weights(config.num_layers, config.num_heads, config.head_dim, float(transformer.attention_scaling))
-    candidates = {
-        _candidate_name(*candidate): candidate
-        for candidate in itertools.product(blends, aggregations, redundancy_weights)
-    }
 
     def blended(blend: float) -> np.ndarray:
         return (1.0 - blend) * prior + blend * np.asarray(fitted.weights, np.float32)
@@ -443,19 +441,33 @@ def choose_scorer(
         fit = dataclasses.replace(fitted, weights=blended(blend))
         return build_policy(transformer, "triattention_fit", settings, stats=stats, fit=fit)
 
-    kl: dict[str, list[float]] = {name: [] for name in candidates}
-    with tqdm(
-        total=len(tokens) * len(candidates), desc="choosing", unit="run", disable=not progress, file=sys.stderr
-    ) as bar:
+    kl: dict[str, list[float]] = {}
+    candidates: dict[str, tuple[float, str, float]] = {}
+
+    def decode(batch: list[tuple[float, str, float]]) -> tuple[float, str, float]:
+        """Each candidate's KL per document; returns the candidate with the lowest mean so far."""
+        candidates.update((_candidate_name(*candidate), candidate) for candidate in batch)
         for first in range(0, len(tokens), batch_size):
             reference = FullAttentionReference.of(transformer, tokens[first : first + batch_size])
-            for name, candidate in candidates.items():
-                kl[name] += [cell["kl"] for cell in reference.fidelity(policy(*candidate))]
+            for candidate in batch:
+                kl.setdefault(_candidate_name(*candidate), []).extend(
+                    cell["kl"] for cell in reference.fidelity(policy(*candidate))
+                )
                 bar.update(len(reference.tokens))
             del reference  # its log-probs fill the device before the next batch's
+        return candidates[min(kl, key=lambda name: np.mean(kl[name]))]
+
+    unmixed = [(blend, aggregation, 0.0) for blend, aggregation in itertools.product(blends, aggregations)]
+    mixes = [weight for weight in redundancy_weights if weight]
+    runs = len(tokens) * (len(unmixed) + len(mixes))
+    with tqdm(total=runs, desc="choosing", unit="run", disable=not progress, file=sys.stderr) as bar:
+        blend, aggregation, redundancy_weight = decode(unmixed)
+        # The mix is tried with the best blend and aggregation only: the whole grid would decode
+        # four times as many candidates (the references are decoded once more instead).
+        if mixes:
+            blend, aggregation, redundancy_weight = decode([(blend, aggregation, weight) for weight in mixes])
+    earlier = [*fitted.metadata.get("earlier_selections", []), *filter(None, [fitted.metadata.get("selection")])]
     mean_kl = {name: float(np.mean(values)) for name, values in kl.items()}
-    best = min(mean_kl, key=mean_kl.get)
-    blend, aggregation, redundancy_weight = candidates[best]
     metadata = {
         **fitted.metadata,
         "aggregation": aggregation,
@@ -469,6 +481,7 @@ def choose_scorer(
             "mean_kl": mean_kl,
             "kl": kl,
         },
+        **({"earlier_selections": earlier} if earlier else {}),
     }
     return FitResult(weights=blended(blend), q_band_var=fitted.q_band_var, metadata=metadata)
 

@@ -1,6 +1,7 @@
 """What `calibrate.py --fit` now does after fitting (`fitting.choose_scorer`), applied to an
 existing fit file: decode the fitting documents at a budget with blends of the fitted weights
-and Expected Attention's prior, under each aggregation, and keep the lowest mean KL.
+and Expected Attention's prior, under each aggregation, then the best of those mixed with R-KV's
+redundancy, and keep the lowest mean KL.
 
     TRIATTENTION_MODELS=/tmp/store python results/fit_choice/choose.py MODEL FIT_FILE OUT [BUDGET] [mix_only]
 

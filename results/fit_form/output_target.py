@@ -38,7 +38,7 @@ def main(model: str, fit_file: str, out: str) -> None:
         loaded.transformer, stats, fitted, fit_documents(loaded.tokenizer, 4, 4096, skip=4), budget=512
     )
     save_fit(out, fitted)
-    keys = ("documents", "cross_entropy_start", "cross_entropy_fitted", "blend", "aggregation")
+    keys = ("documents", "cross_entropy_start", "cross_entropy_fitted", "blend", "aggregation", "redundancy_weight")
     print(json.dumps({k: fitted.metadata[k] for k in keys}, indent=1))
     print(json.dumps(fitted.metadata["selection"]["mean_kl"], indent=1))
     print(f"{time.perf_counter() - start:.0f} s")

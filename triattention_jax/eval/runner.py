@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from triattention_jax.calibration import fit_for_model
+from triattention_jax.checkpoints.stats import FitResult
 from triattention_jax.checkpoints.store import LoadedModel
 from triattention_jax.decoding import generate, teacher_forced_pieces
 from triattention_jax.errors import UserError
@@ -327,6 +328,20 @@ def run_code(
 TASKS = {"fidelity": run_fidelity, "divergence": run_divergence, "needle": run_needle, "dfs": run_dfs, "code": run_code}
 
 
+def _fit_fingerprint(fit: FitResult) -> str:
+    """The fit's weights and, where it mixes one in, its redundancy weight (none or 0 gives the
+    weights' fingerprint alone, as results folders written before the mix recorded)."""
+    words = fit.weights.view(np.int32).reshape(-1)
+    mix = fit.metadata.get("redundancy_weight", 0.0)
+    return token_fingerprint(np.append(words, np.float32(mix).view(np.int32)) if mix else words)
+
+
+def fit_document_names(fit: FitResult) -> list[str]:
+    """The texts a fit's weights were fitted on and those any of its choices decoded."""
+    choices = [*fit.metadata.get("earlier_selections", []), fit.metadata.get("selection", {})]
+    return [*fit.metadata.get("documents", []), *(name for choice in choices for name in choice.get("documents", []))]
+
+
 def _check_disjoint_from_fit(task: str, samples: range, fit_documents: Sequence[str]) -> None:
     """Refuses a study whose texts include one triattention_fit's weights were fitted or chosen on."""
     # divergence prompts are REASONING_PROMPTS, and code reads sources below FIT_FIRST_SOURCE only:
@@ -407,15 +422,14 @@ def evaluate(
     }
     for fitted in fits.values():
         if not texts:
-            chosen_on = fitted.metadata.get("selection", {}).get("documents", [])
-            _check_disjoint_from_fit(task, samples, [*fitted.metadata.get("documents", []), *chosen_on])
+            _check_disjoint_from_fit(task, samples, fit_document_names(fitted))
     out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(
         model,
         seq_len,
         slack_trigger=slack_trigger,
         text_files=[t.sha256 for t in texts],
-        fitted_scorers={m: token_fingerprint(f.weights.view(np.int32).reshape(-1)) for m, f in fits.items()},
+        fitted_scorers={m: _fit_fingerprint(f) for m, f in fits.items()},
     )
     store = ResultStore(out, settings)
     run(
