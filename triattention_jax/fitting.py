@@ -441,21 +441,17 @@ def choose_scorer(
         fit = dataclasses.replace(fitted, weights=blended(blend))
         return build_policy(transformer, "triattention_fit", settings, stats=stats, fit=fit)
 
-    kl: dict[str, list[float]] = {}
-    candidates: dict[str, tuple[float, str, float]] = {}
+    kl: dict[tuple[float, str, float], list[float]] = {}
 
     def decode(batch: list[tuple[float, str, float]]) -> tuple[float, str, float]:
         """Each candidate's KL per document; returns the candidate with the lowest mean so far."""
-        candidates.update((_candidate_name(*candidate), candidate) for candidate in batch)
         for first in range(0, len(tokens), batch_size):
             reference = FullAttentionReference.of(transformer, tokens[first : first + batch_size])
             for candidate in batch:
-                kl.setdefault(_candidate_name(*candidate), []).extend(
-                    cell["kl"] for cell in reference.fidelity(policy(*candidate))
-                )
+                kl.setdefault(candidate, []).extend(cell["kl"] for cell in reference.fidelity(policy(*candidate)))
                 bar.update(len(reference.tokens))
             del reference  # its log-probs fill the device before the next batch's
-        return candidates[min(kl, key=lambda name: np.mean(kl[name]))]
+        return min(kl, key=lambda candidate: np.mean(kl[candidate]))
 
     unmixed = [(blend, aggregation, 0.0) for blend, aggregation in itertools.product(blends, aggregations)]
     mixes = [weight for weight in redundancy_weights if weight]
@@ -467,7 +463,7 @@ def choose_scorer(
         if mixes:
             blend, aggregation, redundancy_weight = decode([(blend, aggregation, weight) for weight in mixes])
     earlier = [*fitted.metadata.get("earlier_selections", []), *filter(None, [fitted.metadata.get("selection")])]
-    mean_kl = {name: float(np.mean(values)) for name, values in kl.items()}
+    mean_kl = {_candidate_name(*candidate): float(np.mean(values)) for candidate, values in kl.items()}
     metadata = {
         **fitted.metadata,
         "aggregation": aggregation,
@@ -479,7 +475,7 @@ def choose_scorer(
             "documents": [name for name, _ in documents],
             "fingerprints": [token_fingerprint(row) for row in tokens],
             "mean_kl": mean_kl,
-            "kl": kl,
+            "kl": {_candidate_name(*candidate): values for candidate, values in kl.items()},
         },
         **({"earlier_selections": earlier} if earlier else {}),
     }
