@@ -16,6 +16,7 @@ from conftest import REPO_ROOT
 
 from triattention_jax.calibration import accumulate
 from triattention_jax.checkpoints.hf import load_transformer
+from triattention_jax.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from triattention_jax.checkpoints.stats import CalibrationResult, load_stats, model_metadata, save_stats
 from triattention_jax.errors import UserError
 
@@ -185,7 +186,12 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     # 30 layers x 3 KV heads x (48 + 16) slots x (2 x 64 float32 values + an int32 position)
     assert decoded["kv_cache_bytes"] == 30 * 3 * 64 * (2 * 64 * 4 + 4)
 
+    # What a choice of the fit records (its aggregation and redundancy weight) decodes, and the
+    # report says so where the user named neither.
     fitted = stats.with_suffix(".fit.safetensors")
+    metadata = read_safetensors_metadata(fitted)
+    chosen = json.loads(metadata["triattention_fit"]) | {"aggregation": "per_layer", "redundancy_weight": 0.7}
+    write_safetensors(fitted, read_safetensors(fitted), metadata=metadata | {"triattention_fit": json.dumps(chosen)})
     result = _run(
         "decode.py",
         "--prompt",
@@ -212,6 +218,11 @@ def test_calibrate_then_decode_with_triattention_on_the_real_model(tmp_path):
     decoded = json.loads(out.read_text())
     assert decoded["num_generated_tokens"] == [96]
     assert decoded["kv_cache_bytes"] == 30 * 3 * 64 * (2 * 64 * 4 + 4)
+    assert decoded["policy_settings"]["redundancy_weight"] is None
+    assert decoded["policy_settings"]["aggregation"] is None
+    policy = decoded["policy"]
+    assert policy["name"] == "TriAttentionFit" and policy["budget"] == 48
+    assert policy["aggregation"] == "per_layer" and policy["redundancy_weight"] == 0.7
 
 
 def test_decode_refuses_statistics_of_another_model(tmp_path, calibrated):

@@ -158,6 +158,7 @@ def decode_prompts(
         "mesh": None if device_mesh is None else sharding.format_mesh(device_mesh),
         "slim": slim_report,
         "policy_settings": dataclasses.asdict(settings) if request.method != "full" else None,
+        "policy": {"name": type(policy).__name__, **policy.settings()},
         "divide_length": request.divide_length,
         "chat": use_chat,
         "prompts": texts,

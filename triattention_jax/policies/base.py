@@ -67,6 +67,11 @@ class KVPolicy(abc.ABC):
     def num_slots(self, prompt_slots: int, max_new_tokens: int, divide_length: int) -> int:
         """Slots per (layer, row, KV head) for a prompt bucket and a generation length."""
 
+    def settings(self) -> dict[str, Any]:
+        """The settings this policy decodes with (its fields that are not arrays), for reports:
+        what a fit file or a method's defaults filled in, not only what the user gave."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("array")}
+
     def check(  # noqa: B027 - a policy without requirements accepts every run
         self,
         prompt_lengths: Sequence[int],
