@@ -10,6 +10,11 @@
 #                                         in the background into $root/MODEL/FOLDER (a study's
 #                                         cells split over several processes; FIT in ARGS stands
 #                                         for the fitted scorer's file, named by FIT_NAME)
+#   bash results/study/device.sh choose MODEL TASKS [GROUPS]   the same, then in the background
+#                                         chooses the study's fit's mix with R-KV's redundancy on
+#                                         this machine's choice documents (results/fit_choice/
+#                                         choose.py ... mix_only) into fits/chosen.fit.safetensors
+#                                         and runs run_study.sh with only that file's cells
 #   bash results/study/device.sh wait S   the same, then waits up to S seconds for the studies
 # Every call ends by packing the studies' folders so far into $OUT/study.tgz (the machine may be
 # gone before the next call).
@@ -52,6 +57,14 @@ if [[ "${1:-}" == start ]]; then
         "${model[$s]}" $root/$s >> $root/$s.log 2>&1 < /dev/null)
     echo "$s: $3 started"
 fi
+if [[ "${1:-}" == choose ]]; then
+    s=$2
+    prepare $s
+    (cd $root/repo_$s && setsid -f bash -c 'python results/fit_choice/choose.py "$1" "$2/fits/output_prior.fit.safetensors" \
+        "$2/fits/chosen.fit.safetensors" 512 mix_only && TASKS="$3" BUDGET_GROUPS="$4" FIT_NAME=chosen METHODS=none \
+        bash results/study/run_study.sh "$1" "$2"' _ "${model[$s]}" $root/$s "$3" "${4:-}" >> $root/$s.log 2>&1 < /dev/null)
+    echo "$s: choice, then $3 started"
+fi
 if [[ "${1:-}" == eval ]]; then
     s=$2 folder=$3
     shift 3
@@ -73,7 +86,7 @@ status() {
 }
 if [[ "${1:-}" == wait ]]; then
     end=$((SECONDS + ${2:-60}))
-    while ((SECONDS < end)) && pgrep -f 'run_study.sh|cli.evaluate' > /dev/null; do sleep 10; done
+    while ((SECONDS < end)) && pgrep -f 'run_study.sh|cli.evaluate|choose.py' > /dev/null; do sleep 10; done
 fi
 status
 tar czf "$OUT/study.tgz" -C $root --exclude=./chunks --exclude=./site --exclude='./store*' --exclude=./xla \
