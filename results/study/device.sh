@@ -60,7 +60,7 @@ fi
 if [[ "${1:-}" == choose ]]; then
     s=$2
     prepare $s
-    (cd $root/repo_$s && setsid -f bash -c 'python results/fit_choice/choose.py "$1" "$2/fits/output_prior.fit.safetensors" \
+    (cd $root/repo_$s && setsid -f bash -c 'PYTHONPATH=$PWD:$PYTHONPATH python results/fit_choice/choose.py "$1" "$2/fits/output_prior.fit.safetensors" \
         "$2/fits/chosen.fit.safetensors" 512 mix_only && cp "$2/fits/stats.safetensors" "$2/fits/chosen.safetensors" && TASKS="$3" BUDGET_GROUPS="$4" FIT_NAME=chosen METHODS=none \
         bash results/study/run_study.sh "$1" "$2"' _ "${model[$s]}" $root/$s "$3" "${4:-}" >> $root/$s.log 2>&1 < /dev/null)
     echo "$s: choice, then $3 started"
