@@ -23,15 +23,17 @@ MODELS = {
     # Session 8's CPU run (Python 3.11's texts, 6 of them), where the oracles and the second fit ran.
     "smol_cpu": "SmolLM2-135M-Instruct, 2-core CPU, Python 3.11 texts",
 }
-# The fit in its current form (session 22: output target, started from the prior), and the
-# first form's two fits (sessions 8-20: the attention paid, sinks and value norm inside the
-# softmax), kept as history rows.
+# The fit in its current form (session 22: output target, started from the prior; session 25:
+# its mix with R-KV's redundancy chosen, device.sh choose), the same weights without the mix
+# (session 23), and the first form's two fits (sessions 8-20: the attention paid, sinks and
+# value norm inside the softmax), kept as history rows.
 FIT = "triattention_fit"
+FIT_UNMIXED = "triattention_fit, no redundancy mix"
 FIT_REST, FIT_NEXT = "triattention_fit, first form (every later query)", "triattention_fit, first form (next 512)"
 FIRST_FORM_FILES = {"rest.fit": FIT_REST, "horizon0.fit": FIT_REST, "horizon512.fit": FIT_NEXT, "next512.fit": FIT_NEXT}
 # Bounds that read the future (oracle.py), not methods: in the tables, never in the rankings.
 ORACLES = ["oracle_per_head", "oracle_per_layer_per_head"]
-ORDER = [FIT, FIT_NEXT, FIT_REST, "triattention", "expected_attention", "h2o", "snapkv", "rkv", "streaming", "random", *ORACLES]
+ORDER = [FIT, FIT_UNMIXED, FIT_NEXT, FIT_REST, "triattention", "expected_attention", "h2o", "snapkv", "rkv", "streaming", "random", *ORACLES]
 
 
 def label(method: str) -> str:
@@ -42,7 +44,7 @@ def label(method: str) -> str:
         return first_form
     # Any other fit file than the current default's is a variant with a row of its own.
     stem = Path(method.partition("fitted_scorer=")[2]).name.removesuffix(".fit.safetensors")
-    return FIT if stem in ("", "output_prior") else f"{FIT} ({stem})"
+    return {"": FIT, "chosen": FIT, "output_prior": FIT_UNMIXED}.get(stem, f"{FIT} ({stem})")
 
 
 def cells(folder: Path, task: str) -> dict[tuple[str, int], dict[int, dict]]:
@@ -129,7 +131,7 @@ def summarize(root: Path) -> None:
             lines += metric_table(fidelity, "kl", 4) + [""]
             lines += ["Targets at budget 512 (paired over the same texts):", ""]
             # The paper's scorer against the same bound, for the models the fit has not run on yet.
-            pairs = [(fit, other, bound) for fit in (FIT, FIT_NEXT, FIT_REST)
+            pairs = [(fit, other, bound) for fit in (FIT, FIT_UNMIXED, FIT_NEXT, FIT_REST)
                      for other, bound in (("streaming", 0.5), ("triattention", 0.85))]
             bounds = [(oracle, other, bound) for oracle in ORACLES
                       for other, bound in (("streaming", 0.5), ("triattention", 0.85))]
@@ -149,7 +151,7 @@ def summarize(root: Path) -> None:
                 budgets = sorted(b for mm, b in fidelity if mm == m)
                 means = [np.mean([c["kl"] for c in fidelity[(m, b)].values()]) for b in budgets]
                 index = colours.setdefault(m, len(colours))
-                dashed = index >= 10 or m in (FIT_NEXT, FIT_REST)  # past the ten colours, or history
+                dashed = index >= 10 or m in (FIT_UNMIXED, FIT_NEXT, FIT_REST)  # past the ten colours, or history
                 lines_by_method[m], = ax.plot(budgets, means, marker="o", label=m, color=f"C{index % 10}",
                                               linestyle="--" if dashed else "-")
             every_budget = sorted({b for _, b in fidelity})
