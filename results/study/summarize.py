@@ -44,7 +44,8 @@ def label(method: str) -> str:
         return first_form
     # Any other fit file than the current default's is a variant with a row of its own.
     stem = Path(method.partition("fitted_scorer=")[2]).name.removesuffix(".fit.safetensors")
-    return {"": FIT, "chosen": FIT, "output_prior": FIT_UNMIXED}.get(stem, f"{FIT} ({stem})")
+    # "" is the model folder's fit: SmolLM2's session-22 cells at 512, output_prior's weights.
+    return {"chosen": FIT, "output_prior": FIT_UNMIXED, "": FIT_UNMIXED}.get(stem, f"{FIT} ({stem})")
 
 
 def cells(folder: Path, task: str) -> dict[tuple[str, int], dict[int, dict]]:
