@@ -363,7 +363,7 @@ def kernel_partial(
     """A decode step's attention (q (B,1,H,hd) at positions (B,1)) over the first `length`
     slots of a cache layer, by the length-aware kernels: `decode_attention` for K and V; for a
     K-only layer `key_only_one_read` where `key_only_one_read.preferred` (one read of the keys,
-    Hopper GPUs, buffers up to its LONGEST_BUFFER slots), else `key_only_attention` (its sums
+    Hopper GPUs, short buffers or large batches), else `key_only_attention` (its sums
     over keys mapped to values with w)."""
     B, _, H, hd = q.shape
     if cached.v is None:

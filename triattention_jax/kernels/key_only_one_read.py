@@ -44,13 +44,14 @@ MAX_HEADS = 32  # 64 heads' keys, double-buffered, would need 324 KB of shared m
 HEAD_DIM = 128  # a half head is one 128-byte swizzled row of bfloat16
 STAGES = 2  # TMA buffers a warpgroup: two of (TILE, D/16) keys fill the shared memory
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
-# The longest buffer on which one read beats key_only_attention's two kernels. One H200, batch
-# 8, Llama-2-7B shape (WORKSPACE, session 18): one read is faster at 2,176 slots (9.03 against
-# 9.60 ms a step) and at 1,024 of 16,384 filled (7.08 against 7.90), about even at 8,704
-# (21.15 against 20.64) and slower at 16,256 (35.23 against 31.70): it streams at about
-# 1.1-1.3 TB/s, the two kernels' second pass at 3.8, so the read it saves pays only while
-# the fixed costs it also saves weigh more.
-LONGEST_BUFFER = 8192
+# Where one read beats key_only_attention's two kernels, measured on one H200 at the Llama-2-7B
+# shape, one layer, a full buffer (`results/gpu/issue20/crossover_s25/`; session 17 for 2,176
+# slots): one read takes 0.76-0.85x the two kernels' time at 2,176 slots (batch 8 and 139) and
+# 0.78-0.92x at 8,192 and 16,384 slots from batch 40 on (40, 78), but 1.09-1.16x at 8,192 and
+# 16,384 slots at batch 8 and 19, where the two kernels stream faster. The limits lie between
+# the measured shapes: SHORT_BUFFER between 2,176 and 8,192 slots, LARGE_BATCH between 19 and 40.
+SHORT_BUFFER = 4096
+LARGE_BATCH = 32
 
 
 def shape_problem(k: jax.Array) -> str | None:
@@ -73,10 +74,16 @@ def fits(k: jax.Array) -> bool:
     return getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
 
 
+def prefers_one_read(batch: int, slots: int) -> bool:
+    """Whether one read is the faster decode step for `batch` rows of `slots` cached keys:
+    on short buffers, and on long ones once the batch is large (see SHORT_BUFFER)."""
+    return slots <= SHORT_BUFFER or batch >= LARGE_BATCH
+
+
 def preferred(k: jax.Array) -> bool:
     """Whether a decode step over K-only cache layer k (B, S, H, hd) should take this kernel
-    rather than key_only_attention's two: where it fits and S is at most LONGEST_BUFFER."""
-    return k.shape[1] <= LONGEST_BUFFER and fits(k)
+    rather than key_only_attention's two: where it fits and `prefers_one_read`."""
+    return prefers_one_read(k.shape[0], k.shape[1]) and fits(k)
 
 
 def split_count(batch: int, slots: int, multiprocessors: int) -> int:
