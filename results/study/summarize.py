@@ -143,8 +143,12 @@ def summarize(root: Path) -> None:
                     lines.append(f"- {fit} / {other}: {a:.4f} / {b:.4f} = {a / b:.2f}x (target <= {bound}x: "
                                  f"{verdict}); lower on {wins}/{n} texts")
             for b in sorted({b for _, b in fidelity}):
-                ranked = sorted(((np.mean([c["kl"] for c in fidelity[(m, b)].values()]), m)
-                                 for m in methods_in(fidelity) if (m, b) in fidelity and m not in ORACLES))
+                # The fit's history rows are the same method: where the current fit ran, the
+                # runner-up is the best rival.
+                history = (FIT_UNMIXED, FIT_NEXT, FIT_REST) if (FIT, b) in fidelity else ()
+                ranked = sorted((np.mean([c["kl"] for c in fidelity[(m, b)].values()]), m)
+                                 for m in methods_in(fidelity)
+                                 if (m, b) in fidelity and m not in (*ORACLES, *history))
                 lines.append(f"- budget {b}: lowest KL {ranked[0][1]} ({ranked[0][0]:.4f}), then {ranked[1][1]} "
                              f"({ranked[1][0]:.4f})")
             lines.append("")

@@ -48,8 +48,9 @@ KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 # shape, one layer, a full buffer (`results/gpu/issue20/crossover_s25/`; session 17 for 2,176
 # slots): one read takes 0.76-0.85x the two kernels' time at 2,176 slots (batch 8 and 139) and
 # 0.78-0.92x at 8,192 and 16,384 slots from batch 40 on (40, 78), but 1.09-1.16x at 8,192 and
-# 16,384 slots at batch 8 and 19, where the two kernels stream faster. The limits lie between
-# the measured shapes: SHORT_BUFFER between 2,176 and 8,192 slots, LARGE_BATCH between 19 and 40.
+# 16,384 slots at batch 8 and 19, where the two kernels stream faster. The limits are guesses
+# in the gaps between the measured shapes (SHORT_BUFFER between 2,176 and 8,192 slots,
+# LARGE_BATCH between 19 and 40), and nothing was measured on an H100.
 SHORT_BUFFER = 4096
 LARGE_BATCH = 32
 

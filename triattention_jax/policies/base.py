@@ -283,6 +283,9 @@ def check_slim_selection(aggregation: str, slim: bool) -> None:
 
 
 def register(name: str, policy_class: type[KVPolicy]) -> None:
+    # Reports list a policy's settings from its dataclass fields (`KVPolicy.settings`).
+    if not dataclasses.is_dataclass(policy_class):
+        raise TypeError(f"{policy_class.__name__} must be a dataclass (policy_dataclass) to be registered")
     _REGISTRY[name] = policy_class
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20: where the one-read K-only kernel stops beating the two-kernel step, over batch and
 # buffer length (one layer at the Llama-2-7B shape, a full buffer; `one_read.py --compare` per
-# shape, each in its own process under a limit). Sets `key_only_one_read.LONGEST_BUFFER`, which
-# session 18 chose from batch 8 alone. Writes $OUT/crossover.json.
+# shape, each in its own process under a limit). Sets `key_only_one_read.SHORT_BUFFER` and
+# `LARGE_BATCH` (`prefers_one_read`). Writes $OUT/crossover.json.
 #     run: bash results/gpu/issue20/crossover_job.sh [BATCHES] [SLOTS]
 set -uo pipefail
 export PYTHONPATH=. JAX_PLATFORMS=cuda
