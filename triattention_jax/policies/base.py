@@ -30,12 +30,16 @@ def array_field(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={"array": True}, **kwargs)
 
 
+def _setting_names(cls: type) -> list[str]:
+    """A policy dataclass's fields that are not arrays: its settings, static under jit."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("array")]
+
+
 def policy_dataclass(cls: type) -> type:
     """Frozen keyword-only dataclass, registered as a pytree (array fields are its data)."""
     cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-    fields = dataclasses.fields(cls)
-    data = [f.name for f in fields if f.metadata.get("array")]
-    meta = [f.name for f in fields if not f.metadata.get("array")]
+    meta = _setting_names(cls)
+    data = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
     return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
@@ -70,7 +74,7 @@ class KVPolicy(abc.ABC):
     def settings(self) -> dict[str, Any]:
         """The settings this policy decodes with (its fields that are not arrays), for reports:
         what a fit file or a method's defaults filled in, not only what the user gave."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("array")}
+        return {name: getattr(self, name) for name in _setting_names(type(self))}
 
     def check(  # noqa: B027 - a policy without requirements accepts every run
         self,
