@@ -39,10 +39,10 @@ def main(model: str, fit_file: str, out: str, budget: str = "512", mode: str = "
         # The file holds (1 - blend) * prior + blend * the fitted weights, and the choice blends
         # from the fitted weights: recover them, so that the file's own blend gives its weights.
         blend, config = fitted.metadata["blend"], loaded.transformer.config
-        prior = prior_weights(
-            config.num_layers, config.num_heads, config.head_dim, float(loaded.transformer.attention_scaling)
-        )
         if 0 < blend < 1:  # blends 0 and 1 give the prior and the weights exactly as they are
+            prior = prior_weights(
+                config.num_layers, config.num_heads, config.head_dim, float(loaded.transformer.attention_scaling)
+            )
             fitted = dataclasses.replace(fitted, weights=prior + (np.asarray(fitted.weights) - prior) / blend)
         options = {"blends": (blend,), "aggregations": (fitted.metadata["aggregation"],)}
     start = time.perf_counter()
