@@ -45,14 +45,15 @@ HEAD_DIM = 128  # a half head is one 128-byte swizzled row of bfloat16
 STAGES = 2  # TMA buffers a warpgroup: two of (TILE, D/16) keys fill the shared memory
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 # Where one read beats key_only_attention's two kernels, measured on one H200 at the Llama-2-7B
-# shape, one layer, a full buffer (`results/gpu/issue20/crossover_s25/`; session 17 for 2,176
-# slots): one read takes 0.76-0.85x the two kernels' time at 2,176 slots (batch 8 and 139) and
-# 0.78-0.92x at 8,192 and 16,384 slots from batch 40 on (40, 78), but 1.09-1.16x at 8,192 and
-# 16,384 slots at batch 8 and 19, where the two kernels stream faster. The limits are guesses
-# in the gaps between the measured shapes (SHORT_BUFFER between 2,176 and 8,192 slots,
-# LARGE_BATCH between 19 and 40), and nothing was measured on an H100.
-SHORT_BUFFER = 4096
-LARGE_BATCH = 32
+# shape, one layer, a full buffer (`results/gpu/issue20/crossover_s25/`, `crossover_s26/`;
+# session 17 for 2,176 slots): one read takes 0.76-0.85x the two kernels' time at 2,176 slots
+# (batch 8 and 139) and 0.78-0.92x at 8,192 and 16,384 slots from batch 40 on (40, 78), but
+# 1.10-1.21x at 4,224 slots up to batch 32, and 1.05-1.16x at 8,192 slots up to batch 32, where
+# the two kernels stream faster; at batch 32 and 16,384 slots it is 0.95x. The limits are guesses
+# in the gaps between the measured shapes (SHORT_BUFFER between 2,176 and 4,224 slots,
+# LARGE_BATCH between 32 and 40); nothing was measured on an H100.
+SHORT_BUFFER = 3072
+LARGE_BATCH = 36
 
 
 def shape_problem(k: jax.Array) -> str | None:
