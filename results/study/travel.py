@@ -1,6 +1,6 @@
 """Moving the packaged GGUF models to the device machine, whose calls carry at most 64 MiB.
 
-  python results/study/travel.py pack .travel 60 [MODEL ...]   # here: chunks of 60 MiB, one folder per call
+  python results/study/travel.py pack .travel 47 [MODEL ...]   # here: chunks of 47 MiB, one folder per call
   python results/study/travel.py unpack /tmp/chunks /tmp/site   # there: rebuild the packages' files
 
 pack streams each model's installed part files, in order, into chunks `.travel/cNN/<model>.<i>`
