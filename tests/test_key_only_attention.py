@@ -197,8 +197,8 @@ def test_one_read_kernel_refuses_shapes_it_cannot_serve(shape, dtype, problem):
 
 def test_one_read_is_preferred_where_it_was_measured_faster():
     """The rule's choice against every shape timed on the H200 (one layer, Llama-2-7B shape, a
-    full buffer): the faster kernel wherever the two differ by more than ROUGHLY_EQUAL, and never
-    one more than that slower (two thresholds cannot follow a crossover that moves with the
+    full buffer): the faster kernel wherever the two differ by more than 6%, and never one more
+    than 6% slower (two thresholds cannot follow a crossover that moves with the
     buffer's length exactly: at batch 32 one read loses at 8,192 slots and wins at 16,384)."""
     from triattention_jax.kernels.key_only_one_read import prefers_one_read
 
