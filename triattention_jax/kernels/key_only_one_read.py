@@ -50,9 +50,9 @@ KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 # (batch 8 and 139) and 0.78-0.92x at 8,192 and 16,384 slots from batch 40 on (40, 78), but
 # 1.10-1.21x at 4,224 and 1.05-1.16x at 8,192 slots at batch 8, 19 and 32, and 1.12-1.14x at
 # 16,384 slots at batch 8 and 19, where the two kernels stream faster; at batch 32 and 16,384
-# slots it is 0.95x. The limits are guesses
-# in the gaps between the measured shapes (SHORT_BUFFER between 2,176 and 4,224 slots,
-# LARGE_BATCH between 32 and 40); nothing was measured on an H100.
+# slots it is 0.95x. The limits are guesses in the gaps between the measured shapes
+# (SHORT_BUFFER between 2,176 and 4,224 slots, LARGE_BATCH between 32 and 40); nothing was
+# measured on an H100.
 SHORT_BUFFER = 3072
 LARGE_BATCH = 36
 
