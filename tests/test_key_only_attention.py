@@ -197,9 +197,9 @@ def test_one_read_kernel_refuses_shapes_it_cannot_serve(shape, dtype, problem):
 
 def test_one_read_is_preferred_where_it_was_measured_faster():
     """The rule's choice against every shape timed on the H200 (one layer, Llama-2-7B shape, a
-    full buffer): the faster kernel wherever the two differ by more than 6%, and never one more
-    than 6% slower (two thresholds cannot follow a crossover that moves with the
-    buffer's length exactly: at batch 32 one read loses at 8,192 slots and wins at 16,384)."""
+    full buffer): never more than 6% slower than the other kernel, so the faster wherever the two
+    differ by more (two thresholds cannot follow a crossover that moves with the buffer's length
+    exactly: at batch 32 one read loses at 8,192 slots and wins at 16,384)."""
     from triattention_jax.kernels.key_only_one_read import prefers_one_read
 
     roughly_equal = 1.06
@@ -215,8 +215,6 @@ def test_one_read_is_preferred_where_it_was_measured_faster():
     for batch, slots, one, two in timed:
         chosen, other = (one, two) if prefers_one_read(batch, slots) else (two, one)
         assert chosen <= other * roughly_equal, (batch, slots, one, two)
-        if max(one, two) > min(one, two) * roughly_equal:
-            assert chosen < other, (batch, slots, one, two)
 
 
 @pytest.mark.skipif(not _one_read_fits(), reason="the one-read kernel needs a Hopper GPU")
