@@ -22,7 +22,13 @@ MODELS = {
     "q15": "Qwen2.5-Coder-1.5B-Instruct",
     # Session 8's CPU run (Python 3.11's texts, 6 of them), where the oracles and the second fit ran.
     "smol_cpu": "SmolLM2-135M-Instruct, 2-core CPU, Python 3.11 texts",
+    # Session 27's CPU run: the 0.5B's fit and the two rivals of its targets on more texts.
+    "q05_cpu": "Qwen2.5-Coder-0.5B-Instruct, 2-core CPU, Python 3.11 texts",
 }
+# A model's texts run on another machine, pooled with its own for the targets at 512. A sample
+# index names one document on both (Python 3.11 and 3.12 rank their largest standard-library
+# files alike), so each index counts once, with the model's own cell where both ran it.
+POOLED = {"q05": "q05_cpu"}
 # The fit in its current form (session 22: output target, started from the prior; session 25:
 # its mix with R-KV's redundancy chosen, device.sh choose), the same weights without the mix
 # (session 23), and the first form's two fits (sessions 8-20: the attention paid, sinks and
@@ -104,6 +110,35 @@ def paired(table: dict, a: str, b: str, budget: int, metric: str = "kl") -> tupl
     return float(xa.mean()), float(ya.mean()), int((xa < ya).sum()), len(common)
 
 
+def bootstrap_ratio(a: np.ndarray, b: np.ndarray, bound: float, draws: int = 10_000) -> tuple[float, float, float]:
+    """The ratio of means a / b over texts resampled with replacement: its 2.5th and 97.5th
+    percentiles and the share of resamples at or below `bound`."""
+    picks = np.random.default_rng(0).integers(0, len(a), (draws, len(a)))
+    ratios = a[picks].mean(axis=1) / b[picks].mean(axis=1)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5)), float(np.mean(ratios <= bound))
+
+
+def pooled_targets(own: dict, other: dict, other_name: str) -> list[str]:
+    """The fit's targets at 512 over the samples of both tables, each sample once, `own`'s cell first."""
+    lines = [f"Targets at budget 512 pooled with {other_name}'s texts (each sample index once; "
+             "bootstrap over the texts):", ""]
+    for rival, bound in (("streaming", 0.5), ("triattention", 0.85)):
+        pairs = {}
+        for table in (other, own):
+            x, y = table.get((FIT, 512), {}), table.get((rival, 512), {})
+            pairs.update({s: (x[s]["kl"], y[s]["kl"]) for s in x.keys() & y.keys()})
+        if not pairs:
+            continue
+        a, b = np.array(list(pairs.values())).T
+        low, high, share = bootstrap_ratio(a, b, bound)
+        verdict = "met" if a.mean() <= bound * b.mean() else "missed"
+        lines.append(f"- {FIT} / {rival}: {a.mean():.4f} / {b.mean():.4f} = {a.mean() / b.mean():.2f}x over "
+                     f"{len(a)} texts (target <= {bound}x: {verdict}); lower on {int((a < b).sum())}/{len(a)}; "
+                     f"95% of resamples {low:.2f}x-{high:.2f}x, at or below {bound}x in {share:.0%}; "
+                     f"median per text {np.median(a / b):.2f}x")
+    return lines + [""]
+
+
 def code_target(table: dict) -> list[str]:
     """The issue's code target at budget 512: edit similarity within 2 points of full
     attention's, as paired differences over the same files (mean ± standard error)."""
@@ -132,10 +167,13 @@ def summarize(root: Path) -> None:
 
     lines = ["# Issue 18 study: KV-cache methods on three real models", ""]
     present = [s for s in MODELS if (root / s).is_dir()]
-    fig, axes = plt.subplots(1, len(present), figsize=(5.5 * len(present), 4.2), squeeze=False)
+    # A panel per model with a curve to draw: folders of one budget only have their tables.
+    curves = [s for s in present if len({b for _, b in cells(root / s, "fidelity")}) > 1]
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
+    panels = dict(zip(curves, axes[0]))
     # One colour per method across the panels, one legend for the figure.
     colours, lines_by_method = {}, {}
-    for ax, short in zip(axes[0], present):
+    for short in present:
         folder, name = root / short, MODELS[short]
         fidelity = cells(folder, "fidelity")
         lines += [f"## {name}", ""]
@@ -166,17 +204,21 @@ def summarize(root: Path) -> None:
                 lines.append(f"- budget {b}: lowest KL {ranked[0][1]} ({ranked[0][0]:.4f}), then {ranked[1][1]} "
                              f"({ranked[1][0]:.4f})")
             lines.append("")
-            for m in methods_in(fidelity):
-                budgets = sorted(b for mm, b in fidelity if mm == m)
-                means = [np.mean([c["kl"] for c in fidelity[(m, b)].values()]) for b in budgets]
-                index = colours.setdefault(m, len(colours))
-                dashed = index >= 10 or m in (FIT_UNMIXED, FIT_NEXT, FIT_REST)  # past the ten colours, or history
-                lines_by_method[m], = ax.plot(budgets, means, marker="o", label=m, color=f"C{index % 10}",
-                                              linestyle="--" if dashed else "-")
-            every_budget = sorted({b for _, b in fidelity})
-            ax.set(xscale="log", yscale="log", xlabel="KV budget (of 4,096 tokens)", ylabel="mean KL", title=name)
-            ax.set_xticks(every_budget, [str(b) for b in every_budget])
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            if short in POOLED and (root / POOLED[short]).is_dir():
+                lines += pooled_targets(fidelity, cells(root / POOLED[short], "fidelity"), POOLED[short])
+            if short in panels:
+                ax = panels[short]
+                for m in methods_in(fidelity):
+                    budgets = sorted(b for mm, b in fidelity if mm == m)
+                    means = [np.mean([c["kl"] for c in fidelity[(m, b)].values()]) for b in budgets]
+                    index = colours.setdefault(m, len(colours))
+                    dashed = index >= 10 or m in (FIT_UNMIXED, FIT_NEXT, FIT_REST)  # past the ten colours, or history
+                    lines_by_method[m], = ax.plot(budgets, means, marker="o", label=m, color=f"C{index % 10}",
+                                                  linestyle="--" if dashed else "-")
+                every_budget = sorted({b for _, b in fidelity})
+                ax.set(xscale="log", yscale="log", xlabel="KV budget (of 4,096 tokens)", ylabel="mean KL", title=name)
+                ax.set_xticks(every_budget, [str(b) for b in every_budget])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for task, metrics in (("needle", ("exact_match",)), ("code", ("exact_match", "edit_similarity"))):
             table = cells(folder, task)
             if not table:
