@@ -22,13 +22,15 @@ MODELS = {
     "q15": "Qwen2.5-Coder-1.5B-Instruct",
     # Session 8's CPU run (Python 3.11's texts, 6 of them), where the oracles and the second fit ran.
     "smol_cpu": "SmolLM2-135M-Instruct, 2-core CPU, Python 3.11 texts",
-    # Session 27's CPU run: the 0.5B's fit and the two rivals of its targets on more texts.
+    # Session 27's CPU runs: each model's fit and the two rivals of its targets on six more texts.
+    "smol_cpu_more": "SmolLM2-135M-Instruct, 2-core CPU, Python 3.11 texts, samples 9-15",
     "q05_cpu": "Qwen2.5-Coder-0.5B-Instruct, 2-core CPU, Python 3.11 texts",
+    "q15_cpu": "Qwen2.5-Coder-1.5B-Instruct, 2-core CPU, Python 3.11 texts",
 }
 # A model's texts run on another machine, pooled with its own for the targets at 512. A sample
 # index names one document on both (Python 3.11 and 3.12 rank their largest standard-library
 # files alike), so each index counts once, with the model's own cell where both ran it.
-POOLED = {"q05": "q05_cpu"}
+POOLED = {"smol": "smol_cpu_more", "q05": "q05_cpu", "q15": "q15_cpu"}
 # The fit in its current form (session 22: output target, started from the prior; session 25:
 # its mix with R-KV's redundancy chosen, device.sh choose), the same weights without the mix
 # (session 23), and the first form's two fits (sessions 8-20: the attention paid, sinks and
