@@ -102,14 +102,19 @@ def metric_table(table: dict, metric: str, digits: int) -> list[str]:
     return lines
 
 
+def paired_values(table: dict, a: str, b: str, budget: int, metric: str = "kl") -> dict[int, tuple[float, float]]:
+    """Per text both methods ran: (a's value, b's value)."""
+    x, y = table.get((a, budget), {}), table.get((b, budget), {})
+    return {s: (x[s][metric], y[s][metric]) for s in sorted(x.keys() & y.keys())}
+
+
 def paired(table: dict, a: str, b: str, budget: int, metric: str = "kl") -> tuple[float, float, int, int]:
     """(mean of a, mean of b, texts where a is lower, texts both have)."""
-    x, y = table.get((a, budget), {}), table.get((b, budget), {})
-    common = sorted(x.keys() & y.keys())
-    if not common:
+    pairs = paired_values(table, a, b, budget, metric)
+    if not pairs:
         return float("nan"), float("nan"), 0, 0
-    xa, ya = np.array([x[s][metric] for s in common]), np.array([y[s][metric] for s in common])
-    return float(xa.mean()), float(ya.mean()), int((xa < ya).sum()), len(common)
+    xa, ya = np.array(list(pairs.values())).T
+    return float(xa.mean()), float(ya.mean()), int((xa < ya).sum()), len(pairs)
 
 
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, bound: float, draws: int = 10_000) -> tuple[float, float, float]:
@@ -125,10 +130,7 @@ def pooled_targets(own: dict, other: dict, other_name: str) -> list[str]:
     lines = [f"Targets at budget 512 pooled with {other_name}'s texts (each sample index once; "
              "bootstrap over the texts):", ""]
     for rival, bound in (("streaming", 0.5), ("triattention", 0.85)):
-        pairs = {}
-        for table in (other, own):
-            x, y = table.get((FIT, 512), {}), table.get((rival, 512), {})
-            pairs.update({s: (x[s]["kl"], y[s]["kl"]) for s in x.keys() & y.keys()})
+        pairs = {**paired_values(other, FIT, rival, 512), **paired_values(own, FIT, rival, 512)}
         if not pairs:
             continue
         a, b = np.array(list(pairs.values())).T
@@ -169,15 +171,16 @@ def summarize(root: Path) -> None:
 
     lines = ["# Issue 18 study: KV-cache methods on three real models", ""]
     present = [s for s in MODELS if (root / s).is_dir()]
+    fidelity_of = {s: cells(root / s, "fidelity") for s in present}
     # A panel per model with a curve to draw: folders of one budget only have their tables.
-    curves = [s for s in present if len({b for _, b in cells(root / s, "fidelity")}) > 1]
+    curves = [s for s in present if len({b for _, b in fidelity_of[s]}) > 1]
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
     panels = dict(zip(curves, axes[0]))
     # One colour per method across the panels, one legend for the figure.
     colours, lines_by_method = {}, {}
     for short in present:
         folder, name = root / short, MODELS[short]
-        fidelity = cells(folder, "fidelity")
+        fidelity = fidelity_of[short]
         lines += [f"## {name}", ""]
         if fidelity:
             samples = len({s for v in fidelity.values() for s in v})
@@ -206,8 +209,8 @@ def summarize(root: Path) -> None:
                 lines.append(f"- budget {b}: lowest KL {ranked[0][1]} ({ranked[0][0]:.4f}), then {ranked[1][1]} "
                              f"({ranked[1][0]:.4f})")
             lines.append("")
-            if short in POOLED and (root / POOLED[short]).is_dir():
-                lines += pooled_targets(fidelity, cells(root / POOLED[short], "fidelity"), POOLED[short])
+            if POOLED.get(short) in fidelity_of:
+                lines += pooled_targets(fidelity, fidelity_of[POOLED[short]], POOLED[short])
             if short in panels:
                 ax = panels[short]
                 for m in methods_in(fidelity):
